@@ -1,0 +1,25 @@
+"""cspify: turn a PyTorch model into its Cross Stage Partial (CSP) version.
+
+    import torch, cspify
+    csp = cspify.convert(model, torch.randn(1, 3, 224, 224), gamma=0.5)
+    print(cspify.compare(model, csp, torch.randn(1, 3, 224, 224)))
+"""
+
+import os as _os
+
+# Installed, the stage rules live in cspify/rules; in a source checkout they live in the
+# top-level rules/ folder, which this makes importable as cspify.rules as well.
+_here = _os.path.dirname(__file__)
+if not _os.path.isdir(_os.path.join(_here, "rules")) and _os.path.isfile(
+    _os.path.join(_here, _os.pardir, "rules", "__init__.py")
+):
+    __path__.append(_os.path.dirname(_here))
+
+from cspify.api import compare, convert, find_stages
+from cspify.config import CSPConfig
+from cspify.errors import CspifyError
+from cspify.report import Report
+from cspify.stage import Stage
+
+__all__ = ["convert", "find_stages", "compare", "Report", "CSPConfig", "CspifyError", "Stage"]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""The conversion options, as one frozen record validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cspify.errors import ConfigError
+
+FUSIONS = ("last", "first")
+HIDDEN = ("keep", "scale")
+
+
+@dataclass(frozen=True)
+class CSPConfig:
+    """What a conversion does.
+
+    gamma:  fraction of the base layer's channels that take the bypass (0 < gamma < 1).
+    fusion: ``last`` transitions the through part and then concatenates (the paper's
+            choice); ``first`` concatenates and then transitions both parts.
+    hidden: ``keep`` leaves the blocks' inner widths as they are (the paper's designs);
+            ``scale`` narrows them by ``1 - gamma`` too.
+    stages: names of the stages to convert; ``None`` converts every stage found.
+    """
+
+    gamma: float = 0.5
+    fusion: str = "last"
+    hidden: str = "keep"
+    stages: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            gamma = float(self.gamma)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"gamma must be a number, got {self.gamma!r}.",
+                "pass the bypass fraction, for example --gamma 0.5",
+            ) from None
+        if not 0.0 < gamma < 1.0:
+            raise ConfigError(
+                f"gamma must lie strictly between 0 and 1, got {gamma}.",
+                "gamma is the fraction of channels that bypass the stage; the paper uses 0.5",
+            )
+        object.__setattr__(self, "gamma", gamma)
+        if self.fusion not in FUSIONS:
+            raise ConfigError(
+                f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}.",
+                "use 'last' (the paper's choice) unless you are reproducing its ablation",
+            )
+        if self.hidden not in HIDDEN:
+            raise ConfigError(
+                f"hidden must be one of {', '.join(HIDDEN)}, got {self.hidden!r}.",
+                "'keep' keeps the blocks' inner widths, 'scale' narrows them by 1 - gamma",
+            )
+        if self.stages is not None:
+            object.__setattr__(self, "stages", tuple(self.stages))

@@ -1,0 +1,207 @@
+"""From a MODEL spec to a module and example inputs.
+
+    load_model("examples/resnet_like.py")          # the file's single obvious model
+    load_model("examples/resnet_like.py:ResNetLike")
+    load_model("torchvision:resnet50")             # random weights, nothing downloaded
+    load_model("timm:cspresnet50")
+
+``path.py:Name`` names a class built with no arguments, a function returning a module, or
+a module instance. Without ``:Name`` the file's candidates are its module instances, its
+``nn.Module`` classes that need no arguments and its functions annotated to return a
+module; classes used inside another candidate are dropped; exactly one must remain.
+Loading a file runs its code, as ``python path.py`` would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cspify.errors import ConfigError, LoadError
+
+DEFAULT_SHAPE = (1, 3, 224, 224)
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    example_inputs: tuple
+    label: str
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> (1, 3, 224, 224); a clear error for anything else."""
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise ConfigError(
+            f"input shape {text!r} is not a list of positive integers.",
+            "write it as N,C,H,W, for example --input-shape 1,3,224,224",
+        )
+    return dims
+
+
+def load_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Loaded:
+    """Build the model a spec names, and the example inputs to trace it with."""
+    zoo, sep, name = spec.partition(":")
+    if sep and zoo in ZOOS:
+        model = ZOOS[zoo](name)
+        return Loaded(_ready(model, spec), _inputs(input_shape), spec)
+    path, name = _split_file_spec(spec)
+    namespace = _exec_file(path)
+    model = _pick(namespace, path, name)
+    if input_shape is None and callable(namespace.get("example_inputs")):
+        inputs = namespace["example_inputs"]()
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    else:
+        inputs = _inputs(input_shape)
+    return Loaded(_ready(model, spec), inputs, spec)
+
+
+def _inputs(shape: tuple[int, ...] | None) -> tuple:
+    return (torch.randn(*(shape or DEFAULT_SHAPE)),)
+
+
+def _ready(model, spec: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"{spec} gives a {type(model).__name__}, not a torch.nn.Module.", "point MODEL at a module")
+    return model.eval()
+
+
+def _torchvision(name: str) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        raise LoadError("torchvision is not installed.", 'install the zoo extra: pip install "cspify[zoo]"') from None
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except (ValueError, KeyError):
+        raise LoadError(
+            f"torchvision has no model named {name!r}.",
+            "see torchvision.models.list_models() for the names",
+        ) from None
+
+
+def _timm(name: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise LoadError("timm is not installed.", 'install the zoo extra: pip install "cspify[zoo]"') from None
+    try:
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError:
+        raise LoadError(f"timm has no model named {name!r}.", "see timm.list_models() for the names") from None
+
+
+ZOOS = {"torchvision": _torchvision, "timm": _timm}
+
+
+def _split_file_spec(spec: str) -> tuple[Path, str | None]:
+    path_text, name = spec, None
+    if ":" in spec and not Path(spec).exists():
+        path_text, name = spec.rsplit(":", 1)
+    path = Path(path_text)
+    if not path.is_file():
+        hint = "give a path to a .py file, or torchvision:NAME / timm:NAME"
+        raise LoadError(f"model file {path_text} does not exist.", hint)
+    return path, name or None
+
+
+def _exec_file(path: Path) -> dict:
+    """Run a model file as a module of its own (its folder importable) and return its names."""
+    module_name = f"cspify_user_model_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise LoadError(f"{path} has a syntax error on line {exc.lineno}: {exc.msg}.", "fix the file and run again") from exc
+    except ImportError as exc:
+        raise LoadError(f"{path} fails to import: {exc}.", "install what it imports, or fix the import") from exc
+    except Exception as exc:
+        raise LoadError(f"running {path} raised {type(exc).__name__}: {exc}.", "fix the file and run again") from exc
+    finally:
+        sys.path.remove(folder)
+    return {k: v for k, v in vars(module).items() if not k.startswith("__")} | {"__name__": module_name}
+
+
+def _pick(namespace: dict, path: Path, name: str | None):
+    if name is not None:
+        if name not in namespace:
+            known = ", ".join(sorted(_candidates(namespace))) or "none"
+            raise LoadError(f"{path} has no name {name!r}.", f"models it defines: {known}")
+        return _build(namespace[name], f"{path}:{name}")
+    candidates = _candidates(namespace)
+    if not candidates:
+        raise LoadError(
+            f"{path} defines no model.",
+            "define an nn.Module class that needs no arguments, a module instance, or name one with MODEL:Name",
+        )
+    built = {n: _build(obj, f"{path}:{n}") for n, obj in candidates.items()}
+    inner = {type(m) for b in built.values() if isinstance(b, nn.Module) for m in list(b.modules())[1:]}
+    top = [n for n in candidates if not (inspect.isclass(candidates[n]) and candidates[n] in inner)]
+    if len(top) != 1:
+        raise LoadError(
+            f"{path} defines several models: {', '.join(top)}.",
+            f"pick one with {path}:{top[0]}",
+        )
+    return built[top[0]]
+
+
+def _candidates(namespace: dict) -> dict:
+    """Module instances, no-argument module classes and module-returning functions of the file."""
+    own = namespace["__name__"]
+    found = {}
+    for key, obj in namespace.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(obj, nn.Module):
+            found[key] = obj
+        elif inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == own and _no_args(obj):
+            found[key] = obj
+        elif inspect.isfunction(obj) and obj.__module__ == own and _returns_module(obj) and _no_args(obj):
+            found[key] = obj
+    return found
+
+
+def _no_args(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def _returns_module(fn) -> bool:
+    ret = inspect.signature(fn).return_annotation
+    if isinstance(ret, str):
+        return ret.split(".")[-1] in ("Module", "nn.Module") or ret.endswith("Module")
+    return inspect.isclass(ret) and issubclass(ret, nn.Module)
+
+
+def _build(obj, label: str):
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise LoadError(f"{label} is a {type(obj).__name__}, not a model.", "name a module class, instance or function")
+    if not _no_args(obj):
+        raise LoadError(
+            f"{label} needs arguments to build.",
+            "add a function with no arguments that returns the model, and name it with MODEL:function",
+        )
+    try:
+        return obj()
+    except Exception as exc:
+        raise LoadError(f"building {label} raised {type(exc).__name__}: {exc}.", "fix the model code") from exc

@@ -1,0 +1,230 @@
+"""From a found Stage and the options to a StagePlan: widths after rounding, which
+channels every layer keeps, and whether the stage can be converted at all.
+
+    plan = plan_stage(traced, stage, config)
+    plan.bypass_channels, plan.through_channels   # 128, 128 for resnet50's layer1
+    plan.narrowings["layer1_1_conv1"]             # Narrowing(in_keep=(128, ..., 255), ...)
+
+The through part is the *last* ``C - round(gamma * C)`` channels of the base output, so
+narrowed layers keep the weights of exactly the channels they still see.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from cspify.channels import Analysis, analyse, role_of, rule_for
+from cspify.config import CSPConfig
+from cspify.stage import Narrowing, Stage, StagePlan
+from cspify.trace import Traced, shape
+
+
+def round_to(width: float, multiple: int, low: int, high: int) -> int:
+    """The multiple of ``multiple`` nearest to ``width`` within [low, high] (0 if none)."""
+    candidates = [m for m in range(multiple, high + 1, multiple) if m >= low]
+    return min(candidates, key=lambda m: (abs(m - width), m)) if candidates else 0
+
+
+def per_block_keep(width: int, keep: int, blocks: int) -> tuple[int, ...]:
+    """Keep the first ``keep / blocks`` channels of each of ``blocks`` equal groups."""
+    size, per = width // blocks, keep // blocks
+    return tuple(b * size + i for b in range(blocks) for i in range(per))
+
+
+def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
+    """Decide every width of one stage's CSP version; unconvertible stages say why."""
+    base = StagePlan(stage, converted=False, gamma=config.gamma, fusion=config.fusion)
+    if config.stages is not None and stage.name not in config.stages:
+        base.reason = "not selected by the stage filter"
+        return base
+    try:
+        return _plan(traced, stage, config, base)
+    except _Skip as skip:
+        base.reason = str(skip)
+        return base
+
+
+class _Skip(Exception):
+    """Why a stage stays as it is."""
+
+
+def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> StagePlan:
+    nodes = traced.nodes
+    fusion_last = config.fusion == "last"
+    transition = stage.transition if fusion_last else ()
+    body = [n for block in stage.blocks for n in block]
+    region = body + list(transition)
+    a = analyse(traced, region, stage.base, stage.channel_axis)
+    spaces = a.spaces
+    stream = spaces.find(a.info[stage.base].space)
+
+    channels = stage.channels
+    blocks = spaces[stream].blocks
+    wanted = channels - round(config.gamma * channels)
+    through = round_to(wanted, blocks, 1, channels - 1)
+    bypass = channels - through
+    if wanted < 1 or wanted > channels - 1 or through == 0:
+        part = "through" if wanted < 1 else "bypass"
+        raise _Skip(f"gamma {config.gamma} leaves the {part} part of its {channels} channels empty")
+    if through != wanted:
+        plan.notes.append(f"through part rounded from {wanted} to {through} channels (multiple of {blocks})")
+    keeps: dict[int, tuple[int, ...]] = {stream: tuple(range(bypass, channels))}
+
+    output = transition[-1] if transition else stage.output
+    output_channels = shape(nodes[output])[stage.channel_axis]
+    if transition:
+        conv = next(n for n in transition if role_of(nodes[n], traced.gm) == "conv")
+        t_space = spaces.find(a.info[conv].space)
+        width = spaces[t_space].width
+        if width - bypass < 1 or (width - bypass) % spaces[t_space].blocks:
+            raise _Skip(f"its transition ({width} channels) cannot take a bypass of {bypass} channels")
+        keeps[t_space] = tuple(range(bypass, width))
+
+    if config.hidden == "scale":
+        _scale_inner(a, region, config.gamma, keeps, plan.notes)
+
+    resolve = _Resolver(a, keeps)
+    plan.narrowings = _narrowings(a, region, resolve)
+    _check_single_use(traced, plan.narrowings)
+
+    out_keep = resolve(a.info[output].space)
+    through_out = len(out_keep) if out_keep is not None else output_channels
+    new_transition = _new_transition(stage, config, bypass, through_out, output_channels)
+    before, after = _cost(traced, region, plan.narrowings)
+    if new_transition:
+        in_channels, out_channels = new_transition
+        after += _positions(nodes[output], stage.channel_axis) * in_channels * out_channels
+    if after >= before:
+        raise _Skip(
+            f"converting it would add {after - before:,} multiply-adds: its new partial transition "
+            "costs more than its narrowed blocks save"
+        )
+    plan.converted = True
+    plan.bypass_channels, plan.through_channels = bypass, through
+    plan.through_output_channels, plan.output_channels = through_out, output_channels
+    return plan
+
+
+def _new_transition(stage: Stage, config: CSPConfig, bypass: int, through_out: int, output: int):
+    """(in, out) channels of the 1x1 conv the rewrite adds, or None where none is added."""
+    if config.fusion == "last":
+        return None if stage.transition else (through_out, output - bypass)
+    if bypass + through_out == output and stage.transition:
+        return None  # the stage's own transition follows the concat
+    return (bypass + through_out, output)
+
+
+def _positions(node, axis: int) -> int:
+    """How many positions (batch x spatial) a layer's output has per channel."""
+    dims = shape(node)
+    return math.prod(dims) // dims[axis]
+
+
+def _cost(traced: Traced, region, narrowings: dict[str, Narrowing]) -> tuple[int, int]:
+    """Multiply-adds of the region's convs and linears, before and after narrowing.
+
+    A cheap estimate from the traced shapes, used only to decide whether a stage is worth
+    converting; the report's figures come from fvcore.
+    """
+    before = after = 0
+    for name in region:
+        node = traced.nodes[name]
+        role = role_of(node, traced.gm)
+        if role not in ("conv", "linear"):
+            continue
+        layer = traced.gm.get_submodule(node.target)
+        if role == "conv":
+            c_in, c_out, groups, kernel = layer.in_channels, layer.out_channels, layer.groups, math.prod(layer.kernel_size)
+        else:
+            c_in, c_out, groups, kernel = layer.in_features, layer.out_features, 1, 1
+        narrowing = narrowings.get(name, Narrowing(None, None))
+        new_in = len(narrowing.in_keep) if narrowing.in_keep is not None else c_in
+        new_out = len(narrowing.out_keep) if narrowing.out_keep is not None else c_out
+        new_groups = new_out if groups > 1 and groups == c_in == c_out else groups
+        positions = _positions(node, len(shape(node)) - 1 if role == "linear" else 1)
+        before += positions * c_out * (c_in // groups) * kernel
+        after += positions * new_out * (new_in // new_groups) * kernel
+    return before, after
+
+
+def _scale_inner(a: Analysis, region, gamma: float, keeps: dict, notes: list[str]) -> None:
+    """hidden='scale': narrow every inner width the region's convs and linears write."""
+    spaces = a.spaces
+    for name in region:
+        node = a.traced.nodes[name]
+        info = a.info.get(name)
+        if role_of(node, a.traced.gm) not in ("conv", "linear") or info is None or info.space is None:
+            continue
+        root = spaces.find(info.space)
+        space = spaces[root]
+        if root in keeps or space.frozen or space.segments is not None:
+            continue
+        wanted = round((1 - gamma) * space.width)
+        width = round_to(wanted, space.blocks, 1, space.width)
+        if width == 0 or width == space.width:
+            continue
+        if width != wanted:
+            notes.append(f"inner width of '{name}' rounded from {wanted} to {width} (multiple of {space.blocks})")
+        keeps[root] = per_block_keep(space.width, width, space.blocks)
+
+
+class _Resolver:
+    """Keep indices of any space: set directly, or the concat of its segments' keeps."""
+
+    def __init__(self, a: Analysis, keeps: dict[int, tuple[int, ...]]) -> None:
+        self.spaces, self.keeps, self.cache = a.spaces, keeps, {}
+
+    def __call__(self, space: int | None) -> tuple[int, ...] | None:
+        if space is None:
+            return None
+        root = self.spaces.find(space)
+        if root not in self.cache:
+            self.cache[root] = self._resolve(root)
+        return self.cache[root]
+
+    def _resolve(self, root: int) -> tuple[int, ...] | None:
+        info = self.spaces[root]
+        keep = self.keeps.get(root)
+        if keep is None and info.segments is not None:
+            parts, offset, narrowed = [], 0, False
+            for segment in info.segments:
+                part = self(segment)
+                width = self.spaces[segment].width
+                narrowed |= part is not None
+                parts.extend(offset + i for i in (part if part is not None else range(width)))
+                offset += width
+            keep = tuple(parts) if narrowed else None
+        if keep is not None and info.frozen:
+            raise _Skip(f"{info.frozen}, so its channels cannot be narrowed")
+        return keep
+
+
+def _narrowings(a: Analysis, region, resolve: _Resolver) -> dict[str, Narrowing]:
+    """The layers to narrow, each with the input and output channels it keeps."""
+    narrowings = {}
+    for name in region:
+        info = a.info.get(name)
+        if info is None or info.space is None:
+            continue
+        out_keep = resolve(info.space)
+        in_keep = resolve(info.reads) if info.reads is not None else out_keep
+        node = a.traced.nodes[name]
+        if node.op != "call_module" or (in_keep is None and out_keep is None):
+            continue
+        rule = rule_for(node, a.traced.gm)
+        if rule is None or rule.narrow is None:
+            if any(True for _ in a.traced.gm.get_submodule(node.target).parameters(recurse=True)):
+                raise _Skip(f"'{name}' has parameters but no rule to narrow them")
+            continue
+        narrowings[name] = Narrowing(in_keep, out_keep)
+    return narrowings
+
+
+def _check_single_use(traced: Traced, narrowings: dict[str, Narrowing]) -> None:
+    """A module called from several places can only be narrowed if no call needs it whole."""
+    calls = Counter(n.target for n in traced.gm.graph.nodes if n.op == "call_module")
+    for name in narrowings:
+        target = traced.nodes[name].target
+        if calls[target] > 1:
+            raise _Skip(f"module '{target}' is called {calls[target]} times and cannot be narrowed for one call")

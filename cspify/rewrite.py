@@ -1,0 +1,163 @@
+"""The CSP rewrite: turns StagePlans into edits of the traced graph.
+
+For each converted stage (fusion last):
+
+    x0 ─┬─ narrow(x0, 0, bypass) ────────────────────────────────┐
+        └─ narrow(x0, bypass, through) ─ narrowed blocks ─ partial transition ─ cat ─▶
+
+The partial transition is the stage's own (narrowed) transition layer where the plan has
+one, else a new 1x1 conv followed by the norm and activation the stage itself uses.
+Fusion first concatenates before the transition instead. Nothing here knows any model
+family: the plan says which layers keep which channels, the channel registry narrows them.
+
+    gm, added = rewrite(traced, plans, seed=0)   # edits traced.gm in place and returns it
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from cspify.channels import fresh_like, role_of, rule_for
+from cspify.stage import StagePlan
+from cspify.trace import Traced, shape
+
+CONV_BY_RANK = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+
+
+def rewrite(traced: Traced, plans: list[StagePlan], seed: int = 0) -> tuple[fx.GraphModule, dict[str, tuple[str, ...]]]:
+    """Apply every converted plan; return the GraphModule and the nodes each stage added.
+
+    New layers are initialised from ``seed`` so the same inputs give the same model.
+    """
+    gm = traced.gm
+    added = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for plan in plans:
+            if plan.converted:
+                added[plan.name] = _rewrite_stage(gm, plan)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, added
+
+
+def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan) -> tuple[str, ...]:
+    stage = plan.stage
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    templates = _templates(gm, [nodes[n] for n in stage.nodes])
+    axis, slug = stage.channel_axis, stage.name.replace(".", "_").replace("#", "_")
+    home = _home(gm, stage.name, slug)
+    base = nodes[stage.base]
+    fusion_last = plan.fusion == "last"
+    region = stage.nodes if fusion_last else tuple(n for b in stage.blocks for n in b)
+    added = []
+
+    def call(target, args, name):
+        node = graph.create_node("call_function", target, args, name=f"{slug}_{name}")
+        added.append(node.name)
+        return node
+
+    with graph.inserting_after(base):
+        bypass = call(torch.narrow, (base, axis, 0, plan.bypass_channels), "bypass")
+    with graph.inserting_after(bypass):
+        through = call(torch.narrow, (base, axis, plan.bypass_channels, plan.through_channels), "through")
+    for name in region:
+        nodes[name].replace_input_with(base, through)
+
+    for name, narrowing in plan.narrowings.items():
+        node = nodes[name]
+        narrow = rule_for(node, gm).narrow
+        _set_module(gm, node.target, narrow(gm.get_submodule(node.target), narrowing.in_keep, narrowing.out_keep))
+
+    out = nodes[stage.transition[-1] if fusion_last and stage.transition else stage.output]
+    users = list(out.users)
+    rank = len(shape(out))
+    with graph.inserting_after(out):
+        if fusion_last:
+            if stage.transition:
+                fused = call(torch.cat, ([bypass, out], axis), "fuse")
+            else:
+                transition = _partial_transition(
+                    gm, graph, out, plan.through_output_channels, plan.output_channels - plan.bypass_channels,
+                    rank, templates, home, added,
+                )
+                with graph.inserting_after(transition):
+                    fused = call(torch.cat, ([bypass, transition], axis), "fuse")
+        else:
+            fused = call(torch.cat, ([bypass, out], axis), "fuse")
+            width = plan.bypass_channels + plan.through_output_channels
+            if width != plan.output_channels or not stage.transition:
+                with graph.inserting_after(fused):
+                    fused = _partial_transition(
+                        gm, graph, fused, width, plan.output_channels, rank, templates, home, added
+                    )
+    for user in users:
+        user.replace_input_with(out, fused)
+    return tuple(added)
+
+
+def _partial_transition(gm, graph, source, in_channels, out_channels, rank, templates, home, added):
+    """A new 1x1 conv, then the stage's own norm and activation; returns the last node."""
+    norm_node, act_node = templates
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+    container = nn.Module()
+    container.conv = CONV_BY_RANK[rank](in_channels, out_channels, 1, bias=norm_node is None)
+    if norm_node is not None:
+        container.norm = fresh_like(gm.get_submodule(norm_node.target), out_channels)
+    if act_node is not None and act_node.op == "call_module":
+        container.act = copy.deepcopy(gm.get_submodule(act_node.target))
+    gm.add_submodule(home, container.to(device=device, dtype=dtype))
+
+    last = source
+    for child in ("conv", "norm", "act"):
+        if hasattr(container, child):
+            with graph.inserting_after(last):
+                last = graph.create_node("call_module", f"{home}.{child}", (last,), name=f"{home}_{child}".replace(".", "_"))
+            added.append(last.name)
+    if act_node is not None and act_node.op != "call_module":
+        with graph.inserting_after(last):
+            args = (last, *act_node.args[1:])
+            last = graph.create_node(act_node.op, act_node.target, args, dict(act_node.kwargs), name=f"{home}_act".replace(".", "_"))
+        added.append(last.name)
+    return last
+
+
+def _templates(gm: fx.GraphModule, nodes) -> tuple[fx.Node | None, fx.Node | None]:
+    """The first norm layer and the first activation of a stage: the model's own choice."""
+    norm = next((n for n in nodes if n.op == "call_module" and role_of(n, gm) == "norm"), None)
+    act = next((n for n in nodes if role_of(n, gm) == "act" and len(n.all_input_nodes) == 1), None)
+    return norm, act
+
+
+def _home(gm: fx.GraphModule, stage_name: str, slug: str) -> str:
+    """Where a stage's new layers live: ``<stage module>.csp_transition``, else top level."""
+    try:
+        gm.get_submodule(stage_name)
+        prefix = f"{stage_name}."
+    except AttributeError:
+        prefix = f"csp_{slug}_"
+    name, i = f"{prefix}csp_transition", 1
+    while _exists(gm, name):
+        i += 1
+        name = f"{prefix}csp_transition{i}"
+    return name
+
+
+def _exists(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)

@@ -1,0 +1,186 @@
+"""Tracing: a torch.fx graph of a model, tensor shapes on every node, a networkx view.
+
+    traced = trace(model, (torch.randn(1, 3, 224, 224),))
+    traced.gm                      # torch.fx.GraphModule over a deep copy of the model
+    traced.nodes["layer1_0_conv1"] # the fx Node, with node.meta["tensor_meta"].shape
+    traced.graph                   # networkx.DiGraph of node names, edges along data flow
+
+The model itself is never touched: tracing works on a deep copy, and shapes are
+propagated in eval mode without gradients so no BatchNorm statistic moves.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from cspify.errors import TraceError
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that treats some module paths as leaves and remembers where it is."""
+
+    def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaf_names = set(leaf_modules)
+        self.scope_path: list[str] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return qualname in self.leaf_names or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.scope_path.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.scope_path.pop()
+        return result
+
+
+@dataclass
+class Traced:
+    """A traced model: the GraphModule, its nodes by name, and a networkx view."""
+
+    gm: fx.GraphModule
+    graph: nx.DiGraph
+
+    @property
+    def nodes(self) -> dict[str, fx.Node]:
+        return {n.name: n for n in self.gm.graph.nodes}
+
+    def module(self, node: fx.Node) -> torch.nn.Module | None:
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def as_inputs(example_inputs) -> tuple:
+    """Example inputs as a tuple, whether given as one tensor or several."""
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Run with every submodule in eval mode and no grad, then restore each flag."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
+    """torch.fx tracing of a deep copy of ``model``; errors name the module that failed."""
+    if isinstance(model, fx.GraphModule):
+        return copy.deepcopy(model)
+    model = copy.deepcopy(model)
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # torch.fx raises many kinds; all mean "not traceable"
+        where = tracer.scope_path[-1] if tracer.scope_path else ""
+        raise TraceError(
+            f"torch.fx cannot trace {_describe(model, where)}: {_first_line(exc)}.",
+            _trace_hint(model, where, leaf_modules),
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> None:
+    """Store ``tensor_meta`` (shape, dtype) on every node by running the inputs through."""
+    try:
+        with eval_mode(gm):
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        shapes = ", ".join(_shape_of(x) for x in example_inputs)
+        raise TraceError(
+            f"the model does not run on example inputs of shape {shapes}: {_first_line(exc)}.",
+            "give the shape the model expects with --input-shape, or define example_inputs() in the model file",
+        ) from exc
+
+
+def networkx_view(gm: fx.GraphModule) -> nx.DiGraph:
+    """A DiGraph of node names with an edge from each input node to each user."""
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node.name)
+        for user in node.users:
+            graph.add_edge(node.name, user.name)
+    return graph
+
+
+def trace(model: torch.nn.Module, example_inputs, leaf_modules: Iterable[str] = ()) -> Traced:
+    """Trace, propagate shapes and build the networkx view: the pipeline's first step."""
+    gm = symbolic_trace(model, leaf_modules)
+    propagate_shapes(gm, as_inputs(example_inputs))
+    return Traced(gm, networkx_view(gm))
+
+
+def shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The input nodes of ``node`` that carry tensors, in argument order (flattened)."""
+    return [n for n in node.all_input_nodes if shape(n) is not None]
+
+
+def region_between(graph: nx.DiGraph, entry: str, exit_: str) -> set[str]:
+    """Nodes on some path from ``entry`` to ``exit_``: entry excluded, exit included."""
+    return (nx.descendants(graph, entry) & nx.ancestors(graph, exit_)) | {exit_}
+
+
+def single_entry(traced: Traced, region: set[str], entry: str) -> bool:
+    """True when the region reads only ``entry`` and its own nodes (and constants)."""
+    nodes = traced.nodes
+    for name in region:
+        for arg in nodes[name].all_input_nodes:
+            if arg.name != entry and arg.name not in region and arg.op != "get_attr":
+                if shape(arg) is not None:
+                    return False
+    return True
+
+
+def _describe(model: torch.nn.Module, where: str) -> str:
+    if not where:
+        return f"the model ({type(model).__name__})"
+    return f"module '{where}' ({type(model.get_submodule(where)).__name__})"
+
+
+def _trace_hint(model: torch.nn.Module, where: str, leaf_modules: Iterable[str]) -> str:
+    """Name the largest submodules that do trace, so the user can convert one of them."""
+    traceable = []
+    for name, child in model.named_children():
+        if where and not where.startswith(name):
+            traceable.append(f"{name} ({type(child).__name__})")
+            continue
+        try:
+            _Tracer(leaf_modules).trace(copy.deepcopy(child))
+            traceable.append(f"{name} ({type(child).__name__})")
+        except Exception:
+            continue
+    if traceable:
+        return (
+            "convert a traceable submodule instead with MODEL:Name (a class, function or instance "
+            f"in your file that builds it); traceable submodules: {', '.join(traceable[:5])}"
+        )
+    return "make the forward free of data-dependent Python control flow, or convert a traceable submodule with MODEL:Name"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__).rstrip(".")
+
+
+def _shape_of(x) -> str:
+    return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__

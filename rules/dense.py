@@ -1,0 +1,112 @@
+"""Dense stages: layers that each read the concatenation of the block input and every
+earlier layer's output, as in torchvision's ``_DenseBlock`` (one growing ``torch.cat``
+per layer) and in the incremental form ``x = cat([x, f(x)])``.
+
+Channel concatenations are flattened into their leaf lists ``[x0, f1, f2, ...]``; a dense
+stage is a family of concats sharing the first leaf x0 whose longest list ``M`` is built
+by layers that each read a concat of a prefix of ``M`` (single entry). Its base is x0.
+A transition layer right after it (norms, activations, then a 1x1 conv, before any
+pooling) is recorded so fusion last can reuse it as the partial transition.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from cspify.channels import role_of
+from cspify.rules import register
+from cspify.stage import Stage
+from cspify.trace import Traced, region_between, shape, single_entry
+
+CHANNEL_AXIS = 1
+
+
+def _cat_parts(node) -> list | None:
+    """The inputs of a channel-axis torch.cat node, or None for any other node."""
+    if node.op != "call_function" or shape(node) is None or len(shape(node)) < 3:
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+        return None
+    return list(parts) if dim % len(shape(node)) == CHANNEL_AXIS else None
+
+
+def _transition(traced: Traced, output) -> tuple[str, ...]:
+    """Norm/act nodes, a 1x1 group-1 conv, then norm/act nodes: each the single user."""
+    gm = traced.gm
+    tail, node, seen_conv = [], output, False
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        role = role_of(user, gm)
+        if role in ("norm", "act") and user.args and user.args[0] is node:
+            tail.append(user.name)
+        elif role == "conv" and not seen_conv and user.args[0] is node:
+            conv = gm.get_submodule(user.target)
+            if conv.groups != 1 or any(k != 1 for k in conv.kernel_size):
+                break
+            tail.append(user.name)
+            seen_conv = True
+        else:
+            break
+        node = user
+    return tuple(tail) if seen_conv else ()
+
+
+@register("dense")
+def find(traced: Traced) -> list[Stage]:
+    gm, graph, nodes = traced.gm, traced.graph, traced.nodes
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    cats = {node.name: parts for node in gm.graph.nodes if (parts := _cat_parts(node)) is not None}
+
+    leaves: dict[str, tuple[str, ...]] = {}
+    for name, parts in cats.items():  # graph order: inner concats come first
+        leaves[name] = tuple(leaf for p in parts for leaf in leaves.get(p.name, (p.name,)))
+
+    families: dict[str, list[str]] = {}
+    for name, leaf_list in leaves.items():
+        families.setdefault(leaf_list[0], []).append(name)
+
+    stages = []
+    for x0, members in families.items():
+        longest = max(members, key=lambda m: len(leaves[m]))
+        full = leaves[longest]
+        members = [m for m in members if full[: len(leaves[m])] == leaves[m]]
+        if len(full) < 3 or sum(leaves[m] == full for m in members) != 1:
+            continue
+        blocks, used, ok, reuses = [], set(), True, False
+        for i, feature in enumerate(full[1:], start=1):
+            ancestors = nx.ancestors(graph, feature)
+            entries = [m for m in members if len(leaves[m]) <= i and m in ancestors]
+            entry = max(entries, key=lambda m: len(leaves[m]), default=x0)
+            if entry == x0 and x0 not in ancestors:
+                ok = False
+                break
+            region = region_between(graph, entry, feature)
+            if not single_entry(traced, region, entry) or region & set(members):
+                ok = False
+                break
+            reuses |= entry != x0 and len(leaves[entry]) >= 2
+            block = set(region)
+            if entry != x0 and entry not in used:
+                block.add(entry)
+            used |= block
+            blocks.append(block)
+        if not ok or not reuses:
+            continue
+        blocks[-1] |= set(members) - used
+        body = set().union(*blocks)
+        if any(u.name not in body for n in body - {longest} for u in nodes[n].users):
+            continue
+        stages.append(
+            Stage(
+                name="",
+                kind="dense",
+                base=x0,
+                blocks=tuple(tuple(sorted(b, key=order.__getitem__)) for b in blocks),
+                output=longest,
+                channels=shape(nodes[x0])[CHANNEL_AXIS],
+                transition=_transition(traced, nodes[longest]),
+            )
+        )
+    return stages
