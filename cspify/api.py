@@ -21,7 +21,7 @@ from cspify.plan import plan_stage
 from cspify.report import Report, build_report
 from cspify.rewrite import rewrite
 from cspify.stage import Stage, StagePlan
-from cspify.trace import Traced, as_inputs, propagate_shapes, shape, trace
+from cspify.trace import as_inputs, propagate_shapes, shape, trace
 
 META_KEY = "cspify"
 
@@ -39,16 +39,19 @@ def convert(
     fusion: str = "last",
     hidden: str = "keep",
     stages: Iterable[str] | None = None,
+    allow_costlier: bool = False,
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
     config: CSPConfig | None = None,
 ) -> fx.GraphModule:
     """The CSP version of ``model`` as a new GraphModule; ``model`` itself is not touched.
 
-    Every stage found is converted unless ``stages`` names a subset. Outputs keep their
+    Every stage found is converted unless ``stages`` names a subset, or its conversion
+    would cost more multiply-adds than it saves (``allow_costlier=True`` converts those too). Outputs keep their
     shapes and dtypes. ``gm.meta["cspify"]`` records what was done, for ``compare``.
     """
-    config = config or CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None)
+    if config is None:
+        config = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier)
     inputs = as_inputs(example_inputs)
     traced = trace(model, inputs, leaf_modules)
     found = rules.find_stages(traced)
@@ -64,13 +67,13 @@ def convert(
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans)
         raise NoStageError(
             f"none of the {len(plans)} stages found in {type(model).__name__} can be converted ({reasons}).",
-            "try another gamma, or --stage to pick stages",
+            "try another gamma, or allow_costlier (--allow-costlier) where a stage costs more than it saves",
         )
-    expected = _output_shapes(traced)
+    expected = _output_shapes(traced.gm)
     gm, added = rewrite(traced, plans, seed=seed)
     gm.meta[META_KEY] = _metadata(config, plans, added)
     propagate_shapes(gm, inputs)
-    if _output_shapes(Traced(gm, None)) != expected:  # a bug of ours, never the user's
+    if _output_shapes(gm) != expected:  # a bug of ours, never the user's
         raise CspifyError(
             "the converted model's outputs changed shape, which is a bug in cspify.",
             "please report it with the model; convert fewer stages with --stage meanwhile",
@@ -99,8 +102,8 @@ def _check_filter(config: CSPConfig, found: list[Stage]) -> None:
         )
 
 
-def _output_shapes(traced: Traced) -> list:
-    output = next(n for n in traced.gm.graph.nodes if n.op == "output")
+def _output_shapes(gm: fx.GraphModule) -> list:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
     return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in output.all_input_nodes]
 
 

@@ -37,6 +37,7 @@ def _options(fn):
         click.option("--fusion", type=click.Choice(FUSIONS), default="last", show_default=True, help="Transition then concat (last) or concat then transition (first)."),
         click.option("--hidden", type=click.Choice(HIDDEN), default="keep", show_default=True, help="Keep the blocks' inner widths, or scale them by 1 - gamma."),
         click.option("--stage", "stages", multiple=True, metavar="NAME", help="Convert only this stage (repeatable); see `cspify analyze`."),
+        click.option("--allow-costlier", is_flag=True, help="Also convert stages whose new partial transition costs more than they save."),
         click.option("--input-shape", default=None, metavar="N,C,H,W", help="Example input shape [default: example_inputs() from the file, else 1,3,224,224]."),
         click.option("--leaf", "leaves", multiple=True, metavar="PATH", help="Keep this submodule opaque when tracing (repeatable)."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON."),
@@ -89,7 +90,9 @@ def _run(options: dict, output: str | None) -> None:
 
 
 def _convert_and_report(options: dict, output: str | None, quiet: bool) -> None:
-    config = CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None)
+    config = CSPConfig(
+        options["gamma"], options["fusion"], options["hidden"], options["stages"] or None, options["allow_costlier"]
+    )
     shape = parse_shape(options["input_shape"]) if options["input_shape"] else None
     targets = [p for p in (output, options["json_path"], options["markdown_path"]) if p]
     for path in targets:

@@ -20,12 +20,15 @@ class CSPConfig:
     hidden: ``keep`` leaves the blocks' inner widths as they are (the paper's designs);
             ``scale`` narrows them by ``1 - gamma`` too.
     stages: names of the stages to convert; ``None`` converts every stage found.
+    allow_costlier: also convert stages where the new partial transition costs more
+            multiply-adds than the narrowed blocks save (skipped by default, with the reason).
     """
 
     gamma: float = 0.5
     fusion: str = "last"
     hidden: str = "keep"
     stages: tuple[str, ...] | None = None
+    allow_costlier: bool = False
 
     def __post_init__(self) -> None:
         try:

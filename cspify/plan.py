@@ -96,10 +96,10 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> S
         in_channels, out_channels = new_transition
         after += _positions(nodes[output], stage.channel_axis) * in_channels * out_channels
     if after >= before:
-        raise _Skip(
-            f"converting it would add {after - before:,} multiply-adds: its new partial transition "
-            "costs more than its narrowed blocks save"
-        )
+        cost = f"converting it would add {after - before:,} multiply-adds: its new partial transition costs more than its narrowed blocks save"
+        if not config.allow_costlier:
+            raise _Skip(f"{cost} (allow_costlier converts it anyway)")
+        plan.notes.append(cost)
     plan.converted = True
     plan.bypass_channels, plan.through_channels = bypass, through
     plan.through_output_channels, plan.output_channels = through_out, output_channels

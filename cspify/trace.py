@@ -169,12 +169,13 @@ def _trace_hint(model: torch.nn.Module, where: str, leaf_modules: Iterable[str])
             traceable.append(f"{name} ({type(child).__name__})")
         except Exception:
             continue
+    leaf = f"keep '{where}' opaque with --leaf {where} if no stage runs through it, or " if where else ""
     if traceable:
         return (
-            "convert a traceable submodule instead with MODEL:Name (a class, function or instance "
+            f"{leaf}convert a traceable submodule instead with MODEL:Name (a class, function or instance "
             f"in your file that builds it); traceable submodules: {', '.join(traceable[:5])}"
         )
-    return "make the forward free of data-dependent Python control flow, or convert a traceable submodule with MODEL:Name"
+    return f"{leaf}make the forward free of data-dependent Python control flow"
 
 
 def _first_line(exc: BaseException) -> str:
