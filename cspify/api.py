@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import copy
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -21,7 +23,7 @@ from cspify.plan import plan_stage
 from cspify.report import Report, build_report
 from cspify.rewrite import rewrite
 from cspify.stage import Stage, StagePlan
-from cspify.trace import as_inputs, propagate_shapes, shape, trace
+from cspify.trace import as_inputs, capture_inputs, eval_mode, propagate_shapes, shape, trace
 
 META_KEY = "cspify"
 
@@ -40,11 +42,16 @@ def convert(
     hidden: str = "keep",
     stages: Iterable[str] | None = None,
     allow_costlier: bool = False,
+    scope: str | None = None,
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
     config: CSPConfig | None = None,
-) -> fx.GraphModule:
+) -> nn.Module:
     """The CSP version of ``model`` as a new GraphModule; ``model`` itself is not touched.
+
+    With ``scope`` ("backbone.body"), only that submodule is traced and converted (leaf
+    names are then relative to it), and a copy of the whole model with the converted part
+    in its place is returned: the way to convert models torch.fx cannot trace whole.
 
     Every stage found is converted unless ``stages`` names a subset, or its conversion
     would cost more multiply-adds than it saves (``allow_costlier=True`` converts those too). Outputs keep their
@@ -53,6 +60,8 @@ def convert(
     if config is None:
         config = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier)
     inputs = as_inputs(example_inputs)
+    if scope:
+        return _convert_scope(model, inputs, scope, config, leaf_modules, seed)
     traced = trace(model, inputs, leaf_modules)
     found = rules.find_stages(traced)
     if not found:
@@ -81,13 +90,43 @@ def convert(
     return gm
 
 
-def compare(original: nn.Module, converted: nn.Module, example_inputs, *, leaf_modules: Iterable[str] = ()) -> Report:
-    """Measure both models and report totals and per-stage savings."""
+def compare(
+    original: nn.Module, converted: nn.Module, example_inputs, *, scope: str | None = None, leaf_modules: Iterable[str] = ()
+) -> Report:
+    """Measure both models and report totals and per-stage savings.
+
+    With ``scope``, both models are measured at that submodule (the part ``convert`` changed).
+    """
     inputs = as_inputs(example_inputs)
+    if scope:
+        original, inputs = capture_inputs(original, inputs, scope)
+        converted = converted.get_submodule(scope)
     before = measure(original, inputs, leaf_modules)
     after = measure(converted, inputs, leaf_modules)
     meta = getattr(converted, "meta", {}).get(META_KEY)
     return build_report(before, after, meta)
+
+
+def _convert_scope(model, inputs, scope, config, leaf_modules, seed) -> nn.Module:
+    """Convert the submodule at ``scope`` and put it back into a copy of the whole model.
+
+    ``convert`` checks the part's outputs keep their shapes; the whole model (whose output
+    shapes may depend on the data, as a detector's do) must still run.
+    """
+    part, part_inputs = capture_inputs(model, inputs, scope)
+    converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed)
+    whole = copy.deepcopy(model)
+    parent, _, name = scope.rpartition(".")
+    setattr(whole.get_submodule(parent) if parent else whole, name, converted_part)
+    try:
+        with eval_mode(whole):
+            whole(*inputs)
+    except Exception as exc:
+        raise CspifyError(
+            f"the model no longer runs after converting {scope!r} ({type(exc).__name__}: {exc}), which is a bug in cspify.",
+            "please report it with the model; try a smaller scope meanwhile",
+        ) from exc
+    return whole
 
 
 def _check_filter(config: CSPConfig, found: list[Stage]) -> None:

@@ -22,13 +22,26 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cspify.trace import Traced, shape, tensor_inputs
+if TYPE_CHECKING:
+    from cspify.trace import Traced
+
+
+def shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The input nodes of ``node`` that carry tensors, in argument order (flattened)."""
+    return [n for n in node.all_input_nodes if shape(n) is not None]
 
 # ---------------------------------------------------------------------------------------
 # Channel spaces
@@ -41,6 +54,7 @@ class Space:
     width: int
     parent: int
     blocks: int = 1  # the width must stay a multiple of this (conv groups, norm groups)
+    grouped: str = ""  # a grouped conv that reads or writes it: keeps must be per group
     frozen: str = ""  # why this space must keep its width
     segments: tuple[int, ...] | None = None  # a channel concat of these spaces
 
@@ -72,6 +86,7 @@ class ChannelSpaces:
         sb.parent = ra
         sa.blocks = math.lcm(sa.blocks, sb.blocks)
         sa.frozen = sa.frozen or sb.frozen
+        sa.grouped = sa.grouped or sb.grouped
         if sa.width != sb.width:
             sa.frozen = sa.frozen or f"channel widths {sa.width} and {sb.width} meet"
         if sa.segments is None:
@@ -97,19 +112,21 @@ class ChannelInfo:
     """Where a tensor's channels are (``axis``) and which space they belong to.
 
     ``reads`` is set for layers that map one space to another (convs, linears): the
-    space of the channels they read.
+    space of the channels they read. ``holds`` is False for a layer whose weights do not
+    follow its channels (a LayerNorm over another axis): it is never narrowed.
     """
 
     axis: int | None
     space: int | None
     reads: int | None = None
+    holds: bool = True
 
 
 @dataclass
 class Analysis:
     """The result of ``analyse``: channel info per node over one region."""
 
-    traced: Traced
+    traced: "Traced"
     spaces: ChannelSpaces = field(default_factory=ChannelSpaces)
     info: dict[str, ChannelInfo] = field(default_factory=dict)
 
@@ -118,7 +135,11 @@ class Analysis:
         """Channel info of an input; tensors from outside the region keep their width."""
         if node.name not in self.info:
             dims = shape(node)
-            if dims is None or len(dims) < 2:
+            if node.op == "get_attr" and dims is not None and len(dims) == 1:
+                self.info[node.name] = ChannelInfo(0, self.spaces.new(dims[0]))  # a per-channel parameter
+            elif node.op == "get_attr":
+                return ChannelInfo(None, None)  # its channel axis is known once it broadcasts
+            elif dims is None or len(dims) < 2:
                 self.info[node.name] = ChannelInfo(None, None)
             else:
                 reason = f"it also flows to '{node.name}', outside the stage"
@@ -171,9 +192,12 @@ def couple_same(node: fx.Node, a: Analysis) -> None:
     space = a.of(lead).space
     back = axis - len(out)  # the channel axis counted from the right, for broadcasting
     for arg in inputs:
-        dims, info = shape(arg), a.of(arg)
+        dims = shape(arg)
         if len(dims) < -back or dims[back] == 1 and out[axis] != 1:
             continue
+        if arg.op == "get_attr" and arg.name not in a.info:  # layer scale and the like
+            a.set(arg, len(dims) + back, a.spaces.new(dims[back]))
+        info = a.of(arg)
         if info.axis is None or info.axis - len(dims) != back:
             reason = f"'{node.name}' combines '{arg.name}', whose channels cspify cannot follow"
             a.spaces.freeze(space, reason)
@@ -204,8 +228,9 @@ def couple_conv(node: fx.Node, a: Analysis) -> None:
     out = a.fresh(node)
     a.info[node.name].reads = x.space
     if groups > 1:
-        a.spaces.constrain(x.space, groups)
-        a.spaces.constrain(out, groups)
+        for space in (x.space, out):
+            a.spaces.constrain(space, groups)
+            a.spaces[space].grouped = a.spaces[space].grouped or node.name
 
 
 def couple_linear(node: fx.Node, a: Analysis) -> None:
@@ -228,6 +253,18 @@ def couple_group_norm(node: fx.Node, a: Analysis) -> None:
         a.spaces.constrain(info.space, a.module(node).num_groups)
 
 
+def couple_layer_norm(node: fx.Node, a: Analysis) -> None:
+    """LayerNorm normalises its last axis; subclasses named ...2d (timm's, torchvision's
+    LayerNorm2d) permute inside and normalise axis 1. Only that axis can be narrowed."""
+    norm = a.module(node)
+    x = a.of(node.args[0])
+    rank = len(shape(node.args[0]))
+    norm_axis = 1 if type(norm).__name__.endswith("2d") else rank - 1
+    if len(norm.normalized_shape) == 1 and x.axis == norm_axis:
+        return couple_same(node, a)
+    a.info[node.name] = ChannelInfo(x.axis, x.space, holds=False)
+
+
 def couple_cat(node: fx.Node, a: Analysis) -> None:
     """torch.cat: along the channel axis it builds a concat of spaces, else it couples."""
     parts = node.args[0] if node.args else node.kwargs["tensors"]
@@ -247,6 +284,74 @@ def couple_cat(node: fx.Node, a: Analysis) -> None:
     a.set(node, axis, space)
 
 
+def _dims_arg(node: fx.Node, start: int = 1) -> list:
+    """The dims argument of permute/reshape/view, given as varargs or as one sequence."""
+    args = list(node.args[start:])
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        return list(args[0])
+    if not args:
+        for key in ("dims", "shape", "size"):
+            if key in node.kwargs:
+                return list(node.kwargs[key])
+    return args
+
+
+def _moved(node: fx.Node, a: Analysis, axis: int | None, reason: str) -> None:
+    """Output shares the input's space with its channels on ``axis`` (None: lost)."""
+    x = a.of(node.args[0])
+    if axis is None:
+        if x.space is not None:
+            a.spaces.freeze(x.space, f"'{node.name}' {reason}")
+        a.fresh(node, frozen=f"'{node.name}' {reason}")
+        return
+    a.set(node, axis, x.space)
+
+
+def couple_permute(node: fx.Node, a: Analysis) -> None:
+    """permute / transpose: the channel axis moves to where the permutation puts it."""
+    x = a.of(node.args[0])
+    rank = len(shape(node))
+    if x.axis is None:
+        return couple_unknown(node, a)
+    if node.target in ("transpose", torch.transpose):
+        d0, d1 = (d % rank for d in _dims_arg(node))
+        axis = d1 if x.axis == d0 else d0 if x.axis == d1 else x.axis
+    else:
+        axis = [d % rank for d in _dims_arg(node)].index(x.axis)
+    _moved(node, a, axis, "")
+
+
+def couple_reshape(node: fx.Node, a: Analysis) -> None:
+    """reshape / view / flatten: fine while the channel dim survives whole and its size is
+    not written as a constant (after narrowing, a constant would be wrong)."""
+    x = a.of(node.args[0])
+    before, after = shape(node.args[0]), shape(node)
+    if x.axis is None or after is None:
+        return couple_unknown(node, a)
+    lead = math.prod(before[: x.axis])
+    axis = next((j for j in range(len(after)) if math.prod(after[:j]) == lead and after[j] == before[x.axis]), None)
+    reason = "merges or splits the channel dim" if axis is None else ""
+    if axis is not None and node.target not in ("flatten", torch.flatten) and node.op != "call_module":
+        sizes = _dims_arg(node)
+        if len(sizes) == len(after) and isinstance(sizes[axis], int) and sizes[axis] != -1 and before[x.axis] > 1:
+            axis, reason = None, f"reshapes the channels to the constant size {sizes[axis]}"
+    _moved(node, a, axis, reason)
+
+
+def couple_reduce(node: fx.Node, a: Analysis) -> None:
+    """mean / sum / amax over some dims: fine while the channel dim is not reduced."""
+    x = a.of(node.args[0])
+    rank_in, rank_out = len(shape(node.args[0])), len(shape(node) or ())
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if x.axis is None or dims is None:
+        return _moved(node, a, None, "reduces over every dim")
+    dims = [d % rank_in for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if x.axis in dims:
+        return _moved(node, a, None, "reduces over the channel dim")
+    axis = x.axis if rank_out == rank_in else x.axis - sum(d < x.axis for d in dims)
+    _moved(node, a, axis, "")
+
+
 def couple_nothing(node: fx.Node, a: Analysis) -> None:
     """Ops that only look at a tensor (its size, its dim) and make no tensor."""
     a.set(node, None, None)
@@ -263,13 +368,14 @@ def couple_unknown(node: fx.Node, a: Analysis) -> None:
 # Narrow functions: one per layer kind; each returns a new module, the old one untouched
 
 
-def _index(t: torch.Tensor, dim: int, keep: tuple[int, ...] | None) -> torch.Tensor:
+def narrow_tensor(t: torch.Tensor, dim: int, keep: tuple[int, ...] | None) -> torch.Tensor:
     if keep is None:
         return t
     return t.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
 
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a parameter or buffer of ``module`` to a copy of ``value``, keeping its kind."""
     old = getattr(module, name)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
@@ -292,7 +398,7 @@ def narrow_conv(conv: nn.Module, in_keep, out_keep) -> nn.Module:
     in_channels = len(in_keep) if in_keep is not None else conv.in_channels
     groups = out_channels if depthwise else conv.groups
     with torch.no_grad():
-        weight = _index(conv.weight, 0, out_keep)
+        weight = narrow_tensor(conv.weight, 0, out_keep)
         if in_keep is not None and not depthwise:
             in_per_group = conv.in_channels // conv.groups
             new_in_per_group = in_channels // groups
@@ -300,10 +406,10 @@ def narrow_conv(conv: nn.Module, in_keep, out_keep) -> nn.Module:
             rows = cols.repeat_interleave(out_channels // groups, dim=0)
             index = rows.view(*rows.shape, *([1] * (weight.dim() - 2))).expand(-1, -1, *weight.shape[2:])
             weight = weight.gather(1, index.to(weight.device))
-        _replace(new, "weight", weight)
+        replace_tensor(new, "weight", weight)
         for name in _per_channel(conv, conv.out_channels):
             if name != "weight":
-                _replace(new, name, _index(getattr(conv, name), 0, out_keep))
+                replace_tensor(new, name, narrow_tensor(getattr(conv, name), 0, out_keep))
     new.in_channels, new.out_channels, new.groups = in_channels, out_channels, groups
     return new
 
@@ -311,9 +417,9 @@ def narrow_conv(conv: nn.Module, in_keep, out_keep) -> nn.Module:
 def narrow_linear(linear: nn.Linear, in_keep, out_keep) -> nn.Module:
     new = copy.deepcopy(linear)
     with torch.no_grad():
-        _replace(new, "weight", _index(_index(linear.weight, 0, out_keep), 1, in_keep))
+        replace_tensor(new, "weight", narrow_tensor(narrow_tensor(linear.weight, 0, out_keep), 1, in_keep))
         if linear.bias is not None:
-            _replace(new, "bias", _index(linear.bias, 0, out_keep))
+            replace_tensor(new, "bias", narrow_tensor(linear.bias, 0, out_keep))
     new.in_features = len(in_keep) if in_keep is not None else linear.in_features
     new.out_features = len(out_keep) if out_keep is not None else linear.out_features
     return new
@@ -344,9 +450,11 @@ def narrow_per_channel(module: nn.Module, in_keep, out_keep) -> nn.Module:
     keep = out_keep if out_keep is not None else in_keep
     new = copy.deepcopy(module)
     width = _width(module)
+    if width == 1:  # one value shared by every channel (nn.PReLU()): nothing to narrow
+        return new
     with torch.no_grad():
         for name in _per_channel(module, width):
-            _replace(new, name, _index(getattr(module, name), 0, keep))
+            replace_tensor(new, name, narrow_tensor(getattr(module, name), 0, keep))
     _set_width(new, len(keep))
     return new
 
@@ -355,10 +463,11 @@ def fresh_like(module: nn.Module, width: int) -> nn.Module:
     """A new, freshly initialised layer of the same kind as ``module`` with ``width`` channels."""
     new = copy.deepcopy(module)
     old = _width(module)
-    for name in _per_channel(module, old):
+    for name in _per_channel(module, old) if old != 1 else ():  # width 1: shared by every channel
         tensor = getattr(module, name)
-        _replace(new, name, torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device))
-    _set_width(new, width)
+        replace_tensor(new, name, torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device))
+    if old != 1:
+        _set_width(new, width)
     for reset in ("reset_parameters", "reset_running_stats"):
         if hasattr(new, reset):
             getattr(new, reset)()
@@ -389,16 +498,28 @@ def register(*targets, role: str, couple=couple_same, narrow=None) -> None:
 def rule_for(node: fx.Node, gm: fx.GraphModule) -> OpRule | None:
     """The rule for a node: by module class (most derived first), function or method name."""
     if node.op == "call_module":
-        for cls in type(gm.get_submodule(node.target)).__mro__:
-            if cls in RULES:
-                return RULES[cls]
-        return None
+        return module_rule(gm.get_submodule(node.target))
     if node.op in ("call_function", "call_method"):
         try:
             return RULES.get(node.target)
         except TypeError:  # unhashable target
             return None
     return None
+
+
+def module_rule(module: nn.Module) -> OpRule | None:
+    """The rule of a module's class, most derived first; classes of optional packages
+    (timm, torchvision) are registered by their qualified name."""
+    for cls in type(module).__mro__:
+        rule = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule
+    return None
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Modules the registry knows stay whole when tracing: their rule covers them."""
+    return module_rule(module) is not None
 
 
 def role_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
@@ -420,6 +541,7 @@ register(
     role="norm", narrow=narrow_per_channel,
 )
 register(nn.GroupNorm, role="norm", couple=couple_group_norm, narrow=narrow_per_channel)
+register(nn.LayerNorm, role="norm", couple=couple_layer_norm, narrow=narrow_per_channel)
 register(nn.PReLU, role="act", narrow=narrow_per_channel)
 register(
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -443,6 +565,16 @@ register(
     F.dropout, F.dropout2d, "contiguous", "clone", "dropout",
     role="identity",
 )
+register(
+    "torchvision.ops.stochastic_depth.StochasticDepth", "timm.layers.drop.DropPath", "timm.layers.drop.DropBlock2d",
+    role="identity",
+)
+register(torch.permute, torch.transpose, "permute", "transpose", role="permute", couple=couple_permute)
+register(
+    torch.reshape, torch.flatten, nn.Flatten, "reshape", "view", "flatten",
+    role="reshape", couple=couple_reshape,
+)
+register(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", role="reduce", couple=couple_reduce)
 register(operator.add, operator.iadd, torch.add, "add", "add_", role="add")
 register(
     operator.mul, operator.imul, operator.sub, operator.truediv, torch.mul, torch.sub, torch.div,

@@ -39,6 +39,7 @@ def _options(fn):
         click.option("--stage", "stages", multiple=True, metavar="NAME", help="Convert only this stage (repeatable); see `cspify analyze`."),
         click.option("--allow-costlier", is_flag=True, help="Also convert stages whose new partial transition costs more than they save."),
         click.option("--input-shape", default=None, metavar="N,C,H,W", help="Example input shape [default: example_inputs() from the file, else 1,3,224,224]."),
+        click.option("--scope", default=None, metavar="PATH", help="Convert only this submodule (e.g. backbone.body) inside a copy of the whole model."),
         click.option("--leaf", "leaves", multiple=True, metavar="PATH", help="Keep this submodule opaque when tracing (repeatable)."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON."),
         click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write the report as Markdown."),
@@ -101,9 +102,13 @@ def _convert_and_report(options: dict, output: str | None, quiet: bool) -> None:
     with progress(f"loading {options['model']}"):
         loaded = load_model(options["model"], shape)
     with progress("tracing and converting"):
-        csp = api.convert(loaded.model, loaded.example_inputs, config=config, leaf_modules=options["leaves"])
+        csp = api.convert(
+            loaded.model, loaded.example_inputs, config=config, scope=options["scope"], leaf_modules=options["leaves"]
+        )
     with progress("measuring both models"):
-        report = api.compare(loaded.model, csp, loaded.example_inputs, leaf_modules=options["leaves"])
+        report = api.compare(
+            loaded.model, csp, loaded.example_inputs, scope=options["scope"], leaf_modules=options["leaves"]
+        )
     click.echo(str(report))
     if output:
         _write(output, lambda f: torch.save(csp, f), binary=True)

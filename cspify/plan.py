@@ -60,6 +60,11 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> S
     stream = spaces.find(a.info[stage.base].space)
 
     channels = stage.channels
+    if spaces[stream].grouped:
+        raise _Skip(
+            f"grouped conv '{spaces[stream].grouped}' reads or writes its stream, and a contiguous "
+            "through part would mix its groups"
+        )
     blocks = spaces[stream].blocks
     wanted = channels - round(config.gamma * channels)
     through = round_to(wanted, blocks, 1, channels - 1)
@@ -96,10 +101,14 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> S
         in_channels, out_channels = new_transition
         after += _positions(nodes[output], stage.channel_axis) * in_channels * out_channels
     if after >= before:
-        cost = f"converting it would add {after - before:,} multiply-adds: its new partial transition costs more than its narrowed blocks save"
+        cost = (
+            f"converting it would add {after - before:,} multiply-adds: its new partial transition costs more "
+            "than its narrowed blocks save" if after > before else "converting it would save no multiply-adds"
+        )
         if not config.allow_costlier:
             raise _Skip(f"{cost} (allow_costlier converts it anyway)")
         plan.notes.append(cost)
+    plan.norm_template, plan.act_template = _templates(a, region, stage)
     plan.converted = True
     plan.bypass_channels, plan.through_channels = bypass, through
     plan.through_output_channels, plan.output_channels = through_out, output_channels
@@ -203,14 +212,20 @@ class _Resolver:
 def _narrowings(a: Analysis, region, resolve: _Resolver) -> dict[str, Narrowing]:
     """The layers to narrow, each with the input and output channels it keeps."""
     narrowings = {}
-    for name in region:
+    params = [name for name in a.info if a.traced.nodes[name].op == "get_attr"]
+    for name in list(region) + params:
         info = a.info.get(name)
-        if info is None or info.space is None:
+        if info is None or info.space is None or not info.holds:
             continue
         out_keep = resolve(info.space)
         in_keep = resolve(info.reads) if info.reads is not None else out_keep
         node = a.traced.nodes[name]
-        if node.op != "call_module" or (in_keep is None and out_keep is None):
+        if in_keep is None and out_keep is None:
+            continue
+        if node.op == "get_attr":
+            narrowings[name] = Narrowing(None, out_keep, axis=info.axis)
+            continue
+        if node.op != "call_module":
             continue
         rule = rule_for(node, a.traced.gm)
         if rule is None or rule.narrow is None:
@@ -222,9 +237,26 @@ def _narrowings(a: Analysis, region, resolve: _Resolver) -> dict[str, Narrowing]
 
 
 def _check_single_use(traced: Traced, narrowings: dict[str, Narrowing]) -> None:
-    """A module called from several places can only be narrowed if no call needs it whole."""
-    calls = Counter(n.target for n in traced.gm.graph.nodes if n.op == "call_module")
+    """A module or parameter used in several places can't be narrowed for one of them."""
+    uses = Counter((n.op, n.target) for n in traced.gm.graph.nodes if n.op in ("call_module", "get_attr"))
     for name in narrowings:
-        target = traced.nodes[name].target
-        if calls[target] > 1:
-            raise _Skip(f"module '{target}' is called {calls[target]} times and cannot be narrowed for one call")
+        node = traced.nodes[name]
+        count = uses[(node.op, node.target)] + (len(node.users) - 1 if node.op == "get_attr" else 0)
+        if count > 1:
+            raise _Skip(f"'{node.target}' is used {count} times and cannot be narrowed for one use")
+
+
+def _templates(a: Analysis, region, stage: Stage) -> tuple[str | None, str | None]:
+    """The stage's first norm layer and activation that work on its channel axis: the
+    partial transition uses the same kinds, as the model itself does."""
+    norm = act = None
+    for name in region:
+        node, info = a.traced.nodes[name], a.info.get(name)
+        if info is None or info.axis != stage.channel_axis or len(shape(node) or ()) != len(shape(a.traced.nodes[stage.base])):
+            continue
+        role = role_of(node, a.traced.gm)
+        if role == "norm" and norm is None and node.op == "call_module":
+            norm = name
+        if role == "act" and act is None and len(node.all_input_nodes) == 1:
+            act = name
+    return norm, act

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from cspify.channels import fresh_like, role_of, rule_for
+from cspify.channels import fresh_like, narrow_tensor, replace_tensor, rule_for
 from cspify.stage import StagePlan
 from cspify.trace import Traced, shape
 
@@ -50,7 +50,7 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan) -> tuple[str, ...]:
     stage = plan.stage
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
-    templates = _templates(gm, [nodes[n] for n in stage.nodes])
+    templates = tuple(nodes[n] if n else None for n in (plan.norm_template, plan.act_template))
     axis, slug = stage.channel_axis, stage.name.replace(".", "_").replace("#", "_")
     home = _home(gm, stage.name, slug)
     base = nodes[stage.base]
@@ -72,8 +72,13 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan) -> tuple[str, ...]:
 
     for name, narrowing in plan.narrowings.items():
         node = nodes[name]
+        owner, _, attr = node.target.rpartition(".")
+        if node.op == "get_attr":
+            module = gm.get_submodule(owner)
+            replace_tensor(module, attr, narrow_tensor(getattr(module, attr), narrowing.axis, narrowing.out_keep))
+            continue
         narrow = rule_for(node, gm).narrow
-        _set_module(gm, node.target, narrow(gm.get_submodule(node.target), narrowing.in_keep, narrowing.out_keep))
+        setattr(gm.get_submodule(owner), attr, narrow(gm.get_submodule(node.target), narrowing.in_keep, narrowing.out_keep))
 
     out = nodes[stage.transition[-1] if fusion_last and stage.transition else stage.output]
     users = list(out.users)
@@ -129,13 +134,6 @@ def _partial_transition(gm, graph, source, in_channels, out_channels, rank, temp
     return last
 
 
-def _templates(gm: fx.GraphModule, nodes) -> tuple[fx.Node | None, fx.Node | None]:
-    """The first norm layer and the first activation of a stage: the model's own choice."""
-    norm = next((n for n in nodes if n.op == "call_module" and role_of(n, gm) == "norm"), None)
-    act = next((n for n in nodes if role_of(n, gm) == "act" and len(n.all_input_nodes) == 1), None)
-    return norm, act
-
-
 def _home(gm: fx.GraphModule, stage_name: str, slug: str) -> str:
     """Where a stage's new layers live: ``<stage module>.csp_transition``, else top level."""
     try:
@@ -156,8 +154,3 @@ def _exists(gm: fx.GraphModule, target: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)

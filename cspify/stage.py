@@ -37,10 +37,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class Narrowing:
-    """Which input and output channels a layer keeps (``None``: all of them)."""
+    """Which input and output channels a layer keeps (``None``: all of them).
+
+    For a parameter reached through ``get_attr``, ``out_keep`` applies along ``axis``.
+    """
 
     in_keep: tuple[int, ...] | None
     out_keep: tuple[int, ...] | None
+    axis: int | None = None
 
 
 @dataclass
@@ -60,6 +64,8 @@ class StagePlan:
     narrowings: dict[str, Narrowing] = field(default_factory=dict)
     through_output_channels: int = 0
     output_channels: int = 0
+    norm_template: str | None = None
+    act_template: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -21,11 +21,15 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from cspify.errors import TraceError
+from cspify.channels import is_leaf, shape, tensor_inputs
+from cspify.errors import ConfigError, TraceError
+
+__all__ = ["Traced", "trace", "shape", "tensor_inputs", "region_between", "single_entry"]
 
 
 class _Tracer(fx.Tracer):
-    """A tracer that treats some module paths as leaves and remembers where it is."""
+    """A tracer that keeps whole the modules the channel registry knows and those named
+    as leaves, and remembers which module it is in (for error messages)."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
@@ -33,7 +37,7 @@ class _Tracer(fx.Tracer):
         self.scope_path: list[str] = []
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return qualname in self.leaf_names or super().is_leaf_module(m, qualname)
+        return qualname in self.leaf_names or is_leaf(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.scope_path.append(self.path_of_module(m))
@@ -107,6 +111,43 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> None:
         ) from exc
 
 
+def capture_inputs(model: torch.nn.Module, example_inputs, scope: str) -> tuple[torch.nn.Module, tuple]:
+    """The submodule at ``scope`` and the inputs it receives when the whole model runs.
+
+    Runs a deep copy of the model once (eval mode, no grad) with a pre-hook on the scope.
+    """
+    try:
+        part = model.get_submodule(scope)
+    except AttributeError:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise ConfigError(f"the model has no submodule {scope!r}.", f"its top-level submodules are: {children}") from None
+    runner = copy.deepcopy(model)
+    calls = []
+    handle = runner.get_submodule(scope).register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
+    )
+    try:
+        with eval_mode(runner):
+            runner(*as_inputs(example_inputs))
+    except Exception as exc:
+        shapes = ", ".join(_shape_of(x) for x in as_inputs(example_inputs))
+        raise TraceError(
+            f"the model does not run on example inputs of shape {shapes}: {_first_line(exc)}.",
+            "give the shape the model expects with --input-shape",
+        ) from exc
+    finally:
+        handle.remove()
+    if not calls:
+        raise ConfigError(f"submodule {scope!r} is never called in a forward pass.", "choose a submodule the model uses")
+    args, kwargs = calls[0]
+    if kwargs:
+        raise TraceError(
+            f"submodule {scope!r} is called with keyword arguments ({', '.join(kwargs)}), which cspify cannot trace.",
+            "choose a submodule that takes its inputs as positional tensors",
+        )
+    return part, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def networkx_view(gm: fx.GraphModule) -> nx.DiGraph:
     """A DiGraph of node names with an edge from each input node to each user."""
     graph = nx.DiGraph()
@@ -122,17 +163,6 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules: Iterable[str] = 
     gm = symbolic_trace(model, leaf_modules)
     propagate_shapes(gm, as_inputs(example_inputs))
     return Traced(gm, networkx_view(gm))
-
-
-def shape(node: fx.Node) -> tuple[int, ...] | None:
-    """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The input nodes of ``node`` that carry tensors, in argument order (flattened)."""
-    return [n for n in node.all_input_nodes if shape(n) is not None]
 
 
 def region_between(graph: nx.DiGraph, entry: str, exit_: str) -> set[str]:
@@ -172,8 +202,8 @@ def _trace_hint(model: torch.nn.Module, where: str, leaf_modules: Iterable[str])
     leaf = f"keep '{where}' opaque with --leaf {where} if no stage runs through it, or " if where else ""
     if traceable:
         return (
-            f"{leaf}convert a traceable submodule instead with MODEL:Name (a class, function or instance "
-            f"in your file that builds it); traceable submodules: {', '.join(traceable[:5])}"
+            f"{leaf}convert a traceable submodule with --scope NAME (scope= in the API); "
+            f"traceable submodules: {', '.join(traceable[:5])}"
         )
     return f"{leaf}make the forward free of data-dependent Python control flow"
 
