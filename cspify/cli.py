@@ -94,7 +94,7 @@ def _convert_and_report(options: dict, output: str | None, quiet: bool) -> None:
     config = CSPConfig(
         options["gamma"], options["fusion"], options["hidden"], options["stages"] or None, options["allow_costlier"]
     )
-    shape = parse_shape(options["input_shape"]) if options["input_shape"] else None
+    shape = parse_shape(options["input_shape"]) if options["input_shape"] is not None else None
     targets = [p for p in (output, options["json_path"], options["markdown_path"]) if p]
     for path in targets:
         _check_writable(path, options["force"])
@@ -165,3 +165,7 @@ def _write(path: str, write, binary: bool = False) -> None:
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror}.", "choose another path") from exc
         raise
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@
 ``path.py:Name`` names a class built with no arguments, a function returning a module, or
 a module instance. Without ``:Name`` the file's candidates are its module instances, its
 ``nn.Module`` classes that need no arguments and its functions annotated to return a
-module; classes used inside another candidate are dropped; exactly one must remain.
+module; classes used inside another candidate, or instantiated by one, are dropped;
+exactly one must remain.
 Loading a file runs its code, as ``python path.py`` would.
 """
 
@@ -18,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +153,7 @@ def _pick(namespace: dict, path: Path, name: str | None):
         )
     built = {n: _build(obj, f"{path}:{n}") for n, obj in candidates.items()}
     inner = {type(m) for b in built.values() if isinstance(b, nn.Module) for m in list(b.modules())[1:]}
+    inner |= {type(obj) for obj in candidates.values() if isinstance(obj, nn.Module)}  # class Net; model = Net()
     top = [n for n in candidates if not (inspect.isclass(candidates[n]) and candidates[n] in inner)]
     if len(top) != 1:
         raise LoadError(
@@ -185,9 +188,10 @@ def _no_args(fn) -> bool:
 
 
 def _returns_module(fn) -> bool:
-    ret = inspect.signature(fn).return_annotation
-    if isinstance(ret, str):
-        return ret.split(".")[-1] in ("Module", "nn.Module") or ret.endswith("Module")
+    try:
+        ret = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve says nothing
+        return False
     return inspect.isclass(ret) and issubclass(ret, nn.Module)
 
 

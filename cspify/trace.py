@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+import io
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 
 import networkx as nx
@@ -100,13 +101,13 @@ def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = ()) -> 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> None:
     """Store ``tensor_meta`` (shape, dtype) on every node by running the inputs through."""
-    try:
-        with eval_mode(gm):
+    try:  # ShapeProp prints a traceback of its own before it raises: keep it off the user's screen
+        with eval_mode(gm), redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         shapes = ", ".join(_shape_of(x) for x in example_inputs)
         raise TraceError(
-            f"the model does not run on example inputs of shape {shapes}: {_first_line(exc)}.",
+            f"the model does not run on example inputs of shape {shapes}: {_first_line(exc.__cause__ or exc)}.",
             "give the shape the model expects with --input-shape, or define example_inputs() in the model file",
         ) from exc
 
