@@ -212,6 +212,10 @@ def couple_conv(node: fx.Node, a: Analysis) -> None:
     """A convolution: reads its input's channels, writes new ones; depthwise keeps them."""
     conv = a.module(node)
     x = a.of(node.args[0])
+    dims_in, dims_out = shape(node.args[0]), shape(node)
+    if x.axis is not None and x.axis >= 2 and dims_in[x.axis] == dims_out[x.axis]:
+        a.info[node.name] = ChannelInfo(x.axis, x.space, holds=False)  # slides along the channels (ECA)
+        return
     if x.axis != 1:
         a.fresh(node, frozen=f"'{node.name}' reads channels on an axis other than 1")
         a.freeze_inputs(node, f"'{node.name}' reads channels on an axis other than 1")
@@ -578,7 +582,7 @@ register(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", role="reduce"
 register(operator.add, operator.iadd, torch.add, "add", "add_", role="add")
 register(
     operator.mul, operator.imul, operator.sub, operator.truediv, torch.mul, torch.sub, torch.div,
-    "mul", "mul_", "sub", "div",
+    "mul", "mul_", "sub", "div", "expand_as",
     role="elementwise",
 )
 register(torch.cat, torch.concat, role="cat", couple=couple_cat)
@@ -601,6 +605,8 @@ def analyse(traced: Traced, region, seed: str, seed_axis: int = 1) -> Analysis:
     a.info[seed] = ChannelInfo(seed_axis, a.spaces.new(shape(seed_node)[seed_axis]))
     for name in region:
         node = nodes[name]
+        if node.op == "get_attr":
+            continue  # a parameter gets its channel axis where it is used (Analysis.of, couple_same)
         rule = rule_for(node, traced.gm)
         (rule.couple if rule else couple_unknown)(node, a)
     return a

@@ -247,16 +247,20 @@ def _check_single_use(traced: Traced, narrowings: dict[str, Narrowing]) -> None:
 
 
 def _templates(a: Analysis, region, stage: Stage) -> tuple[str | None, str | None]:
-    """The stage's first norm layer and activation that work on its channel axis: the
-    partial transition uses the same kinds, as the model itself does."""
-    norm = act = None
-    for name in region:
-        node, info = a.traced.nodes[name], a.info.get(name)
-        if info is None or info.axis != stage.channel_axis or len(shape(node) or ()) != len(shape(a.traced.nodes[stage.base])):
-            continue
-        role = role_of(node, a.traced.gm)
-        if role == "norm" and norm is None and node.op == "call_module":
-            norm = name
-        if role == "act" and act is None and len(node.all_input_nodes) == 1:
-            act = name
-    return norm, act
+    """The norm and activation the partial transition copies: the stage's first norm layer
+    on its channel axis and the activation that follows it (none where the norm layer has
+    its activation inside); without a norm, the first activation on the channel axis."""
+    gm, nodes = a.traced.gm, a.traced.nodes
+    rank = len(shape(nodes[stage.base]))
+
+    def on_axis(name):
+        info = a.info.get(name)
+        return info is not None and info.axis == stage.channel_axis and len(shape(nodes[name]) or ()) == rank
+
+    norm = next((n for n in region if nodes[n].op == "call_module" and role_of(nodes[n], gm) == "norm" and on_axis(n)), None)
+    if norm is not None:
+        users = list(nodes[norm].users)
+        follows = len(users) == 1 and role_of(users[0], gm) == "act" and len(users[0].all_input_nodes) == 1
+        return norm, users[0].name if follows else None
+    act = next((n for n in region if role_of(nodes[n], gm) == "act" and len(nodes[n].all_input_nodes) == 1 and on_axis(n)), None)
+    return None, act

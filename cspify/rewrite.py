@@ -118,6 +118,9 @@ def _partial_transition(gm, graph, source, in_channels, out_channels, rank, temp
         container.norm = fresh_like(gm.get_submodule(norm_node.target), out_channels)
     if act_node is not None and act_node.op == "call_module":
         container.act = copy.deepcopy(gm.get_submodule(act_node.target))
+    for module in container.modules():
+        if getattr(module, "inplace", False):  # an in-place act would overwrite what autograd saved
+            module.inplace = False
     gm.add_submodule(home, container.to(device=device, dtype=dtype))
 
     last = source
@@ -129,7 +132,8 @@ def _partial_transition(gm, graph, source, in_channels, out_channels, rank, temp
     if act_node is not None and act_node.op != "call_module":
         with graph.inserting_after(last):
             args = (last, *act_node.args[1:])
-            last = graph.create_node(act_node.op, act_node.target, args, dict(act_node.kwargs), name=f"{home}_act".replace(".", "_"))
+            kwargs = {k: v for k, v in act_node.kwargs.items() if k != "inplace"}
+            last = graph.create_node(act_node.op, act_node.target, args, kwargs, name=f"{home}_act".replace(".", "_"))
         added.append(last.name)
     return last
 

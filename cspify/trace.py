@@ -25,10 +25,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from cspify.channels import is_leaf, shape, tensor_inputs
 from cspify.errors import ConfigError, TraceError
 
-__all__ = ["Traced", "trace", "shape", "tensor_inputs", "region_between", "single_entry"]
+__all__ = ["Traced", "trace", "shape", "tensor_inputs", "region_between", "single_entry", "with_constants"]
 
 
-class _Tracer(fx.Tracer):
+class Tracer(fx.Tracer):
     """A tracer that keeps whole the modules the channel registry knows and those named
     as leaves, and remembers which module it is in (for error messages)."""
 
@@ -57,6 +57,19 @@ class Traced:
     @property
     def nodes(self) -> dict[str, fx.Node]:
         return {n.name: n for n in self.gm.graph.nodes}
+
+    @property
+    def live(self) -> set[str]:
+        """Nodes whose value reaches the output (the rest is dead code, e.g. an unused x.shape)."""
+        output = next(n.name for n in self.gm.graph.nodes if n.op == "output")
+        return nx.ancestors(self.graph, output) | {output}
+
+    @property
+    def constant(self) -> set[str]:
+        """Nodes that depend on no model input: parameters and what is computed from them."""
+        inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        variable = set(inputs).union(*(nx.descendants(self.graph, n) for n in inputs))
+        return set(self.graph.nodes) - variable
 
     def module(self, node: fx.Node) -> torch.nn.Module | None:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -87,7 +100,7 @@ def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = ()) -> 
     if isinstance(model, fx.GraphModule):
         return copy.deepcopy(model)
     model = copy.deepcopy(model)
-    tracer = _Tracer(leaf_modules)
+    tracer = Tracer(leaf_modules)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # torch.fx raises many kinds; all mean "not traceable"
@@ -172,14 +185,27 @@ def region_between(graph: nx.DiGraph, entry: str, exit_: str) -> set[str]:
 
 
 def single_entry(traced: Traced, region: set[str], entry: str) -> bool:
-    """True when the region reads only ``entry`` and its own nodes (and constants)."""
-    nodes = traced.nodes
+    """True when the region reads only ``entry``, its own nodes and constants."""
+    nodes, constant = traced.nodes, traced.constant
     for name in region:
         for arg in nodes[name].all_input_nodes:
-            if arg.name != entry and arg.name not in region and arg.op != "get_attr":
+            if arg.name != entry and arg.name not in region and arg.name not in constant:
                 if shape(arg) is not None:
                     return False
     return True
+
+
+def with_constants(traced: Traced, region: set[str]) -> set[str]:
+    """The region plus the constant nodes (parameters and what is computed from them) that
+    it reads, so that a channel analysis of the region sees them."""
+    nodes, constant = traced.nodes, traced.constant
+    found, todo = set(region), list(region)
+    while todo:
+        for arg in nodes[todo.pop()].all_input_nodes:
+            if arg.name in constant and arg.name not in found:
+                found.add(arg.name)
+                todo.append(arg.name)
+    return found
 
 
 def _describe(model: torch.nn.Module, where: str) -> str:
@@ -196,7 +222,7 @@ def _trace_hint(model: torch.nn.Module, where: str, leaf_modules: Iterable[str])
             traceable.append(f"{name} ({type(child).__name__})")
             continue
         try:
-            _Tracer(leaf_modules).trace(copy.deepcopy(child))
+            Tracer(leaf_modules).trace(copy.deepcopy(child))
             traceable.append(f"{name} ({type(child).__name__})")
         except Exception:
             continue

@@ -1,7 +1,8 @@
 """Residual stages: maximal chains of identity-shortcut blocks ``y = act?(x + f(x))``.
 
-A block is an add whose two inputs are a tensor x and a branch f(x) computed from x alone
-(single entry, single exit), all three of one shape: same channels, same resolution.
+A block is an add whose two inputs are a tensor x (possibly through identity ops such as
+an ``nn.Identity`` shortcut) and a branch f(x) computed from x alone (single entry,
+single exit), all three of one shape: same channels, same resolution.
 An activation right after the add belongs to the block (post-activation, ResNet); without
 one the add is the block's last op (pre-activation). Blocks chain when one block's output
 feeds only the next block. The base layer is whatever produces the first block's input:
@@ -17,7 +18,7 @@ import networkx as nx
 from cspify.channels import role_of
 from cspify.rules import register
 from cspify.stage import Stage
-from cspify.trace import Traced, region_between, shape, single_entry, tensor_inputs
+from cspify.trace import Traced, region_between, shape, single_entry, tensor_inputs, with_constants
 
 COMPUTE_ROLES = ("conv", "linear")
 
@@ -31,11 +32,15 @@ class Block:
 
 def _block_at(traced: Traced, add, order) -> Block | None:
     """The identity-shortcut block that ends in ``add``, if it is one."""
-    gm, nodes = traced.gm, traced.nodes
+    gm, nodes, live = traced.gm, traced.nodes, traced.live
     inputs = tensor_inputs(add)
     if len(inputs) != 2 or shape(add) is None or len(shape(add)) < 3:
         return None
     for x, branch in (inputs, inputs[::-1]):
+        skip = []  # identity ops on the shortcut (timm's nn.Identity shortcut, a dropout)
+        while role_of(x, gm) == "identity" and len(x.users) == 1 and len(tensor_inputs(x)) == 1:
+            skip.append(x.name)
+            x = tensor_inputs(x)[0]
         if shape(x) != shape(add) or shape(branch) != shape(add) or x is branch:
             continue
         if not nx.has_path(traced.graph, x.name, branch.name):
@@ -43,11 +48,12 @@ def _block_at(traced: Traced, add, order) -> Block | None:
         body = region_between(traced.graph, x.name, branch.name)
         if not single_entry(traced, body, x.name):
             continue
-        if any(user is not add and user.name not in body for n in body for user in nodes[n].users):
+        exits = (u for n in body for u in nodes[n].users if u is not add and u.name not in body and u.name in live)
+        if any(exits) or set(skip) & body:
             continue
         if not any(role_of(nodes[n], gm) in COMPUTE_ROLES for n in body):
             continue
-        members = body | {add.name}
+        members = with_constants(traced, body) | {add.name} | set(skip)
         output = add
         users = list(add.users)
         if len(users) == 1 and role_of(users[0], gm) == "act" and tensor_inputs(users[0]) == [add]:
