@@ -32,14 +32,25 @@ from cspify.measure import measure
 SIZE = {"vit": 224, "swin": 224, "maxvit": 224, "inception_v3": 96, "googlenet": 64}
 
 TIMM = [
-    "resnet18", "resnet50d", "resnet26t", "seresnext26d_32x4d", "resnext26ts", "resnetv2_50", "resnetv2_50x1_bit",
-    "resnest14d", "res2net50_14w_8s", "res2next50", "regnetx_002", "regnety_004", "regnetz_005",
-    "efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0", "mobilenetv3_small_100", "mobilenetv2_100",
-    "mnasnet_100", "fbnetc_100", "convnext_atto", "convnextv2_atto", "densenet121", "densenetblur121d",
-    "darknet53", "cspdarknet53", "cspresnet50", "dla34", "dla46_c", "dpn68", "vovnet39a", "ese_vovnet19b_dw",
-    "rexnet_100", "ghostnet_100", "hrnet_w18_small", "selecsls42b", "skresnet18", "ecaresnet26t",
-    "gernet_s", "repvgg_a0", "nf_resnet26", "cs3darknet_s", "tresnet_m", "mixnet_s", "hardcorenas_a",
-    "lcnet_050", "tinynet_a", "xception41", "inception_v3", "vgg11",
+    # ResNet family and its variants
+    "resnet18", "resnet50d", "resnet26t", "resnext50_32x4d", "seresnext26d_32x4d", "ecaresnet50d", "skresnet18",
+    "resnest50d", "res2net50_14w_8s", "res2next50", "resnetv2_50", "resnetv2_50x1_bit", "tresnet_m", "nf_resnet50",
+    "wide_resnet50_2", "resnetrs50", "gcresnet33ts", "resnext26ts", "gernet_s", "repvgg_a0",
+    # RegNet
+    "regnetx_002", "regnety_004", "regnetz_005",
+    # Inverted residuals (MobileNet / EfficientNet / NAS families)
+    "efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0", "mobilenetv2_100", "mobilenetv3_small_100",
+    "mobilenetv3_large_100", "mnasnet_100", "spnasnet_100", "semnasnet_075", "fbnetc_100", "mixnet_s",
+    "hardcorenas_a", "tinynet_a", "lcnet_050", "ghostnet_100", "rexnet_100",
+    # ConvNeXt and friends
+    "convnext_atto", "convnextv2_atto", "convmixer_768_32", "poolformer_s12",
+    # Dense and aggregation families
+    "densenet121", "densenetblur121d", "dla34", "dla46_c", "dla60", "dpn68", "vovnet39a", "ese_vovnet19b_dw",
+    "hrnet_w18_small", "selecsls42b",
+    # DarkNet and CSP
+    "darknet53", "cspdarknet53", "cspresnet50", "cspresnext50", "cs3darknet_s",
+    # others
+    "xception41", "inception_v3", "vgg11",
 ]
 
 
