@@ -432,7 +432,8 @@ def narrow_linear(linear: nn.Linear, in_keep, out_keep) -> nn.Module:
 WIDTH_ATTRS = ("num_features", "num_channels", "num_parameters")
 
 
-def _width(module: nn.Module) -> int:
+def layer_width(module: nn.Module) -> int:
+    """The channel count a norm-like layer was built for."""
     for attr in WIDTH_ATTRS:
         if hasattr(module, attr):
             return getattr(module, attr)
@@ -453,7 +454,7 @@ def narrow_per_channel(module: nn.Module, in_keep, out_keep) -> nn.Module:
     """Norms and other layers whose parameters and buffers have one entry per channel."""
     keep = out_keep if out_keep is not None else in_keep
     new = copy.deepcopy(module)
-    width = _width(module)
+    width = layer_width(module)
     if width == 1:  # one value shared by every channel (nn.PReLU()): nothing to narrow
         return new
     with torch.no_grad():
@@ -466,7 +467,7 @@ def narrow_per_channel(module: nn.Module, in_keep, out_keep) -> nn.Module:
 def fresh_like(module: nn.Module, width: int) -> nn.Module:
     """A new, freshly initialised layer of the same kind as ``module`` with ``width`` channels."""
     new = copy.deepcopy(module)
-    old = _width(module)
+    old = layer_width(module)
     for name in _per_channel(module, old) if old != 1 else ():  # width 1: shared by every channel
         tensor = getattr(module, name)
         replace_tensor(new, name, torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device))

@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from cspify.channels import Analysis, analyse, role_of, rule_for
+import torch.nn as nn
+
+from cspify.channels import Analysis, analyse, layer_width, role_of, rule_for
 from cspify.config import CSPConfig
 from cspify.stage import Narrowing, Stage, StagePlan
 from cspify.trace import Traced, shape
@@ -95,11 +97,13 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> S
 
     out_keep = resolve(a.info[output].space)
     through_out = len(out_keep) if out_keep is not None else output_channels
+    plan.norm_template, plan.act_template = _templates(a, region, stage)
+    norm_template = traced.gm.get_submodule(nodes[plan.norm_template].target) if plan.norm_template else None
     new_transition = _new_transition(stage, config, bypass, through_out, output_channels)
     before, after = _cost(traced, region, plan.narrowings)
     if new_transition:
         in_channels, out_channels = new_transition
-        after += _positions(nodes[output], stage.channel_axis) * in_channels * out_channels
+        after += _positions(nodes[output], stage.channel_axis) * out_channels * (in_channels + _norm_cost(norm_template))
     if after >= before:
         cost = (
             f"converting it would add {after - before:,} multiply-adds: its new partial transition costs more "
@@ -108,7 +112,6 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> S
         if not config.allow_costlier:
             raise _Skip(f"{cost} (allow_costlier converts it anyway)")
         plan.notes.append(cost)
-    plan.norm_template, plan.act_template = _templates(a, region, stage)
     plan.converted = True
     plan.bypass_channels, plan.through_channels = bypass, through
     plan.through_output_channels, plan.output_channels = through_out, output_channels
@@ -130,16 +133,30 @@ def _positions(node, axis: int) -> int:
     return math.prod(dims) // dims[axis]
 
 
+def _norm_cost(norm: nn.Module | None) -> int:
+    """Flops per element fvcore counts for a norm layer in eval mode (affine)."""
+    if norm is None:
+        return 0
+    return 2 if isinstance(norm, nn.modules.batchnorm._BatchNorm) else 5
+
+
 def _cost(traced: Traced, region, narrowings: dict[str, Narrowing]) -> tuple[int, int]:
-    """Multiply-adds of the region's convs and linears, before and after narrowing.
+    """Flops of the region's convs, linears and norm layers, before and after narrowing,
+    counted as fvcore counts them (a multiply-add is one flop).
 
     A cheap estimate from the traced shapes, used only to decide whether a stage is worth
-    converting; the report's figures come from fvcore.
+    converting; the report's figures come from fvcore itself.
     """
     before = after = 0
     for name in region:
         node = traced.nodes[name]
         role = role_of(node, traced.gm)
+        if role == "norm" and node.op == "call_module":
+            norm = traced.gm.get_submodule(node.target)
+            keep = narrowings.get(name, Narrowing(None, None)).out_keep
+            elements, width = math.prod(shape(node)), layer_width(norm)
+            before += elements * _norm_cost(norm)
+            after += elements * (len(keep) if keep is not None else width) // width * _norm_cost(norm)
         if role not in ("conv", "linear"):
             continue
         layer = traced.gm.get_submodule(node.target)
@@ -206,6 +223,8 @@ class _Resolver:
             keep = tuple(parts) if narrowed else None
         if keep is not None and info.frozen:
             raise _Skip(f"{info.frozen}, so its channels cannot be narrowed")
+        if keep is not None and len(keep) % info.blocks:
+            raise _Skip(f"a width of {len(keep)} channels would not divide into the {info.blocks} groups a layer needs")
         return keep
 
 

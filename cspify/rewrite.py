@@ -34,26 +34,28 @@ def rewrite(traced: Traced, plans: list[StagePlan], seed: int = 0) -> tuple[fx.G
     New layers are initialised from ``seed`` so the same inputs give the same model.
     """
     gm = traced.gm
-    added = {}
+    added, fused = {}, {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for plan in plans:
             if plan.converted:
-                added[plan.name] = _rewrite_stage(gm, plan)
+                added[plan.name] = _rewrite_stage(gm, plan, fused)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, added
 
 
-def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan) -> tuple[str, ...]:
+def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str, fx.Node]) -> tuple[str, ...]:
+    """Edit one stage in; ``fused_outputs`` maps earlier stages' outputs to their concats,
+    for a stage whose base is another stage's output."""
     stage = plan.stage
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     templates = tuple(nodes[n] if n else None for n in (plan.norm_template, plan.act_template))
     axis, slug = stage.channel_axis, stage.name.replace(".", "_").replace("#", "_")
     home = _home(gm, stage.name, slug)
-    base = nodes[stage.base]
+    base = fused_outputs.get(stage.base, nodes[stage.base])
     fusion_last = plan.fusion == "last"
     region = stage.nodes if fusion_last else tuple(n for b in stage.blocks for n in b)
     added = []
@@ -104,6 +106,7 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan) -> tuple[str, ...]:
                     )
     for user in users:
         user.replace_input_with(out, fused)
+    fused_outputs[out.name] = fused
     return tuple(added)
 
 
