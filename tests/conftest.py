@@ -1,6 +1,8 @@
 """Tiny hand-written models shared by the unit tests (widths of 8-16 channels, 16x16 inputs)."""
 
+import copy
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 # Tiny tensors: one thread is faster, and far faster on a busy 2-core machine where
@@ -167,3 +169,28 @@ def randomize_norms(model, seed=2):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g))
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model
+
+
+def flat_renamed(model):
+    """The same network with every module under a meaningless flat name (m0, m1, ...)."""
+    gm = fx.symbolic_trace(model)
+    root = nn.Module()
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "call_module"):
+        root.add_module(f"m{i}", copy.deepcopy(gm.get_submodule(n.target)))
+        n.target = f"m{i}"
+    return fx.GraphModule(root, gm.graph)
+
+
+class Shift(nn.Module):
+    def forward(self, x):
+        return torch.roll(x, 1, 2)
+
+
+class RollBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.shift = Shift()
+        self.f = nn.Sequential(cbr(c, c, 3), cbr(c, c, 3, act=False))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(self.shift(x)))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cspify import rules
 from cspify.channels import RULES, analyse, fresh_like, narrow_conv, narrow_linear, narrow_per_channel
 from cspify.trace import trace
-from conftest import TinyResNet, cbr, seeded
+from conftest import TinyResNet, cbr, seeded, RollBlock, Shift
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -243,21 +243,6 @@ def test_analyse_residual_stream_and_add_share_one_space():
     assert sp.find(reduce.space) != stream
     assert sp.find(a.info["layer1_0_spatial_0"].space) not in (stream, sp.find(reduce.space))
     assert sp.find(a.info["layer1_0_expand_0"].reads) == sp.find(a.info["layer1_0_spatial_0"].space)
-
-
-class Shift(nn.Module):
-    def forward(self, x):
-        return torch.roll(x, 1, 2)
-
-
-class RollBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.shift = Shift()
-        self.f = nn.Sequential(cbr(c, c, 3), cbr(c, c, 3, act=False))
-
-    def forward(self, x):
-        return torch.relu(x + self.f(self.shift(x)))
 
 
 class RollNet(nn.Module):

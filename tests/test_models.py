@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import cspify
+from conftest import flat_renamed
 from cspify.measure import measure
 
 torchvision = pytest.importorskip("torchvision")
@@ -64,21 +65,11 @@ def test_densenet121_stages_are_its_four_dense_blocks():
     assert [bool(s.transition) for s in stages] == [True, True, True, False]
 
 
-def renamed(model: nn.Module) -> fx.GraphModule:
-    """The same network with every module under a meaningless flat name (m0, m1, ...)."""
-    gm = fx.symbolic_trace(model)
-    root = nn.Module()
-    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "call_module"):
-        root.add_module(f"m{i}", copy.deepcopy(gm.get_submodule(node.target)))
-        node.target = f"m{i}"
-    return fx.GraphModule(root, gm.graph)
-
-
 @pytest.mark.parametrize("name", ["resnet50", "densenet121"])
 def test_stages_are_found_by_structure_not_names(name):
     model = build(name)
     plain = cspify.find_stages(model, X)
-    anonymous = cspify.find_stages(renamed(model), X)
+    anonymous = cspify.find_stages(flat_renamed(model), X)
     shape = lambda stages: [(s.kind, s.channels, len(s.blocks), len(s.transition)) for s in stages]  # noqa: E731
     assert shape(anonymous) == shape(plain)
     assert len(plain) == 4

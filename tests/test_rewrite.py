@@ -15,7 +15,7 @@ from cspify.plan import plan_stage
 from cspify.rewrite import rewrite
 from cspify.trace import trace
 from cspify import rules
-from conftest import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded
+from conftest import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock, Shift
 
 X = torch.randn(2, 3, 16, 16)
 MODELS = [TinyResNet, PreActNet, TinyDenseNet, IncrementalDense]
@@ -304,21 +304,6 @@ def test_compare_reports_per_stage_savings():
     assert report["converted"]["params"] == n_params(gm)
     assert report["original"]["params"] == n_params(model)
     assert report["options"] == {"gamma": 0.5, "fusion": "last", "hidden": "keep"}
-
-
-class Shift(nn.Module):
-    def forward(self, x):
-        return torch.roll(x, 1, 2)
-
-
-class RollBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.shift = Shift()
-        self.f = nn.Sequential(cbr(c, c, 3), cbr(c, c, 3, act=False))
-
-    def forward(self, x):
-        return torch.relu(x + self.f(self.shift(x)))
 
 
 class RollNet(nn.Module):

@@ -13,6 +13,7 @@ from cspify import rules
 from cspify.errors import NoStageError
 from cspify.trace import trace
 from conftest import (
+    flat_renamed,
     Bottleneck, DenseBlock, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, seeded,
 )
 
@@ -275,16 +276,6 @@ def test_renamed_modules_give_the_same_stages():
     renamed = stages_of(renamed_model)
     assert summary(renamed) == summary(plain)
     assert [s.name for s in renamed] == ["b", "zz"]
-
-
-def flat_renamed(model):
-    """The same network with every module under a meaningless flat name (m0, m1, ...)."""
-    gm = fx.symbolic_trace(model)
-    root = nn.Module()
-    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "call_module"):
-        root.add_module(f"m{i}", copy.deepcopy(gm.get_submodule(n.target)))
-        n.target = f"m{i}"
-    return fx.GraphModule(root, gm.graph)
 
 
 @pytest.mark.parametrize("cls", [TinyResNet, TinyDenseNet, PreActNet])

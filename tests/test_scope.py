@@ -16,14 +16,6 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def detector():
     torch.manual_seed(0)
     return torchvision.models.detection.fasterrcnn_resnet50_fpn(

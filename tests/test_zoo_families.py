@@ -24,14 +24,6 @@ CONVERTS = [
 NO_STAGE = ["torchvision:squeezenet1_0", "torchvision:shufflenet_v2_x0_5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("spec", CONVERTS)
 def test_family_converts(spec):
     row = check(spec)
