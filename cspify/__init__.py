@@ -16,10 +16,13 @@ if not _os.path.isdir(_os.path.join(_here, "rules")) and _os.path.isfile(
     __path__.append(_os.path.dirname(_here))
 
 from cspify.api import compare, convert, find_stages
+from cspify.bench import BenchResult, benchmark
 from cspify.config import CSPConfig
 from cspify.errors import CspifyError
 from cspify.report import Report
 from cspify.stage import Stage
+from cspify.sweep import Sweep, sweep
 
-__all__ = ["convert", "find_stages", "compare", "Report", "CSPConfig", "CspifyError", "Stage"]
+__all__ = ["convert", "find_stages", "compare", "benchmark", "sweep", "Report", "BenchResult", "Sweep", "CSPConfig",
+           "CspifyError", "Stage"]
 __version__ = "0.1.0"

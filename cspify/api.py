@@ -30,6 +30,7 @@ META_KEY = "cspify"
 
 def find_stages(model: nn.Module, example_inputs, *, leaf_modules: Iterable[str] = ()) -> list[Stage]:
     """The residual and dense stages of ``model``, found by graph structure; nothing changes."""
+    _check_leaves(model, leaf_modules)
     return rules.find_stages(trace(model, example_inputs, leaf_modules))
 
 
@@ -62,6 +63,7 @@ def convert(
     inputs = as_inputs(example_inputs)
     if scope:
         return _convert_scope(model, inputs, scope, config, leaf_modules, seed)
+    _check_leaves(model, leaf_modules)
     traced = trace(model, inputs, leaf_modules)
     found = rules.find_stages(traced)
     if not found:
@@ -129,6 +131,22 @@ def _convert_scope(model, inputs, scope, config, leaf_modules, seed) -> nn.Modul
     return whole
 
 
+def _check_leaves(model: nn.Module, leaf_modules: Iterable[str]) -> None:
+    """Every leaf name must be a submodule: a typo would otherwise be ignored silently."""
+    missing = []
+    for name in leaf_modules:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        children = ", ".join(name for name, _ in model.named_children()) or "none"
+        raise ConfigError(
+            f"the model has no submodule {', '.join(repr(m) for m in missing)} to keep as a leaf.",
+            f"name a submodule by its dotted path (with --scope, relative to the scope); its top-level submodules are: {children}",
+        )
+
+
 def _check_filter(config: CSPConfig, found: list[Stage]) -> None:
     if config.stages is None:
         return
@@ -157,6 +175,8 @@ def _metadata(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[
                 "channels": p.stage.channels,
                 "bypass_channels": p.bypass_channels,
                 "through_channels": p.through_channels,
+                "base": p.stage.base,
+                "blocks": len(p.stage.blocks),
                 "converted": p.converted,
                 "reason": p.reason,
                 "notes": list(p.notes),

@@ -2,7 +2,10 @@
 
 Loading MODEL runs the Python code in that file, as ``python model.py`` would: only
 convert files you trust. Exit codes: 0 done, 1 internal error, 2 bad option,
-3 model not loadable, 4 not traceable, 5 no convertible stage, 6 output not writable.
+3 model not loadable, 4 not traceable, 5 no convertible stage, 6 output not writable
+(or already there, or the model cannot be written in the format asked for).
+
+    cspify convert model.py -o m.pt --export-dir m_csp --onnx m.onnx --seed 0
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 from cspify import api
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
 from cspify.errors import CspifyError, OutputError
+from cspify.export import Outputs, write_onnx, write_source
 from cspify.load import load_model, parse_shape
 
 MODEL_HELP = (
@@ -40,6 +43,7 @@ def _options(fn):
         click.option("--allow-costlier", is_flag=True, help="Also convert stages whose new partial transition costs more than they save."),
         click.option("--input-shape", default=None, metavar="N,C,H,W", help="Example input shape [default: example_inputs() from the file, else 1,3,224,224]."),
         click.option("--scope", default=None, metavar="PATH", help="Convert only this submodule (e.g. backbone.body) inside a copy of the whole model."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new layers' initialisation (same seed, same model)."),
         click.option("--leaf", "leaves", multiple=True, metavar="PATH", help="Keep this submodule opaque when tracing (repeatable)."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON."),
         click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write the report as Markdown."),
@@ -60,7 +64,10 @@ def main() -> None:
 
 @main.command(help=f"Convert MODEL's residual and dense stages to CSP and report the savings.\n\n{MODEL_HELP}")
 @_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save the converted model (torch.save of the whole module).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save the converted model (torch.save of the whole module; load it with torch.load(PATH, weights_only=False), which runs pickled code: only load files you trust).")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None, metavar="DIR", help="Write the converted model as readable Python (DIR/model.py) plus weights (DIR/weights.pt) that load with torch alone.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="PATH", help="Export the converted model to ONNX (torch.onnx.export with the example inputs).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="PATH.png", help="Draw per-stage flops and memory traffic, before and after, as a PNG.")
 def convert(output, **options) -> None:
     _run(options, output)
 
@@ -95,7 +102,9 @@ def _convert_and_report(options: dict, output: str | None, quiet: bool) -> None:
         options["gamma"], options["fusion"], options["hidden"], options["stages"] or None, options["allow_costlier"]
     )
     shape = parse_shape(options["input_shape"]) if options["input_shape"] is not None else None
-    targets = [p for p in (output, options["json_path"], options["markdown_path"]) if p]
+    export_dir, onnx_path = options.get("export_dir"), options.get("onnx_path")
+    plot_path = options.get("plot_path")
+    targets = [p for p in (output, export_dir, onnx_path, options["json_path"], options["markdown_path"], plot_path) if p]
     for path in targets:
         _check_writable(path, options["force"])
     progress = _Progress(quiet)
@@ -103,20 +112,35 @@ def _convert_and_report(options: dict, output: str | None, quiet: bool) -> None:
         loaded = load_model(options["model"], shape)
     with progress("tracing and converting"):
         csp = api.convert(
-            loaded.model, loaded.example_inputs, config=config, scope=options["scope"], leaf_modules=options["leaves"]
+            loaded.model, loaded.example_inputs, config=config, scope=options["scope"], leaf_modules=options["leaves"],
+            seed=options["seed"],
         )
     with progress("measuring both models"):
         report = api.compare(
             loaded.model, csp, loaded.example_inputs, scope=options["scope"], leaf_modules=options["leaves"]
         )
-    click.echo(str(report))
-    if output:
-        _write(output, lambda f: torch.save(csp, f), binary=True)
-        click.echo(f"\nsaved the converted model to {output}")
-    if options["json_path"]:
-        _write(options["json_path"], lambda f: json.dump(report.to_dict(), f, indent=2))
-    if options["markdown_path"]:
-        _write(options["markdown_path"], lambda f: f.write(report.to_markdown()))
+    with Outputs(force=options["force"]) as out:  # all written, or none
+        if output:
+            out.file(output, lambda f: torch.save(csp, f), binary=True)
+        if export_dir:
+            with progress(f"writing {export_dir}"):
+                out.folder(export_dir, lambda folder: write_source(csp, folder))
+        if onnx_path:
+            with progress(f"exporting {onnx_path}"):
+                out.path(onnx_path, lambda tmp: write_onnx(csp, loaded.example_inputs, tmp), suffix=".onnx")
+        if options["json_path"]:
+            out.file(options["json_path"], lambda f: json.dump(report.to_dict(), f, indent=2))
+        if options["markdown_path"]:
+            out.file(options["markdown_path"], lambda f: f.write(report.to_markdown()))
+        if plot_path:
+            from cspify.plot import plot_report  # matplotlib loads only when a plot is asked for
+
+            out.file(plot_path, lambda f: plot_report(report, f), binary=True)
+    click.echo(str(report))  # after the files: an error never follows a report
+    saved = [(p, what) for p, what in ((output, "the converted model"), (export_dir, "its source and weights"),
+                                        (onnx_path, "its ONNX export")) if p]
+    for i, (path, what) in enumerate(saved):
+        click.echo(f"{'' if i else chr(10)}saved {what} to {path}")
 
 
 class _Progress:
@@ -145,6 +169,8 @@ def _check_writable(path: str, force: bool) -> None:
     if target.exists() and not force:
         raise OutputError(f"{path} already exists.", "pass --force to overwrite it, or choose another path")
     folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file, not a folder.", "choose a path inside a folder")
     if not folder.is_dir():
         raise OutputError(f"folder {folder} does not exist.", "create it first or choose another path")
     if not os.access(folder, os.W_OK):
@@ -152,20 +178,12 @@ def _check_writable(path: str, force: bool) -> None:
 
 
 def _write(path: str, write, binary: bool = False) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cspify-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror}.", "choose another path") from exc
-        raise
+    """Write one file to a temporary path beside ``path``, then rename: never a half-written file."""
+    with Outputs(force=True) as out:
+        out.file(path, write, binary)
 
+
+from cspify import cli_measure  # noqa: E402,F401  registers `cspify bench` and `cspify sweep` on main
 
 if __name__ == "__main__":
     main()

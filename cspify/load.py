@@ -62,7 +62,13 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Loaded:
     namespace = _exec_file(path)
     model = _pick(namespace, path, name)
     if input_shape is None and callable(namespace.get("example_inputs")):
-        inputs = namespace["example_inputs"]()
+        try:
+            inputs = namespace["example_inputs"]()
+        except Exception as exc:
+            raise LoadError(
+                f"example_inputs() in {path} raised {type(exc).__name__}: {exc}.",
+                "fix example_inputs(), or give the shape with --input-shape",
+            ) from exc
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     else:
         inputs = _inputs(input_shape)
@@ -112,6 +118,8 @@ def _split_file_spec(spec: str) -> tuple[Path, str | None]:
     if ":" in spec and not Path(spec).exists():
         path_text, name = spec.rsplit(":", 1)
     path = Path(path_text)
+    if path.is_dir():
+        raise LoadError(f"{path_text} is a folder, not a model file.", "give the path of the .py file that builds the model")
     if not path.is_file():
         hint = "give a path to a .py file, or torchvision:NAME / timm:NAME"
         raise LoadError(f"model file {path_text} does not exist.", hint)
@@ -122,6 +130,8 @@ def _exec_file(path: Path) -> dict:
     """Run a model file as a module of its own (its folder importable) and return its names."""
     module_name = f"cspify_user_model_{abs(hash(path.resolve()))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None:
+        raise LoadError(f"{path} is not a Python file.", "give a .py file, or torchvision:NAME / timm:NAME")
     module = importlib.util.module_from_spec(spec)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
@@ -132,6 +142,11 @@ def _exec_file(path: Path) -> dict:
         raise LoadError(f"{path} has a syntax error on line {exc.lineno}: {exc.msg}.", "fix the file and run again") from exc
     except ImportError as exc:
         raise LoadError(f"{path} fails to import: {exc}.", "install what it imports, or fix the import") from exc
+    except SystemExit as exc:
+        raise LoadError(
+            f"running {path} called sys.exit({exc.code!r}).",
+            "put the script part of the file under if __name__ == \"__main__\":",
+        ) from exc
     except Exception as exc:
         raise LoadError(f"running {path} raised {type(exc).__name__}: {exc}.", "fix the file and run again") from exc
     finally:

@@ -3,9 +3,12 @@
     report = compare(model, csp, x)
     print(report)                 # a table
     report.to_dict()              # JSON-able, integers for every count
-    report.to_markdown()          # the same content for a pull request
+    report.to_markdown()          # the same content for a pull request, with a diagram per stage
 
-Rows and totals come from two Measurements; which nodes belong to which stage comes from
+Beside flops, params and memory traffic, the report shows HarDNet's CIO (conv input plus
+output feature maps, bytes), the peak activation memory from tensor lifetimes (bytes;
+measured on CUDA only), and the computational bottleneck (largest layer flops, and the
+largest over the mean of a stage's layers). Rows and totals come from two Measurements; which nodes belong to which stage comes from
 the metadata ``convert`` leaves on the converted GraphModule (``gm.meta["cspify"]``).
 """
 
@@ -18,6 +21,13 @@ from tabulate import tabulate
 from cspify.measure import FLOP_NOTE, Figures, Measurement
 
 KEYS = ("flops", "params", "activations", "memory_bytes")
+# Every figure a stage row and the totals carry (KEYS first: existing JSON keys stay).
+FIGURE_KEYS = KEYS + ("cio_bytes", "peak_bytes", "max_layer_flops", "layer_balance")
+MEMORY_NOTE = (
+    "memory traffic = bytes each op reads and writes; CIO = bytes of conv input plus output feature maps; "
+    "peak = activation bytes alive at once, from tensor lifetimes in the traced graph; "
+    "layer max/mean = largest conv/linear flops over the mean (1.0 is even)"
+)
 
 
 @dataclass
@@ -31,6 +41,9 @@ class StageRow:
     before: Figures
     after: Figures
     notes: list[str] = field(default_factory=list)
+    through_channels: int = 0
+    base: str = ""
+    blocks: int = 0
 
     def to_dict(self) -> dict:
         row = {
@@ -41,9 +54,10 @@ class StageRow:
             "converted": self.converted,
             "reason": self.reason,
         }
-        for key in KEYS:
-            row[f"{key}_before"] = getattr(self.before, key)
-            row[f"{key}_after"] = getattr(self.after, key)
+        before, after = self.before.to_dict(), self.after.to_dict()
+        for key in FIGURE_KEYS:
+            row[f"{key}_before"] = before[key]
+            row[f"{key}_after"] = after[key]
         row["notes"] = list(self.notes)
         return row
 
@@ -58,9 +72,12 @@ class Report:
 
     def to_dict(self) -> dict:
         return {
-            "original": self.original.to_dict(),
-            "converted": self.converted.to_dict(),
-            "saved_percent": {k: round(saved(getattr(self.original, k), getattr(self.converted, k)), 2) for k in KEYS},
+            "original": {k: int(getattr(self.original, k)) for k in KEYS},
+            "converted": {k: int(getattr(self.converted, k)) for k in KEYS},
+            "figures": {"original": self.original.to_dict(), "converted": self.converted.to_dict()},
+            "saved_percent": {
+                k: round(saved(getattr(self.original, k), getattr(self.converted, k)), 2) for k in FIGURE_KEYS
+            },
             "options": dict(self.options),
             "stages": [row.to_dict() for row in self.stages],
             "flop_note": self.flop_note,
@@ -73,8 +90,17 @@ class Report:
             for k, label, unit in (
                 ("flops", "flops", ""), ("params", "params", ""),
                 ("activations", "activations", ""), ("memory_bytes", "memory traffic", "B"),
+                ("cio_bytes", "CIO", "B"), ("peak_bytes", "peak activations", "B"),
+                ("max_layer_flops", "largest layer", ""),
             )
         ]
+        totals.append(["layer max/mean", f"{self.original.layer_balance:.2f}", f"{self.converted.layer_balance:.2f}",
+                       percent(self.original.layer_balance, self.converted.layer_balance)])
+        measured = self.original.measured_peak_bytes, self.converted.measured_peak_bytes
+        if None in measured:
+            totals.append(["peak measured", "not measured", "not measured", "-"])
+        else:
+            totals.append(["peak measured", human(measured[0], "B"), human(measured[1], "B"), percent(*measured)])
         rows, skipped = [], []
         for row in self.stages:
             if not row.converted:
@@ -93,8 +119,29 @@ class Report:
                    "traffic", "->", "saved"]
         stage_table = tabulate(rows, headers=headers, tablefmt=fmt,
                                colalign=("left", "left", "right", *["right"] * 9)) if rows else ""
+        if rows:
+            memory = self._memory_table(fmt)
+            if fmt == "simple":  # set apart under its own heading, indented below the first stage table
+                memory = "memory and bottleneck per stage:\n" + "\n".join(f"  {line}" for line in memory.splitlines())
+            stage_table += "\n\n" + memory
         notes = [f"{row.name}: {note}" for row in self.stages for note in row.notes]
         return total_table, stage_table, skipped + [f"note: {n}" for n in notes]
+
+    def _memory_table(self, fmt: str) -> str:
+        """Per converted stage: CIO, peak activations, and the computational bottleneck."""
+        rows = []
+        for row in self.stages:
+            if not row.converted:
+                continue
+            b, a = row.before, row.after
+            rows.append([
+                row.name,
+                human(b.cio_bytes, "B"), human(a.cio_bytes, "B"), percent(b.cio_bytes, a.cio_bytes),
+                human(b.peak_bytes, "B"), human(a.peak_bytes, "B"), percent(b.peak_bytes, a.peak_bytes),
+                human(b.max_layer_flops), human(a.max_layer_flops), f"{b.layer_balance:.2f}", f"{a.layer_balance:.2f}",
+            ])
+        headers = ["stage", "CIO", "->", "saved", "peak act.", "->", "saved", "largest layer", "->", "max/mean", "->"]
+        return tabulate(rows, headers=headers, tablefmt=fmt, colalign=("left", *["right"] * 10), disable_numparse=True)
 
     def __str__(self) -> str:
         totals, stages, lines = self._tables("simple")
@@ -103,7 +150,7 @@ class Report:
             parts += ["", stages]
         if lines:
             parts += ["", "not converted / notes:"] + [f"  {line}" for line in lines]
-        parts += ["", f"({self.flop_note}; memory traffic = bytes each op reads and writes)"]
+        parts += ["", f"({self.flop_note}; {MEMORY_NOTE})"]
         return "\n".join(parts)
 
     def to_markdown(self) -> str:
@@ -111,9 +158,14 @@ class Report:
         parts = [f"## {self._title()}", "", totals, ""]
         if stages:
             parts += ["### Stages", "", stages, ""]
+        diagrams = [stage_diagram(row, self.options.get("fusion", "last")) for row in self.stages if row.converted]
+        if diagrams:
+            parts += ["### Converted stages", ""]
+            for row, diagram in zip([r for r in self.stages if r.converted], diagrams):
+                parts += [f"**{row.name}** ({row.kind})", "", diagram, ""]
         if lines:
             parts += ["### Not converted and notes", ""] + [f"- {line}" for line in lines] + [""]
-        parts += [f"_{self.flop_note}; memory traffic is the bytes each op reads and writes._", ""]
+        parts += [f"_{self.flop_note}; {MEMORY_NOTE}._", ""]
         return "\n".join(parts)
 
     def _title(self) -> str:
@@ -133,15 +185,40 @@ def build_report(before: Measurement, after: Measurement, meta: dict | None) -> 
             name=stage["name"], kind=stage["kind"], channels=stage["channels"],
             bypass_channels=stage["bypass_channels"], converted=stage["converted"],
             reason=stage["reason"], before=fig_before, after=fig_after, notes=stage["notes"],
+            through_channels=stage.get("through_channels", 0), base=stage.get("base", ""),
+            blocks=stage.get("blocks", 0),
         ))
     return Report(before.totals, after.totals, rows, dict((meta or {}).get("options", {})))
+
+
+def stage_diagram(row: StageRow, fusion: str = "last") -> str:
+    """A mermaid flowchart of one converted stage: base, split, blocks, transition, concat.
+
+        print(stage_diagram(report.stages[0]))    # a ```mermaid block GitHub and GitLab render
+    """
+    through = row.through_channels or row.channels - row.bypass_channels
+    blocks = f"{row.blocks} narrowed blocks" if row.blocks else "narrowed blocks"
+    lines = [
+        "```mermaid",
+        "flowchart LR",
+        f'  base["base {row.base or row.name}<br/>{row.channels} ch"] --> split{{{{"split"}}}}',
+        f'  split -- "bypass {row.bypass_channels} ch" --> concat(("concat"))',
+        f'  split -- "through {through} ch" --> blocks["{blocks}<br/>{row.kind}"]',
+    ]
+    if fusion == "first":
+        lines += ['  blocks --> concat', '  concat --> transition["transition<br/>1x1 conv, norm, act"]',
+                  f'  transition --> out["{row.name} output"]']
+    else:
+        lines += ['  blocks --> transition["partial transition<br/>1x1 conv, norm, act"]',
+                  '  transition --> concat', f'  concat --> out["{row.name} output"]']
+    return "\n".join(lines + ["```"])
 
 
 def saved(before: int, after: int) -> float:
     return 100.0 * (before - after) / before if before else 0.0
 
 
-def percent(before: int, after: int) -> str:
+def percent(before: float, after: float) -> str:
     return f"{saved(before, after):+.1f}%".replace("+", "") if before else "-"
 
 

@@ -1,0 +1,370 @@
+"""Writing a converted model out: readable source with its weights, ONNX, all or nothing.
+
+    write_source(gm, "resnet_csp")        # model.py + weights.pt + __init__.py, needs only torch
+    write_onnx(gm, inputs, "model.onnx")  # torch.onnx.export, checked by onnx.checker
+
+    with Outputs() as out:                # every target written to a temporary path beside it,
+        out.file("m.pt", lambda f: torch.save(gm, f), binary=True)
+        out.folder("resnet_csp", lambda d: write_source(gm, d))
+                                          # and renamed into place only when all were written
+
+The exported folder loads in a process where cspify is not installed:
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("csp_model", "resnet_csp/model.py")
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    model = module.load()                 # weights.pt via torch.load(weights_only=True)
+
+Only models built from torch.nn layers (the layers cspify converts, and whatever the fx
+graph calls as a function) can be written as source; a model with a custom layer kept
+whole raises ExportError naming the layer, and ``-o`` (torch.save) or ``--onnx`` remain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.graph import _custom_builtins
+
+from cspify.errors import CspifyError, OutputError
+
+MODEL_FILE, WEIGHTS_FILE = "model.py", "weights.pt"
+TEMP_PREFIX = ".cspify-"
+
+
+class ExportError(OutputError):
+    """The converted model cannot be written in the format asked for."""
+
+
+# ---------------------------------------------------------------- all-or-nothing writes
+
+
+class Outputs:
+    """Targets written to temporary paths beside them, renamed into place on success.
+
+    On any error inside the ``with`` block every temporary path is removed and no target
+    is touched; an existing target is replaced only when ``force`` is true.
+    """
+
+    def __init__(self, force: bool = False) -> None:
+        self.force = force
+        self.staged: list[tuple[str, str]] = []  # (temporary path, target)
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def file(self, path: str, write: Callable, binary: bool = False) -> None:
+        """Stage a file: ``write`` gets an open file object."""
+        self._refuse_existing(path)
+        fd, tmp = tempfile.mkstemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=".tmp")
+        self.staged.append((tmp, path))
+        with _as_output_error(path), os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+
+    def path(self, path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+        """Stage a file for writers that want a path (``write`` gets the temporary path)."""
+        self._refuse_existing(path)
+        fd, tmp = tempfile.mkstemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=suffix)
+        os.close(fd)
+        self.staged.append((tmp, path))
+        with _as_output_error(path):
+            write(tmp)
+
+    def folder(self, path: str, fill: Callable[[str], None]) -> None:
+        """Stage a folder: ``fill`` gets an empty temporary folder to write into."""
+        self._refuse_existing(path)
+        with _as_output_error(path):
+            tmp = tempfile.mkdtemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=".tmp")
+        self.staged.append((tmp, path))
+        with _as_output_error(path):
+            fill(tmp)
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            self._discard()
+            return
+        try:
+            for tmp, target in self.staged:
+                _move_into_place(tmp, target)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _refuse_existing(self, path: str) -> None:
+        if os.path.lexists(path) and not self.force:
+            raise OutputError(f"{path} already exists.", "pass --force to overwrite it, or choose another path")
+
+    def _discard(self) -> None:
+        for tmp, _ in self.staged:
+            _remove(tmp)
+
+
+def _folder_of(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))
+
+
+class _as_output_error:
+    """An OSError while writing ``path`` becomes an OutputError with one sentence."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None and issubclass(kind, OSError):
+            raise OutputError(f"cannot write {self.path}: {value.strerror or value}.", "choose another path") from value
+        return False
+
+
+def _move_into_place(tmp: str, target: str) -> None:
+    with _as_output_error(target):
+        _default_permissions(tmp)
+        if os.path.isdir(tmp) and os.path.lexists(target):
+            # os.replace cannot put a folder over another: move the old one aside first
+            old = tempfile.mkdtemp(dir=_folder_of(target), prefix=TEMP_PREFIX, suffix=".old")
+            os.rmdir(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            _remove(old)
+        else:
+            os.replace(tmp, target)
+
+
+def _default_permissions(path: str) -> None:
+    """The mode ``open``/``mkdir`` would have given (temporary paths are private until renamed)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for top, dirs, files in os.walk(path) if os.path.isdir(path) else [("", [], [path])]:
+        for name in files:
+            os.chmod(os.path.join(top, name), 0o666 & ~umask)
+        for name in dirs:
+            os.chmod(os.path.join(top, name), 0o777 & ~umask)
+    if os.path.isdir(path):
+        os.chmod(path, 0o777 & ~umask)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+# ---------------------------------------------------------------- readable source
+
+
+def write_source(gm: nn.Module, folder: str, class_name: str | None = None) -> None:
+    """Write ``model.py`` (the model's class, its ``load()``), ``weights.pt`` and ``__init__.py``."""
+    source = source_of(gm, class_name)
+    folder_path = Path(folder)
+    (folder_path / MODEL_FILE).write_text(source)
+    (folder_path / "__init__.py").write_text("from .model import *  # noqa: F401,F403\n")
+    state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+    torch.save(state, folder_path / WEIGHTS_FILE)
+
+
+def source_of(gm: nn.Module, class_name: str | None = None) -> str:
+    """The Python source of ``gm``: torch.nn layers by constructor, forward from the fx graph.
+
+    Raises ExportError when some part can only be pickled (a custom layer, a function the
+    graph calls that lives in an unimportable file, a non-fx model).
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise ExportError(
+            f"a {type(gm).__name__} cannot be written as source, only a torch.fx GraphModule can.",
+            "convert the whole model (without --scope) for --export-dir, or save it with -o or --onnx",
+        )
+    name = class_name or _identifier(f"{type(gm).__name__}CSP")
+    code = gm.graph.python_code(root_module="self")
+    used = {k: v for k, v in code.globals.items() if re.search(rf"\b{re.escape(k)}\b", code.src)}
+    imports = _imports(used)
+    init = list(_init_lines(gm))
+    forward = "\n".join(("    " + line) if line.strip() else "" for line in code.src.strip("\n").splitlines())
+    return _TEMPLATE.format(
+        origin=type(gm).__name__,
+        torch_version=torch.__version__,
+        imports="\n".join(imports),
+        name=name,
+        init="\n".join("        " + line for line in init) or "        pass",
+        forward=forward,
+        weights=WEIGHTS_FILE,
+    )
+
+
+_TEMPLATE = '''"""The CSP version of {origin}, written by cspify (torch {torch_version}); needs only torch.
+
+    model = load()   # the converted weights, from {weights} beside this file (weights_only=True)
+    model = {name}()   # the same layers, freshly initialised
+
+The layers are built in __init__ and the forward is the torch.fx graph of the converted
+model as Python; edit either as you would your own code.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+{imports}
+
+__all__ = ["{name}", "load"]
+
+
+class {name}(nn.Module):
+    def __init__(self):
+        super().__init__()
+{init}
+
+{forward}
+
+
+def load(weights=None, map_location="cpu"):
+    """A {name} with the converted model's weights, in eval mode."""
+    path = weights or os.path.join(os.path.dirname(os.path.abspath(__file__)), "{weights}")
+    model = {name}()
+    model.load_state_dict(torch.load(path, map_location=map_location, weights_only=True), assign=True)
+    return model.eval()
+'''
+
+
+def _identifier(text: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in text)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"Model_{cleaned}"
+
+
+def _imports(globals_: dict) -> list[str]:
+    """Import lines for every global name the generated forward uses."""
+    lines = []
+    for name, obj in globals_.items():
+        if name == "torch":
+            continue
+        if name in _custom_builtins:
+            lines.append(_custom_builtins[name].import_str)
+            continue
+        lines.append(_import_line(name, obj))
+    return sorted(set(lines))
+
+
+def _import_line(name: str, obj) -> str:
+    if type(obj).__name__ == "module" and obj.__name__ in sys.modules and _importable(obj.__name__):
+        return f"import {obj.__name__} as {name}" if obj.__name__ != name else f"import {name}"
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    if module and _importable(module) and qualname and "<" not in qualname and "." not in qualname:
+        return f"from {module} import {qualname} as {name}" if qualname != name else f"from {module} import {name}"
+    raise ExportError(
+        f"the converted model calls {name} ({getattr(obj, '__module__', '?')}), which cannot be imported by name.",
+        "move that function into an installed package, or save the model with -o or --onnx",
+    )
+
+
+def _importable(module: str) -> bool:
+    """A module another process can import by name: not __main__, not a model file cspify ran."""
+    return not (module == "__main__" or module.startswith("cspify_user_model_") or module.split(".")[0] == "cspify")
+
+
+def _init_lines(gm: fx.GraphModule):
+    """``self.add_module("a", nn.Module())``, ``self.a.add_module("0", nn.Conv2d(...))``, ... depth first."""
+    yield from _tensor_lines("self", gm)
+    yield from _children_lines("self", gm)
+
+
+def _children_lines(owner: str, module: nn.Module):
+    for child_name, child in module.named_children():
+        ref = f"{owner}.{child_name}" if child_name.isidentifier() else f'getattr({owner}, "{child_name}")'
+        if type(child) is nn.Module:  # the plain containers torch.fx builds
+            yield f'{owner}.add_module("{child_name}", nn.Module())'
+            yield from _tensor_lines(ref, child)
+            yield from _children_lines(ref, child)
+        else:
+            yield f'{owner}.add_module("{child_name}", {_constructor(child, ref)})'
+
+
+def _tensor_lines(ref: str, module: nn.Module):
+    """Parameters and buffers that sit on a container (weights come from weights.pt)."""
+    persistent = set(module.state_dict(keep_vars=True)) if module._buffers else set()
+    for name, param in module.named_parameters(recurse=False):
+        yield f'{ref}.register_parameter("{name}", nn.Parameter(torch.empty({tuple(param.shape)}, dtype={param.dtype}), requires_grad={param.requires_grad}))'
+    for name, buf in module.named_buffers(recurse=False):
+        if name not in persistent:
+            raise ExportError(
+                f"buffer {ref}.{name} is not saved in a state dict, so it cannot be written as weights.",
+                "save the model with -o or --onnx",
+            )
+        yield f'{ref}.register_buffer("{name}", torch.empty({tuple(buf.shape)}, dtype={buf.dtype}))'
+
+
+def _constructor(module: nn.Module, where: str) -> str:
+    """``nn.Conv2d(3, 8, kernel_size=(3, 3), ...)`` from the layer's repr, checked by rebuilding it."""
+    kind = type(module)
+    text = repr(module)
+    expression = f"nn.{text}"
+    if getattr(nn, kind.__name__, None) is kind and "\n" not in text and _rebuilds(module, expression):
+        return expression
+    raise ExportError(
+        f"layer {where.removeprefix('self.')} ({kind.__module__}.{kind.__name__}) cannot be written as source.",
+        "only torch.nn layers can be written by --export-dir; save the model with -o or --onnx",
+    )
+
+
+def _rebuilds(module: nn.Module, expression: str) -> bool:
+    """True when evaluating ``expression`` gives a layer of the same settings and tensor shapes."""
+    try:
+        built = eval(expression, {"nn": nn, "torch": torch, "inf": math.inf, "nan": math.nan})  # noqa: S307
+    except Exception:
+        return False
+    if type(built) is not type(module):
+        return False
+    ours = {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+    theirs = {k: (tuple(v.shape), v.dtype) for k, v in built.state_dict().items()}
+    if set(ours) != set(theirs) or any(ours[k][0] != theirs[k][0] for k in ours):
+        return False
+    settings = [k for k in vars(module) if not k.startswith("_") and k != "training"]
+    try:
+        return all(k in vars(built) and bool(vars(built)[k] == vars(module)[k]) for k in settings)
+    except Exception:  # a setting that does not compare: do not trust the rebuild
+        return False
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def write_onnx(model: nn.Module, example_inputs: tuple, path: str) -> None:
+    """``torch.onnx.export`` to ``path``: the torch.export-based exporter (needs onnxscript),
+    else the TorchScript-based one; the file is checked with ``onnx.checker`` where onnx is installed."""
+    model = model.eval()
+    try:
+        import onnxscript  # noqa: F401  the torch.export-based exporter needs it
+        dynamo = True
+    except ImportError:
+        dynamo = False
+    try:
+        with torch.no_grad():
+            if dynamo:
+                program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, verbose=False, optimize=True)
+                program.save(path, external_data=False)
+            else:
+                torch.onnx.export(model, tuple(example_inputs), path, dynamo=False)
+    except CspifyError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise ExportError(
+            f"torch.onnx.export cannot export the converted model ({type(exc).__name__}: {first}).",
+            "save it with -o or --export-dir instead",
+        ) from exc
+    try:
+        import onnx
+    except ImportError:
+        return
+    onnx.checker.check_model(path)

@@ -1,0 +1,105 @@
+"""Pictures of a report or a sweep, as PNG files (matplotlib, Agg: no display needed).
+
+    plot_report(report, "resnet50_csp.png")    # per-stage bars, before/after: flops, memory traffic
+    plot_sweep(result, "sweep.png")           # flops (and latency, when timed) against gamma
+
+Both write to an open binary file too (``plot_report(report, f)``), as the CLI does to
+write through a temporary file.
+"""
+
+from __future__ import annotations
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+ORIGINAL, CONVERTED = "#8c8c8c", "#1f77b4"
+SERIES = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+
+
+def _scale(largest: float, unit: str) -> tuple[float, str]:
+    """The divisor and prefixed unit that keep axis numbers between 1 and 1000."""
+    for divisor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if largest >= divisor:
+            return divisor, f"{prefix}{unit}"
+    return 1.0, unit
+
+
+def plot_report(report, target) -> None:
+    """Two bar charts, one bar pair per converted stage: GFLOPs and memory traffic (MB)."""
+    rows = [row for row in report.stages if row.converted]
+    fig = Figure(figsize=(max(7.0, 1.3 * len(rows) + 4), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    opts = ", ".join(f"{k}={v}" for k, v in report.options.items() if v is not None)
+    fig.suptitle(f"CSP conversion per stage ({opts})" if opts else "CSP conversion per stage", fontsize=13)
+    panels = (("flops", "FLOPs", "{} (1 multiply-add = 1 flop)", "Compute per stage"),
+              ("memory_bytes", "B", "memory traffic ({} read + written)", "Memory traffic per stage"))
+    names = [row.name for row in rows]
+    for ax, (key, unit, ylabel, title) in zip(axes, panels):
+        scale, unit = _scale(max((getattr(row.before, key) for row in rows), default=0), unit)
+        ylabel = ylabel.format(unit)
+        before = [getattr(row.before, key) / scale for row in rows]
+        after = [getattr(row.after, key) / scale for row in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], before, 0.4, label="original", color=ORIGINAL)
+        bars = ax.bar([i + 0.2 for i in x], after, 0.4, label="converted", color=CONVERTED)
+        for bar, b, a in zip(bars, before, after):
+            ax.annotate(f"-{100 * (b - a) / b:.0f}%" if b else "", (bar.get_x() + bar.get_width() / 2, a),
+                        ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(list(x), names, rotation=20 if max(map(len, names), default=0) > 8 else 0, ha="right"
+                      if max(map(len, names), default=0) > 8 else "center")
+        ax.set_title(title)
+        ax.set_xlabel("stage")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(target, format="png", dpi=110)
+
+
+def plot_sweep(result, target) -> None:
+    """GFLOPs against gamma, one line per (fusion, hidden); latency against gamma beside it when timed."""
+    timed = result.has_latency
+    fig = Figure(figsize=(11 if timed else 6.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if timed else 1, squeeze=False)[0]
+    fig.suptitle("CSP sweep: cost against gamma (fraction of channels that bypass each stage)", fontsize=12)
+    series = {}
+    for p in sorted(result.points, key=lambda p: (p.fusion, p.hidden, p.gamma)):
+        if p.figures is not None:
+            series.setdefault((p.fusion, p.hidden), []).append(p)
+    colors = {key: SERIES[i % len(SERIES)] for i, key in enumerate(series)}
+    scale, unit = _scale(result.original.flops, "FLOPs")
+    ax = axes[0]
+    ax.axhline(result.original.flops / scale, color=ORIGINAL, linestyle="--", label="original")
+    for (fusion, hidden), points in series.items():
+        ax.plot([p.gamma for p in points], [p.figures.flops / scale for p in points], marker="o",
+                color=colors[fusion, hidden], label=f"fusion {fusion}, hidden {hidden}")
+    ax.set_title("Compute")
+    ax.set_xlabel("gamma (bypass fraction)")
+    ax.set_ylabel(f"{unit} (1 multiply-add = 1 flop)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if timed:
+        ax = axes[1]
+        batches = sorted({r.batch_size for p in result.points for r in p.latency})
+        styles = ("-", ":", "-.", "--")
+        for (fusion, hidden), points in series.items():
+            for i, b in enumerate(batches):
+                xs, ys = [], []
+                for p in points:
+                    for r in p.latency:
+                        if r.batch_size == b:
+                            xs.append(p.gamma)
+                            ys.append(r.converted.median_ms)
+                ax.plot(xs, ys, marker="o", color=colors[fusion, hidden], linestyle=styles[i % len(styles)],
+                        label=f"fusion {fusion}, hidden {hidden}, batch {b}")
+        for i, b in enumerate(batches):
+            originals = sorted(r.original.median_ms for p in result.points for r in p.latency if r.batch_size == b)
+            ax.axhline(originals[len(originals) // 2], color=ORIGINAL, linestyle=("--", ":", "-.")[i % 3],
+                       label=f"original, batch {b} (median of its runs)")
+        ax.set_title(f"Latency on {result.device} ({result.threads} thread(s), median)")
+        ax.set_xlabel("gamma (bypass fraction)")
+        ax.set_ylabel("latency (ms per forward pass)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.savefig(target, format="png", dpi=110)

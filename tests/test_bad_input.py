@@ -1,0 +1,279 @@
+"""Bad input, tried on purpose: each kind gives one `error:` sentence and a `hint:` line,
+the documented exit code (see cspify/cli.py), no traceback, no file left behind and the
+user's model untouched. Extends the error cases of tests/test_cli.py, which it reuses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cspify
+from cspify.errors import ConfigError, NoStageError
+from conftest import TinyResNet, seeded
+from test_cli import PLAIN, RESNET, SMALL, TINY_RES, check_error, cli, listing, models, run_error, work  # noqa: F401
+
+HEADER = "import torch\nimport torch.nn as nn\n"
+
+
+def bad_file(models, name, body):
+    path = models(name, body)
+    return path, path.read_bytes()
+
+
+# ---------------------------------------------------------------- the model file
+
+
+@pytest.mark.parametrize("body, words", [
+    (HEADER + "import not_a_module_xyz\n", ["fails to import", "not_a_module_xyz"]),
+    (HEADER + "raise RuntimeError('boom at import')\n", ["RuntimeError", "boom at import"]),
+    (HEADER + "import sys\nsys.exit(3)\n", ["sys.exit(3)"]),
+    (TINY_RES + "\nclass Wide(TinyRes):\n    def __init__(self, width):\n        super().__init__()\n", ["Wide", "arguments"]),
+], ids=["import-error", "raises-at-import", "sys-exit", "constructor-needs-arguments"])
+def test_model_file_that_cannot_be_run(work, models, body, words):
+    path, content = bad_file(models, "m.py", body)
+    spec = f"{path}:Wide" if "Wide" in words else path
+    result, before = run_error(work, "convert", spec)
+    check_error(result, 3, before, work, *words)
+    assert path.read_bytes() == content
+
+
+def test_constructor_that_raises(work, models):
+    path, _ = bad_file(models, "m.py", HEADER + "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n        raise ValueError('no weights')\n")
+    result, before = run_error(work, "convert", f"{path}:Net")
+    check_error(result, 3, before, work, "building", "no weights")
+
+
+@pytest.mark.parametrize("name, words", [("WIDTH", ["int", "not a model"]), ("make", ["Tensor", "not a torch.nn.Module"])])
+def test_name_that_is_not_a_model(work, models, name, words):
+    path, _ = bad_file(models, "m.py", HEADER + "WIDTH = 8\n\ndef make():\n    return torch.zeros(1)\n")
+    result, before = run_error(work, "convert", f"{path}:{name}")
+    check_error(result, 3, before, work, *words)
+
+
+def test_not_a_python_file(work, models):
+    path, _ = bad_file(models, "model.txt", "not python at all\n")
+    result, before = run_error(work, "convert", path)
+    check_error(result, 3, before, work, "not a Python file")
+
+
+def test_a_folder_as_model(work, tmp_path):
+    result, before = run_error(work, "convert", tmp_path)
+    check_error(result, 3, before, work, "is a folder")
+
+
+def test_example_inputs_that_raise(work, models):
+    path, _ = bad_file(models, "m.py", TINY_RES + "\ndef example_inputs():\n    raise ValueError('no data')\n")
+    result, before = run_error(work, "convert", path)
+    check_error(result, 3, before, work, "example_inputs()", "no data", "--input-shape")
+
+
+def test_unknown_timm_model(work):
+    result, before = run_error(work, "convert", "timm:no_such_net_xyz")
+    check_error(result, 3, before, work, "no_such_net_xyz")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def test_wrong_input_rank(work, models):
+    result, before = run_error(work, "convert", models("tiny.py", TINY_RES), "--input-shape", "1,3,16")
+    check_error(result, 4, before, work, "1x3x16", "--input-shape")
+
+
+EMBEDDING = HEADER + """
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv1d(c, c, 3, padding=1), nn.BatchNorm1d(c), nn.ReLU(), nn.Conv1d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x))
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.body = nn.Sequential(Block(16), Block(16), Block(16))
+        self.head = nn.Conv1d(16, 5, 1)
+
+    def forward(self, tokens):
+        return self.head(self.body(self.embed(tokens).transpose(1, 2)))
+
+
+def example_inputs():
+    return torch.randint(0, 50, (2, 12))
+"""
+
+
+def test_integer_inputs_convert(work, models):
+    """An embedding model's integer example inputs go through as they are."""
+    result = cli("convert", models("tagger.py", EMBEDDING), "-o", "m.pt", "-q")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    assert "body" in result.stdout and listing(work) == ["m.pt"]
+
+
+def test_float_inputs_for_an_embedding_model(work, models):
+    result, before = run_error(work, "convert", models("tagger.py", EMBEDDING), "--input-shape", "2,12")
+    check_error(result, 4, before, work, "2x12", "Long")
+
+
+# ---------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("gamma", ["inf", "0.0", "0x1", "1,5"])
+def test_more_bad_gammas(work, gamma):
+    result, before = run_error(work, "convert", RESNET, *SMALL, f"--gamma={gamma}")
+    check_error(result, 2, before, work, "gamma")
+
+
+@pytest.mark.parametrize("gamma, part", [("0.001", "bypass"), ("0.999", "through"), ("1e-300", "bypass")])
+def test_gamma_that_empties_a_part(work, gamma, part):
+    result, before = run_error(work, "convert", RESNET, *SMALL, "--gamma", gamma)
+    check_error(result, 5, before, work, f"{part} part", "empty")
+
+
+def test_scope_naming_a_missing_submodule(work):
+    result, before = run_error(work, "convert", RESNET, *SMALL, "--scope", "backbone.body")
+    check_error(result, 2, before, work, "backbone.body", "stages")
+
+
+def test_leaf_naming_a_missing_submodule(work):
+    result, before = run_error(work, "convert", RESNET, *SMALL, "--leaf", "stages.9")
+    check_error(result, 2, before, work, "stages.9", "leaf")
+
+
+@pytest.mark.parametrize("args", [["--seed", "abc"], ["-o", "."], ["--export-dir", "f.txt"], ["--onnx", "."]],
+                         ids=["seed-not-a-number", "output-is-a-folder", "export-dir-is-a-file", "onnx-is-a-folder"])
+def test_usage_errors(work, args):
+    """click checks these before cspify runs: its own "Error:" line, exit code 2."""
+    (work / "f.txt").write_text("mine")
+    before = listing(work)
+    result = cli("convert", RESNET, *SMALL, *args, "--force", "-q")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "Error: Invalid value" in result.stderr
+    assert listing(work) == before and (work / "f.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("flag, target", [("--export-dir", "csp"), ("--onnx", "m.onnx")])
+def test_existing_export_target_without_force(work, flag, target):
+    (work / target).mkdir() if flag == "--export-dir" else (work / target).write_text("old")
+    before = listing(work)
+    result = cli("convert", RESNET, *SMALL, "-o", "m.pt", flag, target, "-q")
+    check_error(result, 6, before, work, target, "--force")
+
+
+def test_output_inside_a_file(work):
+    (work / "afile").write_text("data")
+    before = listing(work)
+    result = cli("convert", RESNET, *SMALL, "-o", "afile/out.pt", "-q")
+    check_error(result, 6, before, work, "afile is a file")
+
+
+CUSTOM_LEAF = TINY_RES.replace("class TinyRes(nn.Module):", """class Scale(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+class TinyRes(nn.Module):""").replace("self.head = nn.Sequential(", "self.scale = Scale()\n        self.head = nn.Sequential(").replace(
+    "return self.head(self.layer(self.stem(x)))", "return self.head(self.scale(self.layer(self.stem(x))))")
+
+
+def test_export_dir_of_a_custom_layer_writes_nothing(work, models):
+    result, before = run_error(work, "convert", models("tiny.py", CUSTOM_LEAF), "--leaf", "scale", "--export-dir", "csp")
+    check_error(result, 6, before, work, "scale", "cannot be written as source", "-o")
+
+
+# ---------------------------------------------------------------- the API
+
+
+def unchanged(model, before):
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+X = torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(stages=["layer9"]), ConfigError, ["layer9", "layer1", "layer2"]),
+    (dict(gamma=-1), ConfigError, ["gamma"]),
+    (dict(gamma="half"), ConfigError, ["gamma", "half"]),
+    (dict(gamma=0.01), NoStageError, ["bypass part", "empty"]),
+    (dict(fusion="middle"), ConfigError, ["fusion"]),
+    (dict(hidden="double"), ConfigError, ["hidden"]),
+    (dict(scope="nowhere"), ConfigError, ["nowhere"]),
+    (dict(leaf_modules=["layer1.7"]), ConfigError, ["layer1.7"]),
+], ids=["stage", "gamma-negative", "gamma-text", "gamma-empties", "fusion", "hidden", "scope", "leaf"])
+def test_api_errors_leave_the_model_untouched(kwargs, error, words):
+    model = seeded(TinyResNet)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error) as info:
+        cspify.convert(model, X, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+    assert info.value.hint and str(info.value).count(".") >= 1
+    assert unchanged(model, before) and not model.training
+
+
+def test_api_no_residual_or_dense_stage():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    with pytest.raises(NoStageError, match="no residual or dense stage") as info:
+        cspify.convert(model, X)
+    assert "analyze" in info.value.hint
+
+
+def test_converting_a_converted_model_again_works():
+    """The through part's blocks are a stage again: a second conversion narrows it further."""
+    model = seeded(TinyResNet)
+    once = cspify.convert(model, X)
+    before = copy.deepcopy(once.state_dict())
+    twice = cspify.convert(once, X)
+    assert unchanged(once, before)
+    with torch.no_grad():
+        assert twice(X).shape == once(X).shape == model(X).shape
+    report = cspify.compare(once, twice, X)
+    assert report.to_dict()["converted"]["flops"] < report.to_dict()["original"]["flops"]
+
+
+class Wrapped(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.net = kind, seeded(TinyResNet)
+
+    def forward(self, x):
+        y = self.net(x)
+        return {"none": None, "empty": (), "dict": {"logits": y, "n": 3}, "text": "label"}[self.kind]
+
+
+@pytest.mark.parametrize("kind", ["none", "empty", "dict", "text"])
+def test_empty_or_non_tensor_outputs_convert(kind):
+    """Outputs that are not one tensor pass through unchanged; the stages inside still convert."""
+    model = Wrapped(kind).eval()
+    csp = cspify.convert(model, X)
+    with torch.no_grad():
+        got, want = csp(X), model(X)
+    if kind == "dict":
+        assert got["n"] == 3 and got["logits"].shape == want["logits"].shape
+    else:
+        assert got == want
+    assert any(s["converted"] for s in csp.meta["cspify"]["stages"])
+
+
+# ---------------------------------------------------------------- safety
+
+
+def test_loading_a_model_file_runs_its_code_as_help_and_readme_say(work, models, tmp_path):
+    marker = tmp_path / "ran.txt"
+    path = models("tiny.py", TINY_RES + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    result = cli("analyze", path, "-q")
+    assert result.exit_code == 0 and marker.read_text() == "ran"
+    assert "executed" in " ".join(cli("convert", "--help").output.split())
+    from test_cli import ROOT
+    assert "Loading a model file runs its Python code" in (ROOT / "README.md").read_text()

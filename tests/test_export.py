@@ -1,0 +1,204 @@
+"""Writing the converted model out: readable source that loads without cspify, ONNX, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from click.testing import CliRunner
+
+import cspify
+from cspify.cli import main
+from cspify.errors import OutputError
+from cspify.export import ExportError, Outputs, source_of, write_source
+from conftest import TinyDenseNet, TinyResNet, randomize_norms, seeded
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET = ROOT / "examples" / "resnet_like.py"
+SMALL = ["--input-shape", "2,3,32,32"]
+SITE_PACKAGES = os.path.dirname(os.path.dirname(torch.__file__))
+
+# Run with -I -S: no PYTHONPATH, no current folder, no site-packages processing (so no
+# editable-install hook for cspify); torch's own folder is added by hand, .pth files unread.
+LOAD_WITHOUT_CSPIFY = textwrap.dedent(f"""
+    import importlib.util, sys
+    sys.path.append({SITE_PACKAGES!r})
+    try:
+        import cspify
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("cspify is importable in the clean process")
+    import torch
+    torch.set_num_threads(1)
+    for i, folder in enumerate(sys.argv[1:]):
+        spec = importlib.util.spec_from_file_location(f"exported_{{i}}", folder + "/model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.load()
+        x = torch.load(folder + "/x.pt", weights_only=True)
+        with torch.no_grad():
+            torch.save(model(x), folder + "/y.pt")
+    bad = [m for m in sys.modules if m.startswith("cspify")]
+    assert not bad, bad
+    print("loaded", len(sys.argv) - 1)
+""")
+
+
+def load_in_clean_process(*folders: Path) -> list[torch.Tensor]:
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD_WITHOUT_CSPIFY, *map(str, folders)],
+        capture_output=True, text=True, env=env, cwd=folders[0].parent, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"loaded {len(folders)}" in proc.stdout
+    return [torch.load(folder / "y.pt", weights_only=True) for folder in folders]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_cspify_is_not_importable_in_the_clean_process(tmp_path):
+    env = {"PATH": os.environ.get("PATH", "")}
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.append({SITE_PACKAGES!r}); import cspify"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode != 0 and "No module named 'cspify'" in proc.stderr
+
+
+def test_source_export_loads_without_cspify_and_matches(tmp_path):
+    """Three families through write_source; one clean process loads all three."""
+    cases = {
+        "residual": (randomize_norms(seeded(TinyResNet)), torch.randn(2, 3, 16, 16)),
+        "dense": (randomize_norms(seeded(TinyDenseNet)), torch.randn(2, 3, 16, 16)),
+        "resnet18": (seeded(torchvision.models.resnet18), torch.randn(1, 3, 64, 64)),
+    }
+    expected, folders = {}, []
+    for name, (model, x) in cases.items():
+        gm = cspify.convert(model, x).eval()
+        folder = tmp_path / name
+        folder.mkdir()
+        write_source(gm, str(folder))
+        torch.save(x, folder / "x.pt")
+        with torch.no_grad():
+            expected[name] = gm(x)
+        folders.append(folder)
+        text = (folder / "model.py").read_text()
+        assert "cspify_user_model" not in text and "import cspify" not in text
+        assert "torch.load(path, map_location=map_location, weights_only=True)" in text
+        compile(text, "model.py", "exec")
+    for folder, got in zip(folders, load_in_clean_process(*folders)):
+        assert torch.equal(got, expected[folder.name]), f"{folder.name}: {(got - expected[folder.name]).abs().max()}"
+
+
+def test_cli_export_dir_and_model_file_agree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("convert", RESNET, *SMALL, "-o", "m.pt", "--export-dir", "csp", "--seed", "3", "-q")
+    assert result.exit_code == 0, result.output
+    assert "saved its source and weights to csp" in result.output
+    assert listing(tmp_path) == ["csp", "csp/__init__.py", "csp/model.py", "csp/weights.pt", "m.pt"]
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "csp" / "x.pt")
+    (got,) = load_in_clean_process(tmp_path / "csp")
+    with torch.no_grad():
+        want = torch.load(tmp_path / "m.pt", weights_only=False).eval()(x)
+    assert torch.equal(got, want)
+
+
+class Custom(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class WithCustomLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = seeded(TinyResNet)
+        self.custom = Custom()
+
+    def forward(self, x):
+        return self.custom(self.net(x))
+
+
+def test_a_custom_layer_is_refused_by_name():
+    gm = cspify.convert(WithCustomLeaf().eval(), torch.randn(1, 3, 16, 16), leaf_modules=["custom"])
+    with pytest.raises(ExportError, match=r"layer custom \(.*Custom\) cannot be written as source") as info:
+        source_of(gm)
+    assert info.value.exit_code == 6 and "-o" in info.value.hint
+
+
+def test_a_scoped_conversion_is_refused_clearly():
+    model = WithCustomLeaf().eval()
+    whole = cspify.convert(model, torch.randn(1, 3, 16, 16), scope="net")
+    with pytest.raises(ExportError, match="without --scope"):
+        source_of(whole)
+
+
+def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    result = cli("convert", RESNET, *SMALL, "-o", "m.pt", "--onnx", "m.onnx", "-q")
+    assert result.exit_code == 0, result.output
+    assert listing(tmp_path) == ["m.onnx", "m.pt"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = torch.load("m.pt", weights_only=False).eval()(x).numpy()
+    session = ort.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    diff = float(abs(got - want).max())
+    print(f"onnxruntime vs PyTorch: max abs difference {diff:.3g}")
+    assert got.shape == want.shape and diff < 1e-4
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    """-o and --export-dir are staged; the ONNX step fails; neither lands, no temporary is left."""
+    monkeypatch.chdir(tmp_path)
+
+    def broken(model, inputs, path):
+        Path(path).write_bytes(b"half")
+        raise ExportError("torch.onnx.export cannot export the converted model.", "save it with -o")
+
+    monkeypatch.setattr("cspify.cli.write_onnx", broken)
+    result = CliRunner().invoke(main, ["convert", str(RESNET), *SMALL, "-o", "m.pt", "--export-dir", "csp",
+                                       "--onnx", "m.onnx", "--json", "r.json", "-q"])
+    assert result.exit_code == 6, result.output
+    assert "error: torch.onnx.export cannot export" in result.stderr and "Traceback" not in result.stderr
+    assert listing(tmp_path) == []
+
+
+def test_force_replaces_an_export_dir_whole(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "csp").mkdir()
+    (tmp_path / "csp" / "stale.txt").write_text("old")
+    result = cli("convert", RESNET, *SMALL, "--export-dir", "csp", "-q")
+    assert result.exit_code == 6 and "csp already exists" in result.stderr
+    assert listing(tmp_path) == ["csp", "csp/stale.txt"]
+    result = cli("convert", RESNET, *SMALL, "--export-dir", "csp", "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert listing(tmp_path) == ["csp", "csp/__init__.py", "csp/model.py", "csp/weights.pt"]
+
+
+def test_outputs_is_all_or_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with Outputs() as out:
+            out.file(str(tmp_path / "a.txt"), lambda f: f.write("a"))
+            out.folder(str(tmp_path / "d"), lambda d: Path(d, "x").write_text("x"))
+            raise RuntimeError("later step fails")
+    assert listing(tmp_path) == []
+    (tmp_path / "a.txt").write_text("keep")
+    with pytest.raises(OutputError, match="already exists"):
+        with Outputs() as out:
+            out.file(str(tmp_path / "a.txt"), lambda f: f.write("new"))
+    assert (tmp_path / "a.txt").read_text() == "keep" and listing(tmp_path) == ["a.txt"]

@@ -1,0 +1,83 @@
+"""The report's memory and bottleneck figures, checked against values computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cspify
+from cspify.measure import measure
+
+from conftest import TinyResNet, seeded
+
+X = torch.randn(1, 3, 8, 8)  # 64 pixels; float32: 4 bytes per element
+
+
+def two_convs(inplace: bool) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(8, 4, 1)).eval()
+
+
+class NarrowThenConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.narrow(self.a(x), 1, 0, 4))
+
+
+def test_cio_is_conv_input_plus_output_bytes():
+    m = measure(two_convs(False), X)
+    # conv 3->8: 3*64*4 in + 8*64*4 out; conv 8->4: 8*64*4 in + 4*64*4 out
+    assert m.totals.cio_bytes == (768 + 2048) + (2048 + 1024) == 5888
+
+
+def test_peak_of_a_chain_from_tensor_lifetimes():
+    # x (768 B) dies after conv1; at the ReLU its input (2048) and output (2048) are both alive
+    assert measure(two_convs(False), X).totals.peak_bytes == 4096
+    # an in-place ReLU shares its input's storage: the peak is conv2's input plus output
+    assert measure(two_convs(True), X).totals.peak_bytes == 2048 + 1024
+
+
+def test_a_view_keeps_its_base_alive():
+    m = measure(NarrowThenConv().eval(), X)
+    # the narrow is a view: the whole 8-channel map (2048 B) lives until conv b has run (+ its 1024 B output)
+    assert m.totals.peak_bytes == 2048 + 1024
+    assert m.totals.cio_bytes == (768 + 2048) + (1024 + 1024)
+
+
+def test_bottleneck_is_largest_layer_and_max_over_mean():
+    m = measure(two_convs(False), X)
+    big, small = 8 * 3 * 9 * 64, 4 * 8 * 64  # fvcore: one multiply-add per flop, bias not counted
+    assert m.totals.max_layer_flops == big
+    assert m.totals.layer_balance == pytest.approx(big / ((big + small) / 2))
+    conv2 = [name for name, target in m.node_targets.items() if target == "2"]
+    one = m.stage(conv2)
+    assert (one.max_layer_flops, one.layer_balance, one.cio_bytes) == (small, 1.0, 2048 + 1024)
+
+
+def test_measured_peak_is_not_measured_on_cpu():
+    assert measure(two_convs(False), X).totals.measured_peak_bytes is None
+
+
+def test_report_carries_the_new_figures_per_stage_and_in_total():
+    model = seeded(TinyResNet)
+    x = torch.randn(1, 3, 16, 16)
+    report = cspify.compare(model, cspify.convert(model, x), x)
+    data = report.to_dict()
+    for key in ("flops", "params", "activations", "memory_bytes", "cio_bytes", "peak_bytes", "max_layer_flops"):
+        assert data["figures"]["original"][key] > 0 and key in data["saved_percent"]
+    assert set(data["original"]) == {"flops", "params", "activations", "memory_bytes"}  # kept as they were
+    assert data["figures"]["original"]["measured_peak_bytes"] is None
+    for row in data["stages"]:
+        assert {"flops_before", "memory_bytes_after", "cio_bytes_before", "cio_bytes_after", "peak_bytes_after",
+                "max_layer_flops_before", "layer_balance_after"} <= set(row)
+        if row["converted"]:
+            assert row["cio_bytes_after"] < row["cio_bytes_before"]
+            assert row["layer_balance_before"] >= 1.0
+    text = str(report)
+    assert "CIO" in text and "peak activations" in text and "not measured" in text and "max/mean" in text
+    markdown = report.to_markdown()
+    assert markdown.count("```mermaid") == sum(r.converted for r in report.stages)
+    assert "partial transition" in markdown and "bypass 4 ch" in markdown
