@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from cspify import rules
 from cspify.config import CSPConfig
-from cspify.errors import ConfigError, CspifyError, NoStageError
+from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
 from cspify.measure import measure
 from cspify.plan import plan_stage
 from cspify.report import Report, build_report
@@ -83,7 +83,13 @@ def convert(
     expected = _output_shapes(traced.gm)
     gm, added = rewrite(traced, plans, seed=seed)
     gm.meta[META_KEY] = _metadata(config, plans, added)
-    propagate_shapes(gm, inputs)
+    try:
+        propagate_shapes(gm, inputs)
+    except TraceError as error:  # the original ran on these inputs: this one is ours
+        raise CspifyError(
+            f"the converted model does not run ({error.message}), which is a bug in cspify.",
+            "please report it with the model; convert fewer stages with --stage meanwhile",
+        ) from error
     if _output_shapes(gm) != expected:  # a bug of ours, never the user's
         raise CspifyError(
             "the converted model's outputs changed shape, which is a bug in cspify.",

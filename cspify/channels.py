@@ -442,6 +442,11 @@ def layer_width(module: nn.Module) -> int:
     raise TypeError(f"{type(module).__name__} has no known width attribute")
 
 
+def _shared(module: nn.Module) -> bool:
+    """One parameter shared by every channel (``nn.PReLU()``), not one per channel."""
+    return getattr(module, "num_parameters", None) == 1
+
+
 def _set_width(module: nn.Module, width: int) -> None:
     for attr in WIDTH_ATTRS:
         if hasattr(module, attr):
@@ -455,7 +460,7 @@ def narrow_per_channel(module: nn.Module, in_keep, out_keep) -> nn.Module:
     keep = out_keep if out_keep is not None else in_keep
     new = copy.deepcopy(module)
     width = layer_width(module)
-    if width == 1:  # one value shared by every channel (nn.PReLU()): nothing to narrow
+    if _shared(module):  # one value shared by every channel (nn.PReLU()): nothing to narrow
         return new
     with torch.no_grad():
         for name in _per_channel(module, width):
@@ -468,11 +473,14 @@ def fresh_like(module: nn.Module, width: int) -> nn.Module:
     """A new, freshly initialised layer of the same kind as ``module`` with ``width`` channels."""
     new = copy.deepcopy(module)
     old = layer_width(module)
-    for name in _per_channel(module, old) if old != 1 else ():  # width 1: shared by every channel
+    shared = _shared(module)
+    for name in _per_channel(module, old) if not shared else ():
         tensor = getattr(module, name)
         replace_tensor(new, name, torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device))
-    if old != 1:
+    if not shared:
         _set_width(new, width)
+    if getattr(new, "num_groups", None):  # GroupNorm: the most groups that divide the new width
+        new.num_groups = math.gcd(new.num_groups, width)
     for reset in ("reset_parameters", "reset_running_stats"):
         if hasattr(new, reset):
             getattr(new, reset)()

@@ -79,9 +79,15 @@ def analyze(**options) -> None:
 
 
 def _run(options: dict, output: str | None) -> None:
-    debug, quiet = options["debug"], options["quiet"]
+    with _errors(options["debug"]):
+        _convert_and_report(options, output, options["quiet"])
+
+
+@contextmanager
+def _errors(debug: bool):
+    """CspifyErrors as one line, a hint and their exit code; anything else as an internal error."""
     try:
-        _convert_and_report(options, output, quiet)
+        yield
     except CspifyError as error:
         if debug:
             raise
@@ -97,10 +103,15 @@ def _run(options: dict, output: str | None) -> None:
         sys.exit(1)
 
 
-def _convert_and_report(options: dict, output: str | None, quiet: bool) -> None:
-    config = CSPConfig(
+def _config(options: dict) -> CSPConfig:
+    """The conversion options every command shares, as one validated record."""
+    return CSPConfig(
         options["gamma"], options["fusion"], options["hidden"], options["stages"] or None, options["allow_costlier"]
     )
+
+
+def _convert_and_report(options: dict, output: str | None, quiet: bool) -> None:
+    config = _config(options)
     shape = parse_shape(options["input_shape"]) if options["input_shape"] is not None else None
     export_dir, onnx_path = options.get("export_dir"), options.get("onnx_path")
     plot_path = options.get("plot_path")

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 
 import click
 
 from cspify import api
-from cspify.cli import MODEL_HELP, _check_writable, _options, _Progress, _write, main
+from cspify.cli import MODEL_HELP, _check_writable, _config, _errors, _options, _Progress, _write, main
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
 from cspify.errors import ConfigError, CspifyError
 from cspify.load import load_model, parse_shape
@@ -33,8 +32,7 @@ def bench(batch_sizes, threads, device, min_run_time, **options) -> None:
     with _errors(options["debug"]):
         from cspify.bench import benchmark
 
-        config = CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
-                           options["allow_costlier"])
+        config = _config(options)
         sizes = _int_list(batch_sizes)
         shape = parse_shape(options["input_shape"]) if options["input_shape"] is not None else None
         for path in (p for p in (options["json_path"], options["markdown_path"]) if p):
@@ -112,26 +110,6 @@ def sweep(model, gammas, fusions, hiddens, **options) -> None:
         click.echo(str(result))
         if options["plot_path"]:
             click.echo(f"\nplotted flops against gamma to {options['plot_path']}")
-
-
-@contextmanager
-def _errors(debug: bool):
-    """CspifyErrors as one line, a hint and their exit code; anything else as an internal error."""
-    try:
-        yield
-    except CspifyError as error:
-        if debug:
-            raise
-        click.echo(f"error: {error.message}", err=True)
-        if error.hint:
-            click.echo(f"hint: {error.hint}", err=True)
-        sys.exit(error.exit_code)
-    except Exception as error:  # a bug of ours: say so in one line
-        if debug:
-            raise
-        click.echo(f"error: internal error ({type(error).__name__}: {error}).", err=True)
-        click.echo("hint: rerun with --debug and report the traceback", err=True)
-        sys.exit(1)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -100,6 +100,12 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> S
     plan.norm_template, plan.act_template = _templates(a, region, stage)
     norm_template = traced.gm.get_submodule(nodes[plan.norm_template].target) if plan.norm_template else None
     new_transition = _new_transition(stage, config, bypass, through_out, output_channels)
+    groups = getattr(norm_template, "num_groups", 0)
+    if new_transition and groups and new_transition[1] % groups:
+        plan.notes.append(
+            f"partial transition's GroupNorm uses {math.gcd(groups, new_transition[1])} groups "
+            f"({groups} do not divide {new_transition[1]} channels)"
+        )
     before, after = _cost(traced, region, plan.narrowings)
     if new_transition:
         in_channels, out_channels = new_transition

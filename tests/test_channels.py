@@ -312,3 +312,18 @@ def test_analyse_input_from_outside_region_is_frozen():
     # seeded elsewhere, the block's input comes from outside and keeps its width
     b = analyse(traced, region, seed=stage.base)
     assert "outside the stage" in b.spaces[b.info["add_1"].space].frozen
+
+
+def test_fresh_like_a_one_channel_norm_gets_the_new_width():
+    """Width 1 means one channel for a norm (only PReLU's num_parameters=1 means shared)."""
+    norm = fresh_like(nn.BatchNorm2d(1), 4)
+    assert norm.num_features == 4 and norm.running_mean.shape == (4,) and norm.weight.shape == (4,)
+    shared = fresh_like(nn.PReLU(), 4)
+    assert shared.num_parameters == 1 and shared.weight.shape == (1,)
+
+
+def test_fresh_like_a_group_norm_keeps_groups_that_divide_the_new_width():
+    norm = fresh_like(nn.GroupNorm(2, 4), 7)
+    assert (norm.num_groups, norm.num_channels) == (1, 7)
+    norm(torch.randn(1, 7, 2, 2))  # runs
+    assert fresh_like(nn.GroupNorm(4, 8), 12).num_groups == 4
