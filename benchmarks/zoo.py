@@ -15,7 +15,6 @@ to convert and said so with its documented error; "error" rows are defects.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 import traceback
 from pathlib import Path

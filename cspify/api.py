@@ -11,7 +11,6 @@ from collections.abc import Iterable
 
 import copy
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -10,14 +10,13 @@ so that each file stays one screenful of option parsing:
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from cspify import api
 from cspify.cli import MODEL_HELP, _check_writable, _config, _errors, _options, _Progress, _write, main
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
-from cspify.errors import ConfigError, CspifyError
+from cspify.errors import ConfigError
 from cspify.load import load_model, parse_shape
 
 
