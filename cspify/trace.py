@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import io
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 import torch
@@ -54,25 +55,24 @@ class Traced:
     gm: fx.GraphModule
     graph: nx.DiGraph
 
-    @property
+    # Views of the graph, computed once: the rules and the planner ask for them per node.
+    # They describe the graph as traced; the rewrite edits it only after they are done.
+    @cached_property
     def nodes(self) -> dict[str, fx.Node]:
         return {n.name: n for n in self.gm.graph.nodes}
 
-    @property
+    @cached_property
     def live(self) -> set[str]:
         """Nodes whose value reaches the output (the rest is dead code, e.g. an unused x.shape)."""
         output = next(n.name for n in self.gm.graph.nodes if n.op == "output")
         return nx.ancestors(self.graph, output) | {output}
 
-    @property
+    @cached_property
     def constant(self) -> set[str]:
         """Nodes that depend on no model input: parameters and what is computed from them."""
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
         variable = set(inputs).union(*(nx.descendants(self.graph, n) for n in inputs))
         return set(self.graph.nodes) - variable
-
-    def module(self, node: fx.Node) -> torch.nn.Module | None:
-        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
 def as_inputs(example_inputs) -> tuple:
