@@ -17,6 +17,7 @@ import torch.nn as nn
 from cspify import rules
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
+from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.plan import plan_stage
 from cspify.report import Report, build_report
@@ -94,6 +95,7 @@ def convert(
             "the converted model's outputs changed shape, which is a bug in cspify.",
             "please report it with the model; convert fewer stages with --stage meanwhile",
         )
+    restore_inplace_adds(gm)
     return gm
 
 

@@ -13,7 +13,8 @@ from cspify.config import CSPConfig
 from cspify.errors import ConfigError, NoStageError
 from cspify.plan import plan_stage
 from cspify.rewrite import rewrite
-from cspify.trace import trace
+from cspify.inplace import restore_inplace_adds
+from cspify.trace import as_inputs, propagate_shapes, trace
 from cspify import rules
 from conftest import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock, Shift
 
@@ -271,6 +272,8 @@ def test_pipeline_by_hand_matches_convert():
     by_hand, added = rewrite(traced, plans)
     assert set(added) == {"layer1", "layer2"}
     assert "layer1_bypass" in added["layer1"] and "layer1_fuse" in added["layer1"]
+    propagate_shapes(by_hand, as_inputs(X))
+    assert restore_inplace_adds(by_hand) == 6
     assert by_hand.code == gm.code
 
 
