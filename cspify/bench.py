@@ -7,15 +7,19 @@
 
 Timing uses ``torch.utils.benchmark.Timer`` (warm-up, then ``blocked_autorange``) in
 eval mode under ``torch.inference_mode``. The two models alternate, ``rounds`` times,
-and each one's measurements are merged, so a burst of load on a shared machine hits
-both alike. The example input's first sample is repeated to each batch size. On CUDA,
-the Timer synchronizes the device around each measurement.
+taking turns at going first, so a burst of load on a shared machine hits both alike.
+Each model gets the median, IQR and minimum of all its timed blocks; the speed-up is
+the ratio of the medians, and the ratio of the fastest blocks is shown beside it as a
+second opinion (interference only ever adds time). How far either moves between whole
+runs on a given machine: ``python benchmarks/stability.py``. The example input's first sample is repeated to each
+batch size. On CUDA, the Timer synchronizes the device around each measurement.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -35,15 +39,25 @@ from cspify.errors import ConfigError
 from cspify.trace import as_inputs
 
 DEVICES = ("cpu", "cuda")
+KERNEL_SHARE_NOTE = 0.2
+ALLOCATOR_HINT = ("MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 set (glibc keeps freed blocks) "
+                  "or jemalloc/tcmalloc preloaded")
 
 
 @dataclass
 class Timing:
-    """One model at one batch size: median and interquartile range in milliseconds."""
+    """One model at one batch size: median, interquartile range and minimum in milliseconds."""
 
     median_ms: float
     iqr_ms: float
+    min_ms: float
     runs: int
+    kernel_share: float = 0.0  # of the process's CPU time while timed, spent in the kernel
+
+    @property
+    def spread(self) -> float:
+        """IQR over median: above 0.10 the machine was busy while this was timed."""
+        return self.iqr_ms / self.median_ms
 
 
 @dataclass
@@ -53,14 +67,24 @@ class BenchRow:
     converted: Timing
 
     @property
+    def latency_ratio(self) -> float:
+        """Converted over original median latency."""
+        return self.converted.median_ms / self.original.median_ms
+
+    @property
+    def fastest_ratio(self) -> float:
+        """Converted over original latency from each model's fastest block: the second opinion."""
+        return self.converted.min_ms / self.original.min_ms
+
+    @property
     def speedup(self) -> float:
         """Original latency over converted latency (above 1: the converted model is faster)."""
-        return self.original.median_ms / self.converted.median_ms
+        return 1.0 / self.latency_ratio
 
     @property
     def latency_saved(self) -> float:
         """Fraction of the original latency the conversion saved."""
-        return 1.0 - self.converted.median_ms / self.original.median_ms
+        return 1.0 - self.latency_ratio
 
 
 @dataclass
@@ -80,19 +104,23 @@ class BenchResult:
             "torch": torch.__version__,
             "flops": list(self.flops) if self.flops else None,
             "rows": [
-                {**asdict(row), "speedup": round(row.speedup, 4), "latency_saved": round(row.latency_saved, 4)}
+                {**asdict(row), "latency_ratio": round(row.latency_ratio, 4), "fastest_ratio": round(row.fastest_ratio, 4),
+                 "speedup": round(row.speedup, 4), "latency_saved": round(row.latency_saved, 4)}
                 for row in self.rows
             ],
         }
 
     def table(self, fmt: str = "simple") -> str:
-        headers = ["batch", "original ms", "IQR", "converted ms", "IQR", "speed-up"]
+        headers = ["batch", "original ms", "IQR", "min", "converted ms", "IQR", "min", "latency ratio", "of fastest",
+                   "speed-up"]
         if self.flops:
             headers += ["flops ratio", "latency saved / flops saved"]
         rows = []
         for row in self.rows:
-            line = [row.batch_size, f"{row.original.median_ms:.2f}", f"{row.original.iqr_ms:.2f}",
-                    f"{row.converted.median_ms:.2f}", f"{row.converted.iqr_ms:.2f}", f"{row.speedup:.3f}x"]
+            line = [row.batch_size]
+            for t in (row.original, row.converted):
+                line += [f"{t.median_ms:.2f}", f"{t.iqr_ms:.2f}", f"{t.min_ms:.2f}"]
+            line += [f"{row.latency_ratio:.3f}", f"{row.fastest_ratio:.3f}", f"{row.speedup:.3f}x"]
             if self.flops:
                 ratio = self.flops[1] / self.flops[0]
                 line += [f"{ratio:.3f}", f"{row.latency_saved / (1 - ratio):.2f}" if ratio < 1 else "-"]
@@ -103,10 +131,14 @@ class BenchResult:
     def __str__(self) -> str:
         runs = min((t.runs for row in self.rows for t in (row.original, row.converted)), default=0)
         parts = [f"latency on {self.device}, {self.threads} thread(s), torch {torch.__version__} "
-                 f"(median of at least {runs} timed blocks per model, the models alternating)", "", self.table()]
+                 f"(at least {runs} timed blocks per model, the models alternating)",
+                 "", self.table(),
+                 "", "(latency ratio = converted / original median; of fastest: the same from each model's "
+                     "fastest block"]
         if self.flops:
-            parts += ["", "(flops ratio = converted / original fvcore flops; latency saved / flops saved: "
-                          "1.0 means the time fell as much as the flops)"]
+            parts[-1] += ("; flops ratio = converted / original fvcore flops; latency saved / flops saved: "
+                          "1.0 means the time fell as much as the flops")
+        parts[-1] += ")"
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
 
@@ -123,17 +155,20 @@ def benchmark(
     device: str = "cpu",
     *,
     min_run_time: float = 1.0,
-    rounds: int = 3,
+    rounds: int = 5,
 ) -> BenchResult:
     """Time both models at each batch size, side by side; the models are not modified.
 
     ``threads`` defaults to ``torch.get_num_threads()``; ``min_run_time`` is the seconds
-    each ``blocked_autorange`` runs per model and round (lower it for quick looks).
+    each ``blocked_autorange`` runs per model and round (lower it for quick looks);
+    ``rounds`` how often the two models take turns.
     """
     device = _check_device(device)
     threads = int(threads or torch.get_num_threads())
     if threads < 1:
         raise ConfigError(f"threads must be a positive integer, got {threads}.", "pass --threads 1 or more")
+    if rounds < 1:
+        raise ConfigError(f"rounds must be a positive integer, got {rounds}.", "pass --rounds 1 or more")
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):
         raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}.",
@@ -143,12 +178,24 @@ def benchmark(
     rows = []
     for batch in sizes:
         batch_inputs = tuple(_batched(x, batch, device) for x in inputs)
-        timings = _time_side_by_side(models, batch_inputs, threads, min_run_time, rounds)
-        rows.append(BenchRow(batch, timings["original"], timings["converted"]))
-    return BenchResult(rows, device, threads)
+        rows.append(_time_side_by_side(batch, models, batch_inputs, threads, min_run_time, rounds))
+    result = BenchResult(rows, device, threads)
+    noisy = [row.batch_size for row in rows if max(row.original.spread, row.converted.spread) > 0.10]
+    if noisy:
+        result.notes.append(
+            f"timings spread by over 10% of their median at batch size(s) {', '.join(map(str, noisy))}: the machine "
+            "was busy; rerun on a quiet machine or with more --rounds")
+    kernel = max((t.kernel_share for row in rows for t in (row.original, row.converted)), default=0.0)
+    if kernel > KERNEL_SHARE_NOTE:
+        result.notes.append(
+            f"{100 * kernel:.0f}% of the CPU time went to the kernel, mostly page faults on freshly mapped "
+            "activations, so these timings measure the memory allocator as much as the models; "
+            f"rerun with {ALLOCATOR_HINT}")
+    return result
 
 
-def _time_side_by_side(models: dict, inputs: tuple, threads: int, min_run_time: float, rounds: int) -> dict:
+def _time_side_by_side(batch: int, models: dict, inputs: tuple, threads: int, min_run_time: float,
+                       rounds: int) -> BenchRow:
     timers = {
         name: tbench.Timer(
             stmt="model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads,
@@ -157,17 +204,26 @@ def _time_side_by_side(models: dict, inputs: tuple, threads: int, min_run_time: 
         for name, model in models.items()
     }
     measured = {name: [] for name in models}
+    cpu = {name: [0.0, 0.0] for name in models}  # user, system seconds
+    order = list(timers)
     with torch.inference_mode():
         for timer in timers.values():  # warm-up: allocator, kernels, caches
             timer.timeit(3)
-        for _ in range(max(1, rounds)):
-            for name, timer in timers.items():
-                measured[name].append(timer.blocked_autorange(min_run_time=min_run_time))
-    result = {}
+        for _ in range(rounds):
+            for name in order:
+                before = os.times()
+                measured[name].append(timers[name].blocked_autorange(min_run_time=min_run_time))
+                after = os.times()
+                cpu[name][0] += after.user - before.user
+                cpu[name][1] += after.system - before.system
+            order.reverse()  # each model goes first in every other round
+    timing = {}
     for name, parts in measured.items():
         merged = tbench.Measurement.merge(parts)[0]
-        result[name] = Timing(merged.median * 1e3, merged.iqr * 1e3, len(merged.times))
-    return result
+        user, system = cpu[name]
+        timing[name] = Timing(merged.median * 1e3, merged.iqr * 1e3, min(merged.times) * 1e3, len(merged.times),
+                              system / (user + system) if user + system > 0 else 0.0)
+    return BenchRow(batch, timing["original"], timing["converted"])
 
 
 def _batched(x, batch: int, device: str):

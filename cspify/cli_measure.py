@@ -27,7 +27,8 @@ from cspify.load import load_model, parse_shape
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time.")
 @click.option("--min-run-time", type=float, default=1.0, show_default=True,
               help="Seconds of timing per model, round and batch size.")
-def bench(batch_sizes, threads, device, min_run_time, **options) -> None:
+@click.option("--rounds", type=int, default=5, show_default=True, help="How often the two models take turns.")
+def bench(batch_sizes, threads, device, min_run_time, rounds, **options) -> None:
     with _errors(options["debug"]):
         from cspify.bench import benchmark
 
@@ -47,7 +48,7 @@ def bench(batch_sizes, threads, device, min_run_time, **options) -> None:
                                  leaf_modules=options["leaves"])
         with progress(f"timing both models on {device} at batch sizes {','.join(map(str, sizes))}"):
             result = benchmark(loaded.model, csp, loaded.example_inputs, sizes, threads, device,
-                               min_run_time=min_run_time)
+                               min_run_time=min_run_time, rounds=rounds)
         result.flops = (report.original.flops, report.converted.flops)
         if options["json_path"]:
             _write(options["json_path"], lambda f: json.dump(result.to_dict(), f, indent=2))

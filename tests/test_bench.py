@@ -45,6 +45,10 @@ def test_benchmark_times_both_models_at_each_batch_size(pair):
     for row in result.rows:
         assert row.original.median_ms > 0 and row.converted.median_ms > 0 and row.speedup > 0
         assert row.original.iqr_ms >= 0
+        for timing in (row.original, row.converted):
+            assert 0 < timing.min_ms <= timing.median_ms
+        assert row.latency_ratio == pytest.approx(row.converted.median_ms / row.original.median_ms)
+        assert row.fastest_ratio == pytest.approx(row.converted.min_ms / row.original.min_ms)
     result.flops = (10, 8)
     assert "flops ratio" in str(result) and "0.800" in str(result)
     assert json.loads(json.dumps(result.to_dict()))["rows"][1]["batch_size"] == 3
@@ -56,6 +60,8 @@ def test_benchmark_refuses_bad_options(pair):
         cspify.benchmark(model, csp, x, device="tpu")
     with pytest.raises(ConfigError):
         cspify.benchmark(model, csp, x, batch_sizes=(0,))
+    with pytest.raises(ConfigError, match="rounds"):
+        cspify.benchmark(model, csp, x, rounds=0)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             cspify.benchmark(model, csp, x, device="cuda")
