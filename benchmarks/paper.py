@@ -147,7 +147,7 @@ def write(path, size_rows, latency_rows, spreads, kernel, threads, min_run_time)
         header += [
             f"> **Noisy timings.** The largest interquartile range was {100 * worst:.0f}% of its median: this "
             "machine was shared with other work while it ran. Flops and params are exact; treat the latency "
-            "ratios as rough and re-run `python benchmarks/paper.py` on a quiet machine.",
+            f"ratios as rough and re-run `{command}` on a quiet machine.",
             "",
         ]
     body = [

@@ -11,8 +11,15 @@ taking turns at going first, so a burst of load on a shared machine hits both al
 Each model gets the median, IQR and minimum of all its timed blocks; the speed-up is
 the ratio of the medians, and the ratio of the fastest blocks is shown beside it as a
 second opinion (interference only ever adds time). How far either moves between whole
-runs on a given machine: ``python benchmarks/stability.py``. The example input's first sample is repeated to each
-batch size. On CUDA, the Timer synchronizes the device around each measurement.
+runs on a given machine: ``python benchmarks/stability.py``. The example input's first
+sample is repeated to each batch size. On CUDA, the Timer synchronizes the device around
+each measurement.
+
+The share of the process's CPU time spent in the kernel while each model ran is kept
+too. On Linux with glibc's malloc, large activations are mapped afresh and handed back
+to the OS on every forward pass; zeroing those pages took 30-40% of the CPU time at
+batch 16 on a 2-core machine, and most of the noise. A note then says how to time the
+models rather than the allocator.
 """
 
 from __future__ import annotations
@@ -179,19 +186,24 @@ def benchmark(
     for batch in sizes:
         batch_inputs = tuple(_batched(x, batch, device) for x in inputs)
         rows.append(_time_side_by_side(batch, models, batch_inputs, threads, min_run_time, rounds))
-    result = BenchResult(rows, device, threads)
+    return BenchResult(rows, device, threads, notes=_notes(rows))
+
+
+def _notes(rows: list[BenchRow]) -> list[str]:
+    """What a reader should know before trusting these timings."""
+    notes = []
     noisy = [row.batch_size for row in rows if max(row.original.spread, row.converted.spread) > 0.10]
     if noisy:
-        result.notes.append(
+        notes.append(
             f"timings spread by over 10% of their median at batch size(s) {', '.join(map(str, noisy))}: the machine "
             "was busy; rerun on a quiet machine or with more --rounds")
     kernel = max((t.kernel_share for row in rows for t in (row.original, row.converted)), default=0.0)
     if kernel > KERNEL_SHARE_NOTE:
-        result.notes.append(
+        notes.append(
             f"{100 * kernel:.0f}% of the CPU time went to the kernel, mostly page faults on freshly mapped "
-            "activations, so these timings measure the memory allocator as much as the models; "
-            f"rerun with {ALLOCATOR_HINT}")
-    return result
+            f"activations, so these timings measure the memory allocator as much as the models; rerun with "
+            f"{ALLOCATOR_HINT}")
+    return notes
 
 
 def _time_side_by_side(batch: int, models: dict, inputs: tuple, threads: int, min_run_time: float,

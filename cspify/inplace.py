@@ -1,8 +1,9 @@
 """Give a traced model back the in-place adds its source wrote.
 
 torch.fx records ``out += identity`` as ``out + identity``, so a GraphModule allocates a
-new tensor for every residual add that the eager model did in place: about 5% of
-ResNet-50's CPU latency at batch 16, a cost of tracing and not of the CSP rewrite.
+new tensor for every residual add that the eager model did in place: a cost of tracing,
+not of the CSP rewrite (1-5% of ResNet-50's CPU latency at batch 16 on a 2-core machine,
+depending on the allocator: ``python benchmarks/inplace_adds.py``).
 ``restore_inplace_adds`` turns ``a + b`` into ``a.add_(b)`` where that is safe in any mode:
 
 - ``a`` (or ``b``: addition commutes) is the output of a plain torch.nn conv, linear or
@@ -32,6 +33,7 @@ FRESH_OUTPUT = {
 
 
 def restore_inplace_adds(gm: fx.GraphModule) -> int:
+    """Turn the safe ``a + b`` nodes of ``gm`` into ``a.add_(b)``; return how many."""
     changed = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in ADDS or node.kwargs or len(node.args) != 2:

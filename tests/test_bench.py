@@ -54,6 +54,19 @@ def test_benchmark_times_both_models_at_each_batch_size(pair):
     assert json.loads(json.dumps(result.to_dict()))["rows"][1]["batch_size"] == 3
 
 
+def test_notes_flag_spread_and_kernel_time():
+    from cspify.bench import BenchRow, Timing, _notes
+
+    steady = Timing(median_ms=100, iqr_ms=2, min_ms=98, runs=9, kernel_share=0.05)
+    assert _notes([BenchRow(16, steady, steady)]) == []
+    noisy = Timing(median_ms=100, iqr_ms=30, min_ms=80, runs=9, kernel_share=0.05)
+    faulting = Timing(median_ms=100, iqr_ms=2, min_ms=98, runs=9, kernel_share=0.4)
+    (spread,) = _notes([BenchRow(1, steady, steady), BenchRow(16, steady, noisy)])
+    assert "batch size(s) 16" in spread
+    (kernel,) = _notes([BenchRow(16, faulting, steady)])
+    assert kernel.startswith("40% of the CPU time went to the kernel") and "MALLOC_TRIM_THRESHOLD_" in kernel
+
+
 def test_benchmark_refuses_bad_options(pair):
     model, csp, x = pair
     with pytest.raises(ConfigError):
