@@ -27,7 +27,7 @@ from cspify.load import load_model, parse_shape
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time.")
 @click.option("--min-run-time", type=float, default=1.0, show_default=True,
               help="Seconds of timing per model, round and batch size.")
-@click.option("--rounds", type=int, default=5, show_default=True, help="How often the two models take turns.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="How often the two models take turns.")
 def bench(batch_sizes, threads, device, min_run_time, rounds, **options) -> None:
     with _errors(options["debug"]):
         from cspify.bench import benchmark

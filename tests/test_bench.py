@@ -89,6 +89,7 @@ def test_bench_command_prints_speedup_and_flops_ratio(tmp_path):
     assert [r["batch_size"] for r in json.loads(out.read_text())["rows"]] == [1, 2]
     bad = cli("bench", RESNET, *SMALL, "--batch-sizes", "one")
     assert bad.exit_code == 2 and "batch sizes" in bad.stderr
+    assert cli("bench", RESNET, *SMALL, "--rounds", "0").exit_code == 2
 
 
 def test_sweep_gives_one_row_per_point_and_a_plot(tmp_path):
