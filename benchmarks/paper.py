@@ -10,10 +10,9 @@ For each model: gamma 0.5, fusion last, inner widths kept, 1x3x224x224, fvcore f
 params, original vs converted; the paper's reported change (shared/CSPNET.md, darknet
 counts at 256x256); timm's hand-designed CSP model vs its plain counterpart (fvcore);
 then both models timed side by side with cspify.benchmark at batch 1 and 16 (ratio of
-median latencies, the ratio of the fastest blocks beside it; "lat/flops" is
-the latency saved over the flops saved: 1.0 means the time fell as much as the flops,
-0.7 is the issue's bar). Run it on a quiet machine: the header says how noisy the
-timings were.
+median latencies, the ratio of the fastest blocks beside it; "lat/flops" is the latency
+saved over the flops saved: 1.0 means the time fell as much as the flops, 0.7 is the
+issue's bar). Run it on a quiet machine: the header says how noisy the timings were.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis, parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 5  # turns each model takes in cspify.benchmark, per batch size
 # shared/CSPNET.md, "Figures the paper reports": (flops change %, params change %).
 PAPER = {
     "resnet50": (-8, -5),
@@ -110,7 +110,7 @@ def main() -> None:
             name, stages, f"{o.flops / 1e9:.2f} -> {c.flops / 1e9:.2f}", pct(o.flops, c.flops),
             pct(o.params, c.params), f"{paper[0]:+d}% / {paper[1]:+d}%" if paper else "", hand_designed(name, x),
         ])
-        result = cspify.benchmark(model, csp, x, sizes, threads, min_run_time=args.min_run_time)
+        result = cspify.benchmark(model, csp, x, sizes, threads, min_run_time=args.min_run_time, rounds=ROUNDS)
         flops_saved = 1 - c.flops / o.flops
         for row in result.rows:
             spreads += [t.spread for t in (row.original, row.converted)]
@@ -163,7 +163,7 @@ def write(path, size_rows, latency_rows, spreads, kernel, threads, min_run_time)
         "## Latency: both models timed side by side on CPU",
         "",
         f"`cspify.benchmark` (torch.utils.benchmark, warm-up, blocked_autorange, {min_run_time:g} s per model and "
-        "round, 5 rounds alternating the models): median ms ± IQR (fastest block). latency ratio = converted / "
+        f"round, {ROUNDS} rounds alternating the models): median ms ± IQR (fastest block). latency ratio = converted / "
         "original median; of fastest: the same from each model's fastest block; lat/flops = latency saved / "
         "flops saved, from the latency ratio (1.0: time fell as much as flops; the issue's bar is 0.7). How far "
         "the ratios move between whole runs: `python benchmarks/stability.py MODEL`.",

@@ -111,8 +111,8 @@ class BenchResult:
             "torch": torch.__version__,
             "flops": list(self.flops) if self.flops else None,
             "rows": [
-                {**asdict(row), "latency_ratio": round(row.latency_ratio, 4), "fastest_ratio": round(row.fastest_ratio, 4),
-                 "speedup": round(row.speedup, 4), "latency_saved": round(row.latency_saved, 4)}
+                {**asdict(row), **{key: round(getattr(row, key), 4)
+                                   for key in ("latency_ratio", "fastest_ratio", "speedup", "latency_saved")}}
                 for row in self.rows
             ],
         }

@@ -2,8 +2,8 @@
 
 torch.fx records ``out += identity`` as ``out + identity``, so a GraphModule allocates a
 new tensor for every residual add that the eager model did in place: a cost of tracing,
-not of the CSP rewrite (1-5% of ResNet-50's CPU latency at batch 16 on a 2-core machine,
-depending on the allocator: ``python benchmarks/inplace_adds.py``).
+not of the CSP rewrite (about 1% of ResNet-50's CPU latency at batch 16 on a 2-core
+machine, ``python benchmarks/inplace_adds.py``, and one activation per residual block).
 ``restore_inplace_adds`` turns ``a + b`` into ``a.add_(b)`` where that is safe in any mode:
 
 - ``a`` (or ``b``: addition commutes) is the output of a plain torch.nn conv, linear or
