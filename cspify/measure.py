@@ -33,7 +33,9 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Iterable
+from collections import Counter
 from dataclasses import dataclass, field
+from numbers import Number
 
 import torch
 import torch.fx as fx
@@ -42,7 +44,10 @@ import torch.nn.functional as F
 
 with warnings.catch_warnings():  # fvcore's import still decorates with torch.jit.script
     warnings.simplefilter("ignore", FutureWarning)
-    from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis, parameter_count
+    from fvcore.nn import parameter_count
+    from fvcore.nn.activation_count import _DEFAULT_SUPPORTED_OPS as ACTIVATION_HANDLES
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS as FLOP_HANDLES
+    from fvcore.nn.jit_analysis import JitModelAnalysis
 
 from cspify.trace import as_inputs, eval_mode, trace
 
@@ -128,11 +133,7 @@ def measure(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = ()) 
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules).gm
     with eval_mode(gm):
-        flops = FlopCountAnalysis(gm, inputs)
-        activations = ActivationCountAnalysis(gm, inputs)
-        for analysis in (flops, activations):
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        module_flops, module_acts = flops.by_module(), activations.by_module()
+        module_flops, module_acts = fvcore_counts(gm, inputs)
     params = parameter_count(gm)
     node_bytes = {node.name: node_traffic(node, gm) for node in gm.graph.nodes}
     targets = {n.name: n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -147,6 +148,31 @@ def measure(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = ()) 
     return Measurement(
         totals, dict(module_flops), dict(module_acts), dict(params), node_bytes, targets, node_cio, node_live, layers
     )
+
+
+def fvcore_counts(model: nn.Module, inputs: tuple) -> tuple[dict[str, int], dict[str, int]]:
+    """fvcore's flops and activations per module, as FlopCountAnalysis and
+    ActivationCountAnalysis count them, from one jit trace instead of one each."""
+    analysis = JitModelAnalysis(model, inputs)
+    analysis.set_op_handle(**{
+        op: _both(FLOP_HANDLES.get(op), ACTIVATION_HANDLES.get(op)) for op in {*FLOP_HANDLES, *ACTIVATION_HANDLES}
+    })
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    counts = analysis.by_module_and_operator()
+    return ({name: c["flops"] for name, c in counts.items()},
+            {name: c["activations"] for name, c in counts.items()})
+
+
+def _both(flop_handle, activation_handle):
+    """One fvcore op handle that counts flops and activations under their own keys."""
+    def handle(inputs, outputs) -> Counter:
+        counts = Counter()
+        for key, count in (("flops", flop_handle), ("activations", activation_handle)):
+            if count is not None:
+                value = count(inputs, outputs)
+                counts[key] = sum(value.values()) if not isinstance(value, Number) else value
+        return counts
+    return handle
 
 
 def bottleneck(layer_flops: list[int]) -> dict:

@@ -81,3 +81,34 @@ def test_report_carries_the_new_figures_per_stage_and_in_total():
     markdown = report.to_markdown()
     assert markdown.count("```mermaid") == sum(r.converted for r in report.stages)
     assert "partial transition" in markdown and "bypass 4 ch" in markdown
+
+
+class Mixed(nn.Module):
+    """Conv, linear, matmul and einsum: every kind of op fvcore counts flops or activations for."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = TinyResNet()
+        self.proj = nn.Linear(5, 6)
+
+    def forward(self, x):
+        y = self.proj(self.body(x))
+        return torch.einsum("bi,bj->bij", y, y).sum() + (y @ y.T).sum()
+
+
+def test_one_fvcore_pass_counts_as_its_two_analyses():
+    import warnings
+
+    from cspify.measure import fvcore_counts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
+
+    model, x = seeded(Mixed), (torch.randn(2, 3, 16, 16),)
+    flops, activations = fvcore_counts(model, x)
+    for analysis, ours in ((FlopCountAnalysis(model, x), flops), (ActivationCountAnalysis(model, x), activations)):
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        theirs = analysis.by_module()
+        assert theirs[""] > 0 and set(theirs) == set(ours)
+        assert {name: ours[name] for name in theirs} == dict(theirs)
