@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Iterable
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from numbers import Number
 
