@@ -45,7 +45,7 @@ _cpp_log.setLevel(_level)
 from cspify.errors import ConfigError
 from cspify.trace import as_inputs
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # auto: the CPU, and CUDA too when present
 KERNEL_SHARE_NOTE = 0.2
 ALLOCATOR_HINT = ("MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 set (glibc keeps freed blocks) "
                   "or jemalloc/tcmalloc preloaded")
@@ -72,6 +72,7 @@ class BenchRow:
     batch_size: int
     original: Timing
     converted: Timing
+    device: str = "cpu"
 
     @property
     def latency_ratio(self) -> float:
@@ -118,13 +119,14 @@ class BenchResult:
         }
 
     def table(self, fmt: str = "simple") -> str:
-        headers = ["batch", "original ms", "IQR", "min", "converted ms", "IQR", "min", "latency ratio", "of fastest",
-                   "speed-up"]
+        several = len({row.device for row in self.rows}) > 1
+        headers = ["device"] * several + ["batch", "original ms", "IQR", "min", "converted ms", "IQR", "min",
+                                          "latency ratio", "of fastest", "speed-up"]
         if self.flops:
             headers += ["flops ratio", "latency saved / flops saved"]
         rows = []
         for row in self.rows:
-            line = [row.batch_size]
+            line = [row.device] * several + [row.batch_size]
             for t in (row.original, row.converted):
                 line += [f"{t.median_ms:.2f}", f"{t.iqr_ms:.2f}", f"{t.min_ms:.2f}"]
             line += [f"{row.latency_ratio:.3f}", f"{row.fastest_ratio:.3f}", f"{row.speedup:.3f}x"]
@@ -166,11 +168,12 @@ def benchmark(
 ) -> BenchResult:
     """Time both models at each batch size, side by side; the models are not modified.
 
+    ``device`` is "cpu", "cuda", or "auto" (the CPU, and CUDA too when present);
     ``threads`` defaults to ``torch.get_num_threads()``; ``min_run_time`` is the seconds
     each ``blocked_autorange`` runs per model and round (lower it for quick looks);
     ``rounds`` how often the two models take turns.
     """
-    device = _check_device(device)
+    devices = resolve_devices(device)
     threads = int(threads or torch.get_num_threads())
     if threads < 1:
         raise ConfigError(f"threads must be a positive integer, got {threads}.", "pass --threads 1 or more")
@@ -180,22 +183,26 @@ def benchmark(
     if not sizes or any(b < 1 for b in sizes):
         raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}.",
                           "write them as --batch-sizes 1,16")
-    models = {name: copy.deepcopy(m).eval().to(device) for name, m in (("original", original), ("converted", converted))}
     inputs = as_inputs(example_inputs)
     rows = []
-    for batch in sizes:
-        batch_inputs = tuple(_batched(x, batch, device) for x in inputs)
-        rows.append(_time_side_by_side(batch, models, batch_inputs, threads, min_run_time, rounds))
-    return BenchResult(rows, device, threads, notes=_notes(rows))
+    for where in devices:
+        models = {name: copy.deepcopy(m).eval().to(where) for name, m in (("original", original),
+                                                                          ("converted", converted))}
+        for batch in sizes:
+            batch_inputs = tuple(_batched(x, batch, where) for x in inputs)
+            rows.append(_time_side_by_side(batch, where, models, batch_inputs, threads, min_run_time, rounds))
+    return BenchResult(rows, ", ".join(devices), threads, notes=_notes(rows))
 
 
 def _notes(rows: list[BenchRow]) -> list[str]:
     """What a reader should know before trusting these timings."""
     notes = []
-    noisy = [row.batch_size for row in rows if max(row.original.spread, row.converted.spread) > 0.10]
+    several = len({row.device for row in rows}) > 1
+    noisy = [f"{row.batch_size} ({row.device})" if several else str(row.batch_size)
+             for row in rows if max(row.original.spread, row.converted.spread) > 0.10]
     if noisy:
         notes.append(
-            f"timings spread by over 10% of their median at batch size(s) {', '.join(map(str, noisy))}: the machine "
+            f"timings spread by over 10% of their median at batch size(s) {', '.join(noisy)}: the machine "
             "was busy; rerun on a quiet machine or with more --rounds")
     kernel = max((t.kernel_share for row in rows for t in (row.original, row.converted)), default=0.0)
     if kernel > KERNEL_SHARE_NOTE:
@@ -206,7 +213,7 @@ def _notes(rows: list[BenchRow]) -> list[str]:
     return notes
 
 
-def _time_side_by_side(batch: int, models: dict, inputs: tuple, threads: int, min_run_time: float,
+def _time_side_by_side(batch: int, device: str, models: dict, inputs: tuple, threads: int, min_run_time: float,
                        rounds: int) -> BenchRow:
     timers = {
         name: tbench.Timer(
@@ -235,7 +242,7 @@ def _time_side_by_side(batch: int, models: dict, inputs: tuple, threads: int, mi
         user, system = cpu[name]
         timing[name] = Timing(merged.median * 1e3, merged.iqr * 1e3, min(merged.times) * 1e3, len(merged.times),
                               system / (user + system) if user + system > 0 else 0.0)
-    return BenchRow(batch, timing["original"], timing["converted"])
+    return BenchRow(batch, timing["original"], timing["converted"], device)
 
 
 def _batched(x, batch: int, device: str):
@@ -245,9 +252,12 @@ def _batched(x, batch: int, device: str):
     return x[:1].repeat(batch, *[1] * (x.dim() - 1)).to(device)
 
 
-def _check_device(device: str) -> str:
+def resolve_devices(device: str) -> list[str]:
+    """The devices ``device`` names: "auto" is the CPU, and CUDA too when present."""
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}.", "use --device cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("CUDA is not available on this machine.", "use --device cpu")
-    return device
+    if device == "auto":
+        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    return [device]

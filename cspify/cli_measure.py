@@ -24,19 +24,21 @@ from cspify.load import load_model, parse_shape
 @_options
 @click.option("--batch-sizes", default="1", show_default=True, metavar="B1,B2", help="Batch sizes to time.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads [default: torch.get_num_threads()].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to time; auto: the CPU, and CUDA too when present.")
 @click.option("--min-run-time", type=float, default=1.0, show_default=True,
               help="Seconds of timing per model, round and batch size.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="How often the two models take turns.")
 def bench(batch_sizes, threads, device, min_run_time, rounds, **options) -> None:
     with _errors(options["debug"]):
-        from cspify.bench import benchmark
+        from cspify.bench import benchmark, resolve_devices
 
         config = _config(options)
         sizes = _int_list(batch_sizes)
         shape = parse_shape(options["input_shape"]) if options["input_shape"] is not None else None
         for path in (p for p in (options["json_path"], options["markdown_path"]) if p):
             _check_writable(path, options["force"])
+        devices = resolve_devices(device)
         progress = _Progress(options["quiet"])
         with progress(f"loading {options['model']}"):
             loaded = load_model(options["model"], shape)
@@ -46,7 +48,7 @@ def bench(batch_sizes, threads, device, min_run_time, rounds, **options) -> None
         with progress("counting flops"):
             report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
                                  leaf_modules=options["leaves"])
-        with progress(f"timing both models on {device} at batch sizes {','.join(map(str, sizes))}"):
+        with progress(f"timing both models on {' and '.join(devices)} at batch sizes {','.join(map(str, sizes))}"):
             result = benchmark(loaded.model, csp, loaded.example_inputs, sizes, threads, device,
                                min_run_time=min_run_time, rounds=rounds)
         result.flops = (report.original.flops, report.converted.flops)

@@ -23,9 +23,9 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from cspify import api
-from cspify.bench import BenchRow, benchmark
+from cspify.bench import BenchRow, benchmark, resolve_devices
 from cspify.config import CSPConfig
-from cspify.errors import NoStageError
+from cspify.errors import ConfigError, NoStageError
 from cspify.measure import FLOP_NOTE, Figures, measure
 from cspify.report import build_report, human, percent
 from cspify.trace import as_inputs, capture_inputs
@@ -124,7 +124,12 @@ def sweep(
     min_run_time: float = 1.0,
     progress: bool = False,
 ) -> Sweep:
-    """Convert ``model`` at every combination of the options and measure each result."""
+    """Convert ``model`` at every combination of the options and measure each result;
+    with ``latency``, time each one against the original on ``device`` ("cpu" or "cuda")."""
+    if latency and device == "auto":
+        raise ConfigError("a sweep times on one device, got 'auto'.", "pass device='cpu' or device='cuda'")
+    if latency:
+        resolve_devices(device)  # refuses an unknown or absent device before any conversion
     configs = [
         CSPConfig(g, f, h, tuple(stages) if stages else None, allow_costlier)
         for g, f, h in itertools.product(gammas, fusions, hiddens)

@@ -67,6 +67,23 @@ def test_notes_flag_spread_and_kernel_time():
     assert kernel.startswith("40% of the CPU time went to the kernel") and "MALLOC_TRIM_THRESHOLD_" in kernel
 
 
+def test_auto_device_is_the_cpu_and_cuda_when_present(monkeypatch):
+    from cspify.bench import BenchResult, BenchRow, Timing, resolve_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_devices("auto") == ["cpu"]
+    with pytest.raises(ConfigError, match="CUDA"):
+        resolve_devices("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_devices("auto") == ["cpu", "cuda"] and resolve_devices("cpu") == ["cpu"]
+
+    t = Timing(median_ms=10, iqr_ms=2, min_ms=9, runs=5)
+    both = BenchResult([BenchRow(1, t, t, "cpu"), BenchRow(1, t, t, "cuda")], "cpu, cuda", 1)
+    assert both.table().splitlines()[0].split()[0] == "device" and "cuda" in both.table()
+    one = BenchResult([BenchRow(1, t, t, "cpu")], "cpu", 1)
+    assert "device" not in one.table()
+
+
 def test_benchmark_refuses_bad_options(pair):
     model, csp, x = pair
     with pytest.raises(ConfigError):
@@ -111,6 +128,12 @@ def test_sweep_with_latency_in_the_api(pair):
     result = cspify.sweep(model, x, gammas=(0.5,), latency=True, threads=1, min_run_time=0.01)
     assert len(result.points) == 1 and result.points[0].latency[0].converted.median_ms > 0
     assert "ms @1" in str(result)
+
+
+def test_sweep_times_on_one_device(pair):
+    model, _, x = pair
+    with pytest.raises(ConfigError, match="one device"):
+        cspify.sweep(model, x, gammas=(0.5,), latency=True, device="auto")
 
 
 def test_sweep_rejects_bad_lists():
