@@ -204,7 +204,8 @@ def _notes(rows: list[BenchRow]) -> list[str]:
         notes.append(
             f"timings spread by over 10% of their median at batch size(s) {', '.join(noisy)}: the machine "
             "was busy; rerun on a quiet machine or with more --rounds")
-    kernel = max((t.kernel_share for row in rows for t in (row.original, row.converted)), default=0.0)
+    kernel = max((t.kernel_share for row in rows if row.device == "cpu" for t in (row.original, row.converted)),
+                 default=0.0)  # on CUDA the host's page faults are not what is timed
     if kernel > KERNEL_SHARE_NOTE:
         notes.append(
             f"{100 * kernel:.0f}% of the CPU time went to the kernel, mostly page faults on freshly mapped "

@@ -65,6 +65,7 @@ def test_notes_flag_spread_and_kernel_time():
     assert "batch size(s) 16" in spread
     (kernel,) = _notes([BenchRow(16, faulting, steady)])
     assert kernel.startswith("40% of the CPU time went to the kernel") and "MALLOC_TRIM_THRESHOLD_" in kernel
+    assert _notes([BenchRow(16, faulting, steady, "cuda")]) == []
 
 
 def test_auto_device_is_the_cpu_and_cuda_when_present(monkeypatch):
