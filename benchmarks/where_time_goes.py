@@ -77,7 +77,8 @@ def conv_shares(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[floa
             hooks += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
     with torch.inference_mode():
         model(x)
-        seconds.clear(), flops.clear()
+        seconds.clear()
+        flops.clear()
         begin = time.perf_counter()
         for _ in range(3):
             model(x)

@@ -126,10 +126,10 @@ def sweep(
 ) -> Sweep:
     """Convert ``model`` at every combination of the options and measure each result;
     with ``latency``, time each one against the original on ``device`` ("cpu" or "cuda")."""
-    if latency and device == "auto":
-        raise ConfigError("a sweep times on one device, got 'auto'.", "pass device='cpu' or device='cuda'")
-    if latency:
-        resolve_devices(device)  # refuses an unknown or absent device before any conversion
+    if latency:  # a bad device is refused before any conversion
+        if device == "auto":
+            raise ConfigError("a sweep times on one device, got 'auto'.", "pass device='cpu' or device='cuda'")
+        resolve_devices(device)
     configs = [
         CSPConfig(g, f, h, tuple(stages) if stages else None, allow_costlier)
         for g, f, h in itertools.product(gammas, fusions, hiddens)
