@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import cspify
 from cspify.errors import ConfigError, NoStageError
-from conftest import TinyResNet, seeded
+from tiny_models import TinyResNet, seeded
 from test_cli import PLAIN, RESNET, SMALL, TINY_RES, check_error, cli, listing, models, run_error, work  # noqa: F401
 
 HEADER = "import torch\nimport torch.nn as nn\n"

@@ -14,7 +14,7 @@ import cspify
 from cspify.cli import main
 from cspify.errors import ConfigError
 
-from conftest import TinyResNet, seeded
+from tiny_models import TinyResNet, seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = str(ROOT / "examples" / "resnet_like.py")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cspify import rules
 from cspify.channels import RULES, analyse, fresh_like, narrow_conv, narrow_linear, narrow_per_channel
 from cspify.trace import trace
-from conftest import TinyResNet, cbr, seeded, RollBlock, Shift
+from tiny_models import TinyResNet, cbr, seeded, RollBlock, Shift
 
 X = torch.randn(1, 3, 16, 16)
 

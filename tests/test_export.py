@@ -18,7 +18,7 @@ import cspify
 from cspify.cli import main
 from cspify.errors import OutputError
 from cspify.export import ExportError, Outputs, source_of, write_source
-from conftest import TinyDenseNet, TinyResNet, randomize_norms, seeded
+from tiny_models import TinyDenseNet, TinyResNet, randomize_norms, seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "resnet_like.py"

@@ -9,7 +9,7 @@ import cspify
 from cspify.inplace import restore_inplace_adds
 from cspify.trace import as_inputs, propagate_shapes, trace
 
-from conftest import TinyResNet, seeded
+from tiny_models import TinyResNet, seeded
 
 
 def traced(model, x):

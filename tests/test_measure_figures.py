@@ -9,7 +9,7 @@ import torch.nn as nn
 import cspify
 from cspify.measure import measure
 
-from conftest import TinyResNet, seeded
+from tiny_models import TinyResNet, seeded
 
 X = torch.randn(1, 3, 8, 8)  # 64 pixels; float32: 4 bytes per element
 

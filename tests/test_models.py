@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import cspify
-from conftest import flat_renamed
+from tiny_models import flat_renamed
 from cspify.measure import measure
 
 torchvision = pytest.importorskip("torchvision")

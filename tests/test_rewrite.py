@@ -16,7 +16,7 @@ from cspify.rewrite import rewrite
 from cspify.inplace import restore_inplace_adds
 from cspify.trace import as_inputs, propagate_shapes, trace
 from cspify import rules
-from conftest import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock, Shift
+from tiny_models import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock, Shift
 
 X = torch.randn(2, 3, 16, 16)
 MODELS = [TinyResNet, PreActNet, TinyDenseNet, IncrementalDense]

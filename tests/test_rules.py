@@ -12,7 +12,7 @@ import cspify
 from cspify import rules
 from cspify.errors import NoStageError
 from cspify.trace import trace
-from conftest import (
+from tiny_models import (
     flat_renamed,
     Bottleneck, DenseBlock, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, seeded,
 )

@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 import cspify
-from conftest import TinyDenseNet, TinyResNet, randomize_norms, seeded
+from tiny_models import TinyDenseNet, TinyResNet, randomize_norms, seeded
 
 FAMILIES = {
     "residual": (lambda: randomize_norms(seeded(TinyResNet)), (2, 3, 16, 16)),

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import cspify
 from cspify.cli import main
-from conftest import Bottleneck, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded
+from tiny_models import Bottleneck, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -148,7 +148,7 @@ import torch
 import torch.nn as nn
 import sys
 sys.path.insert(0, {tests!r})
-from conftest import TinyResNet
+from tiny_models import TinyResNet
 
 
 def build() -> nn.Module:

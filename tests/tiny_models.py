@@ -1,0 +1,192 @@
+"""Tiny hand-written models the unit tests import (widths of 8-16 channels, 16x16 inputs)."""
+
+import copy
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+
+def cbr(cin, cout, k=1, stride=1, groups=1, act=True):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU()) if act else nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """Post-activation residual block: relu(x + f(x)); a projection shortcut when shapes change."""
+
+    def __init__(self, cin, width, cout, stride=1, groups=1, names=("reduce", "spatial", "expand", "proj")):
+        super().__init__()
+        self.names = names
+        setattr(self, names[0], cbr(cin, width, 1))
+        setattr(self, names[1], cbr(width, width, 3, stride, groups=groups))
+        setattr(self, names[2], cbr(width, cout, 1, act=False))
+        self.has_proj = stride != 1 or cin != cout
+        if self.has_proj:
+            setattr(self, names[3], cbr(cin, cout, 1, stride, act=False))
+
+    def forward(self, x):
+        a, b, c, p = (getattr(self, n, None) for n in self.names)
+        shortcut = p(x) if self.has_proj else x
+        return torch.relu(c(b(a(x))) + shortcut)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block: x + f(x) with the add as the last op."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1, bias=False),
+                               nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1, bias=False))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class TinyResNet(nn.Module):
+    """stem (C) -> layer1: n identity blocks on C -> layer2: projection block to 2C + n-1 blocks -> head.
+
+    ``stem``/``layer1``/``layer2`` can be renamed with ``names`` (same network, other attribute names).
+    """
+
+    def __init__(self, c=8, depth=3, groups=1, names=("stem", "layer1", "layer2", "head"), block_names=None):
+        super().__init__()
+        bn = block_names or ("reduce", "spatial", "expand", "proj")
+        self.names = names
+        setattr(self, names[0], cbr(3, c, 3))
+        setattr(self, names[1], nn.Sequential(*[Bottleneck(c, c, c, groups=groups, names=bn) for _ in range(depth)]))
+        setattr(self, names[2], nn.Sequential(
+            Bottleneck(c, c, 2 * c, stride=2, groups=groups, names=bn),
+            *[Bottleneck(2 * c, c, 2 * c, groups=groups, names=bn) for _ in range(depth - 1)],
+        ))
+        setattr(self, names[3], nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, 5)))
+
+    def forward(self, x):
+        for name in self.names:
+            x = getattr(self, name)(x)
+        return x
+
+
+class PreActNet(nn.Module):
+    def __init__(self, c=8, depth=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, 1, 1)
+        self.layer1 = nn.Sequential(*[PreActBlock(c) for _ in range(depth)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.layer1(self.stem(x)))
+
+
+class DenseLayer(nn.Module):
+    """torchvision's _DenseLayer: reads torch.cat of every earlier feature map."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU()
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(2 * growth), nn.ReLU()
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, features):
+        x = torch.cat(features, 1)
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class DenseBlock(nn.ModuleDict):
+    """torchvision's _DenseBlock: one growing torch.cat per layer."""
+
+    def __init__(self, n, cin, growth):
+        super().__init__()
+        for i in range(n):
+            self[f"denselayer{i + 1}"] = DenseLayer(cin + i * growth, growth)
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm, self.relu = nn.BatchNorm2d(cin), nn.ReLU()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.pool = nn.AvgPool2d(2, 2)
+
+
+class TinyDenseNet(nn.Module):
+    """stem (C) -> dense block (n layers) -> transition -> dense block -> norm -> pool -> linear."""
+
+    def __init__(self, c=8, growth=4, n=3):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.block1 = DenseBlock(n, c, growth)
+        c1 = c + n * growth
+        self.trans1 = Transition(c1, c1 // 2)
+        self.block2 = DenseBlock(n, c1 // 2, growth)
+        c2 = c1 // 2 + n * growth
+        self.norm = nn.BatchNorm2d(c2)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 5))
+
+    def forward(self, x):
+        return self.head(self.norm(self.block2(self.trans1(self.block1(self.stem(x))))))
+
+
+class IncrementalDense(nn.Module):
+    """The incremental dense form: x = cat([x, f(x)]) per layer."""
+
+    def __init__(self, c=8, growth=4, n=3):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.layers = nn.ModuleList(cbr(c + i * growth, growth, 3) for i in range(n))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return self.pool(x)
+
+
+def seeded(cls, *args, **kwargs):
+    torch.manual_seed(0)
+    return cls(*args, **kwargs).eval()
+
+
+def randomize_norms(model, seed=2):
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def flat_renamed(model):
+    """The same network with every module under a meaningless flat name (m0, m1, ...)."""
+    gm = fx.symbolic_trace(model)
+    root = nn.Module()
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "call_module"):
+        root.add_module(f"m{i}", copy.deepcopy(gm.get_submodule(n.target)))
+        n.target = f"m{i}"
+    return fx.GraphModule(root, gm.graph)
+
+
+class Shift(nn.Module):
+    def forward(self, x):
+        return torch.roll(x, 1, 2)
+
+
+class RollBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.shift = Shift()
+        self.f = nn.Sequential(cbr(c, c, 3), cbr(c, c, 3, act=False))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(self.shift(x)))
