@@ -23,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 import cspify
-from cspify.trace import Tracer
 from cspify.errors import CspifyError, NoStageError
 from cspify.measure import measure
+from cspify.record import conversion_of
+from cspify.trace import Tracer
 
 # Models whose fixed patch or window grids need this input size; the rest run at 64x64.
 SIZE = {"vit": 224, "swin": 224, "maxvit": 224, "inception_v3": 96, "googlenet": 64}
@@ -100,10 +101,10 @@ def check(spec: str) -> dict:
     except CspifyError as error:
         row.update(status="not converted", reason=error.message)
         return row
-    stages = csp.meta["cspify"]["stages"]
+    stages = conversion_of(csp).stages
     row["found"] = len(stages)
-    row["converted"] = sum(s["converted"] for s in stages)
-    skipped = [f"{s['name']}: {s['reason']}" for s in stages if not s["converted"]]
+    row["converted"] = sum(s.converted for s in stages)
+    skipped = [f"{s.name}: {s.reason}" for s in stages if not s.converted]
     with torch.no_grad():
         want = [(t.shape, t.dtype) for t in outputs(model(x))]
         got = [(t.shape, t.dtype) for t in outputs(csp(x))]

@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import copy
+from collections.abc import Iterable
+from dataclasses import replace
 
 import torch.fx as fx
 import torch.nn as nn
@@ -20,12 +20,11 @@ from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
 from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.plan import plan_stage
+from cspify.record import Conversion, StageRecord, attach, conversion_of
 from cspify.report import Report, build_report
 from cspify.rewrite import rewrite
 from cspify.stage import Stage, StagePlan
 from cspify.trace import as_inputs, capture_inputs, eval_mode, propagate_shapes, shape, trace
-
-META_KEY = "cspify"
 
 
 def find_stages(model: nn.Module, example_inputs, *, leaf_modules: Iterable[str] = ()) -> list[Stage]:
@@ -56,10 +55,11 @@ def convert(
 
     Every stage found is converted unless ``stages`` names a subset, or its conversion
     would cost more multiply-adds than it saves (``allow_costlier=True`` converts those too). Outputs keep their
-    shapes and dtypes. ``gm.meta["cspify"]`` records what was done, for ``compare``.
+    shapes and dtypes. ``cspify.record.conversion_of(gm)`` says what was done.
+
+    ``config`` (a CSPConfig) replaces the five conversion options; giving both is refused.
     """
-    if config is None:
-        config = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier)
+    config = _config(config, gamma, fusion, hidden, stages, allow_costlier)
     inputs = as_inputs(example_inputs)
     if scope:
         return _convert_scope(model, inputs, scope, config, leaf_modules, seed)
@@ -82,7 +82,7 @@ def convert(
         )
     expected = _output_shapes(traced.gm)
     gm, added = rewrite(traced, plans, seed=seed)
-    gm.meta[META_KEY] = _metadata(config, plans, added)
+    attach(gm, _record(config, plans, added, seed, tuple(leaf_modules)))
     try:
         propagate_shapes(gm, inputs)
     except TraceError as error:  # the original ran on these inputs: this one is ours
@@ -112,8 +112,7 @@ def compare(
         converted = converted.get_submodule(scope)
     before = measure(original, inputs, leaf_modules)
     after = measure(converted, inputs, leaf_modules)
-    meta = getattr(converted, "meta", {}).get(META_KEY)
-    return build_report(before, after, meta)
+    return build_report(before, after, conversion_of(converted))
 
 
 def _convert_scope(model, inputs, scope, config, leaf_modules, seed) -> nn.Module:
@@ -124,6 +123,7 @@ def _convert_scope(model, inputs, scope, config, leaf_modules, seed) -> nn.Modul
     """
     part, part_inputs = capture_inputs(model, inputs, scope)
     converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed)
+    attach(converted_part, replace(conversion_of(converted_part), scope=scope))
     whole = copy.deepcopy(model)
     parent, _, name = scope.rpartition(".")
     setattr(whole.get_submodule(parent) if parent else whole, name, converted_part)
@@ -171,25 +171,30 @@ def _output_shapes(gm: fx.GraphModule) -> list:
     return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in output.all_input_nodes]
 
 
-def _metadata(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[str, ...]]) -> dict:
-    """What compare needs to know about a conversion: plain, picklable data."""
-    return {
-        "options": {"gamma": config.gamma, "fusion": config.fusion, "hidden": config.hidden},
-        "stages": [
-            {
-                "name": p.name,
-                "kind": p.stage.kind,
-                "channels": p.stage.channels,
-                "bypass_channels": p.bypass_channels,
-                "through_channels": p.through_channels,
-                "base": p.stage.base,
-                "blocks": len(p.stage.blocks),
-                "converted": p.converted,
-                "reason": p.reason,
-                "notes": list(p.notes),
-                "nodes": list(p.stage.nodes),
-                "added": list(added.get(p.name, ())),
-            }
-            for p in plans
-        ],
-    }
+def _config(config, gamma, fusion, hidden, stages, allow_costlier) -> CSPConfig:
+    """One validated CSPConfig from either the record or the separate options, never both."""
+    separate = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier)
+    if config is None:
+        return separate
+    if separate != CSPConfig():
+        raise ConfigError(
+            "convert() got both config= and separate conversion options (gamma, fusion, hidden, stages, allow_costlier).",
+            "put every option in the CSPConfig, or pass them separately without config=",
+        )
+    return config
+
+
+def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[str, ...]], seed: int,
+            leaf_modules: tuple[str, ...]) -> Conversion:
+    """What compare, sweep, calibration and fine-tuning need to know about a conversion."""
+    stages = []
+    for p in plans:
+        new = tuple(added.get(p.name, ()))
+        hands_on = p.stage.transition[-1] if p.fusion == "last" and p.stage.transition else p.stage.output
+        stages.append(StageRecord(
+            name=p.name, kind=p.stage.kind, channels=p.stage.channels, converted=p.converted, reason=p.reason,
+            bypass_channels=p.bypass_channels, through_channels=p.through_channels, base=p.stage.base,
+            blocks=len(p.stage.blocks), nodes=tuple(p.stage.nodes), added=new, output=hands_on,
+            converted_output=new[-1] if p.converted and new else "", notes=tuple(p.notes),
+        ))
+    return Conversion(config, tuple(stages), seed=seed, leaf_modules=leaf_modules)

@@ -9,7 +9,7 @@ Beside flops, params and memory traffic, the report shows HarDNet's CIO (conv in
 output feature maps, bytes), the peak activation memory from tensor lifetimes (bytes;
 measured on CUDA only), and the computational bottleneck (largest layer flops, and the
 largest over the mean of a stage's layers). Rows and totals come from two Measurements; which nodes belong to which stage comes from
-the metadata ``convert`` leaves on the converted GraphModule (``gm.meta["cspify"]``).
+the record ``convert`` leaves on the converted GraphModule (``cspify.record.Conversion``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from cspify.measure import FLOP_NOTE, Figures, Measurement
+from cspify.record import Conversion
 
 KEYS = ("flops", "params", "activations", "memory_bytes")
 # Every figure a stage row and the totals carry (KEYS first: existing JSON keys stay).
@@ -173,22 +174,18 @@ class Report:
         return f"CSP conversion ({opts})" if opts else "CSP conversion"
 
 
-def build_report(before: Measurement, after: Measurement, meta: dict | None) -> Report:
-    """Totals of both models, and a row per stage the conversion metadata names."""
+def build_report(before: Measurement, after: Measurement, record: Conversion | None) -> Report:
+    """Totals of both models, and a row per stage the conversion record names."""
     rows = []
-    for stage in (meta or {}).get("stages", []):
-        nodes_before = stage["nodes"]
-        nodes_after = list(stage["nodes"]) + list(stage["added"])
-        fig_before = before.stage(nodes_before)
-        fig_after = after.stage(nodes_after) if stage["converted"] else fig_before
+    for stage in record.stages if record else ():
+        fig_before = before.stage(stage.nodes)
+        fig_after = after.stage(stage.nodes + stage.added) if stage.converted else fig_before
         rows.append(StageRow(
-            name=stage["name"], kind=stage["kind"], channels=stage["channels"],
-            bypass_channels=stage["bypass_channels"], converted=stage["converted"],
-            reason=stage["reason"], before=fig_before, after=fig_after, notes=stage["notes"],
-            through_channels=stage.get("through_channels", 0), base=stage.get("base", ""),
-            blocks=stage.get("blocks", 0),
+            name=stage.name, kind=stage.kind, channels=stage.channels, bypass_channels=stage.bypass_channels,
+            converted=stage.converted, reason=stage.reason, before=fig_before, after=fig_after,
+            notes=list(stage.notes), through_channels=stage.through_channels, base=stage.base, blocks=stage.blocks,
         ))
-    return Report(before.totals, after.totals, rows, dict((meta or {}).get("options", {})))
+    return Report(before.totals, after.totals, rows, record.summary() if record else {})
 
 
 def stage_diagram(row: StageRow, fusion: str = "last") -> str:

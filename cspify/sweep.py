@@ -27,7 +27,8 @@ from cspify.bench import BenchRow, benchmark, resolve_devices
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, NoStageError
 from cspify.measure import FLOP_NOTE, Figures, measure
-from cspify.report import build_report, human, percent
+from cspify.record import conversion_of
+from cspify.report import human, percent
 from cspify.trace import as_inputs, capture_inputs
 
 
@@ -146,12 +147,9 @@ def sweep(
             point.reason = error.message.split(" (")[0].rstrip(".") + f" ({error.hint})"
             points.append(point)
             continue
-        converted_part = csp.get_submodule(scope) if scope else csp
-        report = build_report(before, measure(converted_part, part_inputs, leaf_modules),
-                              getattr(converted_part, "meta", {}).get(api.META_KEY))
-        point.figures = report.converted
-        point.stages_found = len(report.stages)
-        point.stages_converted = sum(row.converted for row in report.stages)
+        record = conversion_of(csp, scope)
+        point.figures = measure(csp.get_submodule(scope) if scope else csp, part_inputs, leaf_modules).totals
+        point.stages_found, point.stages_converted = len(record.stages), len(record.converted)
         if latency:
             point.latency = benchmark(model, csp, inputs, batch_sizes, threads, device, min_run_time=min_run_time).rows
         points.append(point)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import cspify
 from cspify.errors import ConfigError, NoStageError
+from cspify.record import conversion_of
 from tiny_models import TinyResNet, seeded
 from test_cli import PLAIN, RESNET, SMALL, TINY_RES, check_error, cli, listing, models, run_error, work  # noqa: F401
 
@@ -263,7 +264,7 @@ def test_empty_or_non_tensor_outputs_convert(kind):
         assert got["n"] == 3 and got["logits"].shape == want["logits"].shape
     else:
         assert got == want
-    assert any(s["converted"] for s in csp.meta["cspify"]["stages"])
+    assert conversion_of(csp).converted
 
 
 # ---------------------------------------------------------------- safety

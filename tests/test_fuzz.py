@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import cspify
 from cspify.measure import measure
+from cspify.record import conversion_of
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, database=None,
@@ -205,8 +206,8 @@ def test_convert_random_network(spec, gamma, fusion, hidden):
     csp.train()
     csp(x).square().mean().backward()
     assert any(p.grad is not None for p in csp.parameters())
-    converted = sum(s["converted"] for s in csp.meta["cspify"]["stages"])
-    event(f"converted ({spec['family']}, fusion {fusion}): {converted} of {len(csp.meta['cspify']['stages'])} stages")
+    converted = len(conversion_of(csp).converted)
+    event(f"converted ({spec['family']}, fusion {fusion}): {converted} of {len(conversion_of(csp).stages)} stages")
 
 
 def _gist(message: str) -> str:
@@ -227,5 +228,5 @@ def test_the_generators_build_convertible_networks(spec):
     model = build(spec)
     x = torch.randn(2, 3, 8, 8)
     csp = cspify.convert(model, x)
-    assert csp.meta["cspify"]["stages"] and any(s["converted"] for s in csp.meta["cspify"]["stages"])
+    assert conversion_of(csp).converted
     assert copy.deepcopy(csp)(x).shape == model(x).shape

@@ -16,6 +16,8 @@ from cspify.rewrite import rewrite
 from cspify.inplace import restore_inplace_adds
 from cspify.trace import as_inputs, propagate_shapes, trace
 from cspify import rules
+from cspify.record import conversion_of
+from dataclasses import asdict
 from tiny_models import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock, Shift
 
 X = torch.randn(2, 3, 16, 16)
@@ -35,7 +37,7 @@ def converted(cls, **options):
 
 
 def stage_meta(gm):
-    return {s["name"]: s for s in gm.meta["cspify"]["stages"]}
+    return {s.name: asdict(s) for s in conversion_of(gm).stages}
 
 
 def n_params(module):
@@ -185,7 +187,7 @@ def test_gamma_sets_bypass_width(gamma):
 def test_fusion_first_transitions_after_concat():
     model, gm = converted(TinyResNet, fusion="first", allow_costlier=True)
     meta = stage_meta(gm)
-    assert gm.meta["cspify"]["options"]["fusion"] == "first"
+    assert conversion_of(gm).config.fusion == "first"
     assert meta["layer1"]["converted"]
     conv = gm.get_submodule("layer1.csp_transition.conv")
     assert (conv.in_channels, conv.out_channels) == (8, 8)  # over both parts

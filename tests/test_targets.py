@@ -18,6 +18,7 @@ import torch
 import torchvision
 
 import cspify
+from cspify.record import conversion_of
 from tiny_models import TinyDenseNet, TinyResNet, randomize_norms, seeded
 
 FAMILIES = {
@@ -34,7 +35,7 @@ def converted(request):
     x = torch.randn(*shape)
     model = build()
     gm = cspify.convert(model, x).eval()
-    assert any(s["converted"] for s in gm.meta["cspify"]["stages"])
+    assert conversion_of(gm).converted
     with torch.no_grad():
         y = gm(x)
     return gm, x, y

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import cspify
 from cspify.cli import main
+from cspify.record import conversion_of
 from tiny_models import Bottleneck, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -128,7 +129,7 @@ def test_same_inputs_give_the_same_model():
 
 
 def new_layer_modules(gm) -> set[str]:
-    added = {n for stage in gm.meta["cspify"]["stages"] for n in stage["added"]}
+    added = {n for stage in conversion_of(gm).stages for n in stage.added}
     return {node.target for node in gm.graph.nodes if node.name in added and node.op == "call_module"}
 
 

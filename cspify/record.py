@@ -1,0 +1,75 @@
+"""What a conversion did, as one typed record: ``convert`` writes it, the report, the
+sweep, calibration and fine-tuning read it.
+
+    csp = cspify.convert(model, x)
+    record = conversion_of(csp)             # a Conversion, or None for a model cspify did not make
+    record.config.gamma                     # the options it ran with
+    [s.name for s in record.converted]      # the stages it rewrote
+    s.output, s.converted_output            # the node handing the stage on, before and after
+
+Node names are torch.fx node names: ``nodes`` and ``output`` name nodes of the original
+model traced by cspify (with the same leaf modules), ``added`` and ``converted_output``
+nodes of the converted GraphModule. With a ``scope``, both graphs are those of the
+submodule at that path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from cspify.config import CSPConfig
+
+RECORD_KEY = "cspify"  # where convert leaves the record: GraphModule.meta[RECORD_KEY]
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage found: what became of it and where it lives in both graphs."""
+
+    name: str
+    kind: str
+    channels: int
+    converted: bool
+    reason: str = ""
+    bypass_channels: int = 0
+    through_channels: int = 0
+    base: str = ""
+    blocks: int = 0
+    nodes: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    output: str = ""
+    converted_output: str = ""
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A whole conversion: its options, where it ran, and a record per stage found."""
+
+    config: CSPConfig
+    stages: tuple[StageRecord, ...]
+    seed: int = 0
+    scope: str | None = None
+    leaf_modules: tuple[str, ...] = ()
+
+    @property
+    def converted(self) -> tuple[StageRecord, ...]:
+        return tuple(stage for stage in self.stages if stage.converted)
+
+    def summary(self) -> dict:
+        """The options a report's title shows."""
+        return {"gamma": self.config.gamma, "fusion": self.config.fusion, "hidden": self.config.hidden}
+
+
+def conversion_of(model: nn.Module, scope: str | None = None) -> Conversion | None:
+    """The record ``convert`` left on ``model`` (or on its submodule at ``scope``), else None."""
+    part = model.get_submodule(scope) if scope else model
+    record = getattr(part, "meta", {}).get(RECORD_KEY)
+    return record if isinstance(record, Conversion) else None
+
+
+def attach(gm: nn.Module, record: Conversion) -> None:
+    """Leave ``record`` on a converted GraphModule."""
+    gm.meta[RECORD_KEY] = record
