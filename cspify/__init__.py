@@ -19,10 +19,11 @@ from cspify.api import compare, convert, find_stages
 from cspify.bench import BenchResult, benchmark
 from cspify.config import CSPConfig
 from cspify.errors import CspifyError
+from cspify.record import Conversion, conversion_of
 from cspify.report import Report
 from cspify.stage import Stage
 from cspify.sweep import Sweep, sweep
 
 __all__ = ["convert", "find_stages", "compare", "benchmark", "sweep", "Report", "BenchResult", "Sweep", "CSPConfig",
-           "CspifyError", "Stage"]
+           "CspifyError", "Stage", "Conversion", "conversion_of"]
 __version__ = "0.1.0"

@@ -34,14 +34,6 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
-# torch.utils.benchmark imports cpp_extension, which warns about a missing CUDA toolkit on CPU machines.
-_cpp_log = logging.getLogger("torch.utils.cpp_extension")
-_level = _cpp_log.level
-_cpp_log.setLevel(logging.ERROR)
-from torch.utils import benchmark as tbench  # noqa: E402
-
-_cpp_log.setLevel(_level)
-
 from cspify.errors import ConfigError
 from cspify.trace import as_inputs
 
@@ -214,8 +206,22 @@ def _notes(rows: list[BenchRow]) -> list[str]:
     return notes
 
 
+def _timer_module():
+    """torch.utils.benchmark, imported on first use: it imports cpp_extension, which warns
+    about a missing CUDA toolkit on CPU machines (silenced for that import only)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.setLevel(level)
+    return benchmark
+
+
 def _time_side_by_side(batch: int, device: str, models: dict, inputs: tuple, threads: int, min_run_time: float,
                        rounds: int) -> BenchRow:
+    tbench = _timer_module()
     timers = {
         name: tbench.Timer(
             stmt="model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads,

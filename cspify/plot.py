@@ -12,16 +12,16 @@ from __future__ import annotations
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cspify.report import scale_of
+
 ORIGINAL, CONVERTED = "#8c8c8c", "#1f77b4"
 SERIES = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
 
 def _scale(largest: float, unit: str) -> tuple[float, str]:
     """The divisor and prefixed unit that keep axis numbers between 1 and 1000."""
-    for divisor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if largest >= divisor:
-            return divisor, f"{prefix}{unit}"
-    return 1.0, unit
+    divisor, prefix = scale_of(largest)
+    return divisor, f"{prefix}{unit}"
 
 
 def plot_report(report, target) -> None:

@@ -219,8 +219,14 @@ def percent(before: float, after: float) -> str:
     return f"{saved(before, after):+.1f}%".replace("+", "") if before else "-"
 
 
+def scale_of(value: float) -> tuple[float, str]:
+    """The divisor and SI prefix that keep ``value`` between 1 and 1000: (1e6, "M")."""
+    for divisor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= divisor:
+            return divisor, prefix
+    return 1.0, ""
+
+
 def human(value: int, unit: str = "") -> str:
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{suffix}{unit}"
-    return f"{value}{unit}"
+    divisor, prefix = scale_of(value)
+    return f"{value / divisor:.2f}{prefix}{unit}" if prefix else f"{value}{unit}"

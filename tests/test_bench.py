@@ -1,25 +1,17 @@
-"""Latency (cspify.benchmark), ``cspify bench``, ``cspify sweep`` and ``--plot``: tiny models, few runs,
-no timing assertions (speed targets live in benchmarks/paper.py)."""
+"""Latency (cspify.benchmark): tiny models, few runs, no timing assertions (speed targets live in
+benchmarks/paper.py)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import cspify
-from cspify.cli import main
 from cspify.errors import ConfigError
 
 from tiny_models import TinyResNet, seeded
-
-ROOT = Path(__file__).resolve().parents[1]
-RESNET = str(ROOT / "examples" / "resnet_like.py")
-SMALL = ["--input-shape", "1,3,32,32", "-q"]
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +19,6 @@ def pair():
     model = seeded(TinyResNet)
     x = torch.randn(1, 3, 16, 16)
     return model, cspify.convert(model, x), x
-
-
-def cli(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args])
 
 
 def test_benchmark_times_both_models_at_each_batch_size(pair):
@@ -98,54 +82,3 @@ def test_benchmark_refuses_bad_options(pair):
             cspify.benchmark(model, csp, x, device="cuda")
 
 
-def test_bench_command_prints_speedup_and_flops_ratio(tmp_path):
-    out = tmp_path / "bench.json"
-    result = cli("bench", RESNET, *SMALL, "--batch-sizes", "1,2", "--threads", "1", "--min-run-time", "0.01",
-                 "--json", out)
-    assert result.exit_code == 0, result.output
-    assert "speed-up" in result.output and "flops ratio" in result.output
-    assert [r["batch_size"] for r in json.loads(out.read_text())["rows"]] == [1, 2]
-    bad = cli("bench", RESNET, *SMALL, "--batch-sizes", "one")
-    assert bad.exit_code == 2 and "batch sizes" in bad.stderr
-    assert cli("bench", RESNET, *SMALL, "--rounds", "0").exit_code == 2
-
-
-def test_sweep_gives_one_row_per_point_and_a_plot(tmp_path):
-    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    result = cli("sweep", RESNET, *SMALL, "--gammas", "0.5,0.75", "--hidden", "keep,scale", "--json", out,
-                 "--plot", png)
-    assert result.exit_code == 0, result.output
-    points = json.loads(out.read_text())["points"]
-    assert [(p["gamma"], p["hidden"]) for p in points] == [(0.5, "keep"), (0.5, "scale"), (0.75, "keep"),
-                                                           (0.75, "scale")]
-    assert all(p["figures"]["flops"] < json.loads(out.read_text())["original"]["flops"] for p in points)
-    assert png.read_bytes().startswith(PNG)
-    table = result.output.split("\n\n")[1].splitlines()
-    assert len(table) == 2 + 1 + 4  # header, rule, the original, one row per point
-
-
-def test_sweep_with_latency_in_the_api(pair):
-    model, _, x = pair
-    result = cspify.sweep(model, x, gammas=(0.5,), latency=True, threads=1, min_run_time=0.01)
-    assert len(result.points) == 1 and result.points[0].latency[0].converted.median_ms > 0
-    assert "ms @1" in str(result)
-
-
-def test_sweep_times_on_one_device(pair):
-    model, _, x = pair
-    with pytest.raises(ConfigError, match="one device"):
-        cspify.sweep(model, x, gammas=(0.5,), latency=True, device="auto")
-
-
-def test_sweep_rejects_bad_lists():
-    result = cli("sweep", RESNET, *SMALL, "--fusion", "middle")
-    assert result.exit_code == 2 and "--fusion" in result.stderr
-    result = cli("sweep", RESNET, *SMALL, "--gammas", "0.5,1.5")
-    assert result.exit_code == 2
-
-
-def test_convert_plot_writes_a_png(tmp_path):
-    png = tmp_path / "stages.png"
-    result = cli("convert", RESNET, *SMALL, "--plot", png)
-    assert result.exit_code == 0, result.output
-    assert png.read_bytes().startswith(PNG) and png.stat().st_size > 10_000

@@ -1,0 +1,76 @@
+"""The Report: rows from the conversion record, totals, the text, JSON and Markdown renderings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cspify
+from cspify.measure import measure
+from cspify.report import build_report, human, percent, saved, scale_of
+
+from tiny_models import TinyDenseNet, TinyResNet, seeded
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = seeded(TinyResNet)
+    x = torch.randn(1, 3, 16, 16)
+    csp = cspify.convert(model, x, stages=["layer2"])
+    return model, csp, x, cspify.compare(model, csp, x)
+
+
+def test_one_row_per_stage_in_the_record_with_its_options(resnet):
+    _, csp, _, report = resnet
+    record = cspify.conversion_of(csp)
+    assert [r.name for r in report.stages] == [s.name for s in record.stages] == ["layer1", "layer2"]
+    layer1, layer2 = report.stages
+    assert not layer1.converted and "filter" in layer1.reason and layer1.after == layer1.before
+    assert layer2.converted and layer2.bypass_channels + layer2.through_channels == layer2.channels == 16
+    assert layer2.after.flops < layer2.before.flops
+    assert report.options == {"gamma": 0.5, "fusion": "last", "hidden": "keep"}
+
+
+def test_totals_are_the_two_measurements(resnet):
+    model, csp, x, report = resnet
+    assert report.original == measure(model, x).totals
+    assert report.converted == measure(csp, x).totals
+
+
+def test_a_model_cspify_did_not_make_gives_totals_without_rows(resnet):
+    model, _, x, _ = resnet
+    report = build_report(measure(model, x), measure(model, x), None)
+    assert report.stages == [] and report.options == {}
+    assert "CSP conversion" in str(report) and "0.0%" in str(report)
+
+
+def test_json_is_plain_data_with_integer_counts(resnet):
+    data = json.loads(json.dumps(resnet[3].to_dict()))
+    assert all(isinstance(v, int) for v in data["original"].values())
+    assert data["stages"][1]["name"] == "layer2" and data["stages"][1]["converted"]
+    assert data["saved_percent"]["flops"] == pytest.approx(
+        saved(data["original"]["flops"], data["converted"]["flops"]), abs=0.01)
+
+
+def test_text_lists_what_was_not_converted_and_why(resnet):
+    text = str(resnet[3])
+    assert "not converted / notes:" in text and "layer1 (residual, 8 ch): not selected by the stage filter" in text
+    assert "layer2" in text.split("not converted")[0]
+
+
+def test_markdown_has_a_diagram_per_converted_stage():
+    model = seeded(TinyDenseNet)
+    x = torch.randn(1, 3, 16, 16)
+    for fusion in ("last", "first"):
+        report = cspify.compare(model, cspify.convert(model, x, fusion=fusion, allow_costlier=True), x)
+        markdown = report.to_markdown()
+        assert markdown.count("```mermaid") == sum(r.converted for r in report.stages) > 0
+        assert ("partial transition<br/>" in markdown) == (fusion == "last")
+
+
+def test_numbers_are_written_with_si_prefixes():
+    assert scale_of(4.11e9) == (1e9, "G") and scale_of(12) == (1.0, "")
+    assert human(4_110_000_000) == "4.11G" and human(999, "B") == "999B" and human(1500, "B") == "1.50KB"
+    assert percent(200, 150) == "25.0%" and percent(100, 110) == "-10.0%" and percent(0, 5) == "-"
