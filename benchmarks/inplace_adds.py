@@ -12,9 +12,8 @@ import copy
 import operator
 
 import torch
-import torchvision
-
 import cspify
+from common import build
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
 
     x = torch.randn(1, 3, 224, 224)
-    csp = cspify.convert(torchvision.models.get_model(args.model, weights=None).eval(), x)
+    csp = cspify.convert(build(args.model), x)
     out_of_place = copy.deepcopy(csp)
     restored = 0
     for node in out_of_place.graph.nodes:

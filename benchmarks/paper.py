@@ -22,19 +22,15 @@ import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torchvision
 from tabulate import tabulate
 
 import cspify
+from common import build, pct
 from cspify.errors import CspifyError
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    from fvcore.nn import FlopCountAnalysis, parameter_count
+from cspify.measure import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 5  # turns each model takes in cspify.benchmark, per batch size
@@ -52,33 +48,11 @@ HAND = {"resnet50": ("resnet50", "cspresnet50"), "resnext50_32x4d": ("resnext50_
 MODELS = ["resnet50", "resnext50_32x4d", "densenet121", "densenet201", "mobilenet_v2", "timm:darknet53"]
 
 
-def build(spec: str) -> torch.nn.Module:
-    if spec.startswith("timm:"):
-        import timm
-
-        return timm.create_model(spec[5:], pretrained=False).eval()
-    return torchvision.models.get_model(spec, weights=None).eval()
-
-
-def fvcore_counts(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    flops = FlopCountAnalysis(model, x)
-    flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    with torch.no_grad():
-        return int(flops.total()), int(parameter_count(model)[""])
-
-
-def pct(before: float, after: float) -> str:
-    return f"{100 * (after - before) / before:+.1f}%"
-
-
 def hand_designed(name: str, x: torch.Tensor) -> str:
     if name not in HAND:
         return ""
-    import timm
-
-    plain, csp = (timm.create_model(n, pretrained=False).eval() for n in HAND[name])
-    (f0, p0), (f1, p1) = fvcore_counts(plain, x), fvcore_counts(csp, x)
-    return f"{HAND[name][1]}: {pct(f0, f1)} / {pct(p0, p1)}"
+    plain, csp = (measure(build(f"timm:{n}"), x).totals for n in HAND[name])
+    return f"{HAND[name][1]}: {pct(plain.flops, csp.flops)} / {pct(plain.params, csp.params)}"
 
 
 def main() -> None:

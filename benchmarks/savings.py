@@ -8,10 +8,10 @@ reference in shared/CSPNET.md (fusion last, inner widths kept, 224x224, fvcore).
 import argparse
 
 import torch
-import torchvision
 from tabulate import tabulate
 
 import cspify
+from common import build, pct
 
 # shared/CSPNET.md, "What a mechanical transform gives": flops and params change at gamma 0.5.
 REFERENCE = {
@@ -25,10 +25,6 @@ REFERENCE = {
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "resnet152", "wide_resnet50_2", "densenet121", "densenet201"]
 
 
-def change(before: int, after: int) -> str:
-    return f"{100 * (after - before) / before:+.1f}%"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gamma", type=float, default=0.5)
@@ -37,7 +33,7 @@ def main() -> None:
     x = torch.randn(1, 3, 224, 224)
     rows = []
     for name in args.models:
-        model = torchvision.models.get_model(name, weights=None).eval()
+        model = build(name)
         csp = cspify.convert(model, x, gamma=args.gamma)
         report = cspify.compare(model, csp, x)
         before, after = report.original, report.converted
@@ -45,11 +41,11 @@ def main() -> None:
         ref_flops, ref_params = REFERENCE.get(name, (None, None)) if args.gamma == 0.5 else (None, None)
         rows.append([
             name, f"{converted}/{len(report.stages)}",
-            f"{before.flops / 1e9:.2f} -> {after.flops / 1e9:.2f}", change(before.flops, after.flops),
+            f"{before.flops / 1e9:.2f} -> {after.flops / 1e9:.2f}", pct(before.flops, after.flops),
             f"{ref_flops:+.1f}%" if ref_flops is not None else "",
-            f"{before.params / 1e6:.2f} -> {after.params / 1e6:.2f}", change(before.params, after.params),
+            f"{before.params / 1e6:.2f} -> {after.params / 1e6:.2f}", pct(before.params, after.params),
             f"{ref_params:+.1f}%" if ref_params is not None else "",
-            change(before.memory_bytes, after.memory_bytes),
+            pct(before.memory_bytes, after.memory_bytes),
         ])
     print(f"gamma {args.gamma}, fusion last, hidden keep, 1x3x224x224, fvcore (1 multiply-add = 1 flop)\n")
     print(tabulate(rows, headers=["model", "stages", "GFLOPs", "flops", "reference", "params (M)", "params",

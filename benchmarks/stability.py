@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torchvision
 from tabulate import tabulate
 
 import cspify
+from common import build
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     x = torch.randn(1, 3, 224, 224)
-    model = torchvision.models.get_model(args.model, weights=None).eval()
+    model = build(args.model)
     csp = cspify.convert(model, x)
     rows = []
     for repeat in range(1, args.repeats + 1):

@@ -11,10 +11,10 @@ import sys
 import time
 
 import torch
-import torchvision
 from tabulate import tabulate
 
 import cspify
+from common import build
 
 
 def main(names: list[str]) -> None:
@@ -23,7 +23,7 @@ def main(names: list[str]) -> None:
     rows = []
     for name in names:
         start = time.perf_counter()
-        model = torchvision.models.get_model(name, weights=None).eval()
+        model = build(name)
         built = time.perf_counter()
         csp = cspify.convert(model, x)
         converted = time.perf_counter()

@@ -19,11 +19,11 @@ from collections import defaultdict
 
 import torch
 import torch.nn as nn
-import torchvision
 from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
 import cspify
+from common import build
 
 GROUPS = ("conv", "norm", "cat", "copy", "add", "relu", "pool", "other")
 
@@ -99,7 +99,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     example = torch.randn(1, 3, 224, 224)
-    original = torchvision.models.get_model(args.model, weights=None).eval()
+    original = build(args.model)
     models = {"original": original, "converted": cspify.convert(original, example).eval()}
     x = example.repeat(args.batch, 1, 1, 1)
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} thread(s)\n")

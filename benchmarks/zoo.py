@@ -5,9 +5,10 @@
     python benchmarks/zoo.py resnet50 timm:dla34   # some models
     python benchmarks/zoo.py --out /tmp/zoo.md
 
-For every model, at gamma 0.5: convert, then check that the output shapes are unchanged,
-forward and backward run in train and eval mode, the converted model traces again with
-torch.fx, the user's model is untouched, and fvcore flops are not higher than before.
+For every model, at gamma 0.5: convert, then check that it is a drop-in replacement
+(``cspify.verify``: output shapes unchanged, forward and backward in train and eval mode,
+the converted model traces again), that the user's model is untouched, and that fvcore
+flops are not higher than before.
 Status "ok" means converted and every check passed; "no stage" means cspify found nothing
 to convert and said so with its documented error; "error" rows are defects.
 """
@@ -23,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 import cspify
+from common import build
 from cspify.errors import CspifyError, NoStageError
 from cspify.measure import measure
 from cspify.record import conversion_of
-from cspify.trace import Tracer
+from cspify.verify import drop_in_problems
 
 # Models whose fixed patch or window grids need this input size; the rest run at 64x64.
 SIZE = {"vit": 224, "swin": 224, "maxvit": 224, "inception_v3": 96, "googlenet": 64}
@@ -60,31 +62,9 @@ def torchvision_names() -> list[str]:
     return [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
 
 
-def build(spec: str):
-    zoo, _, name = spec.partition(":")
-    torch.manual_seed(0)
-    if zoo == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False).eval()
-    import torchvision
-
-    return torchvision.models.get_model(name, weights=None).eval()
-
-
 def size_of(spec: str) -> int:
     name = spec.partition(":")[2]
     return next((s for prefix, s in SIZE.items() if name.startswith(prefix)), 64)
-
-
-def outputs(result) -> list[torch.Tensor]:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, dict):
-        return [t for v in result.values() for t in outputs(v)]
-    if isinstance(result, (list, tuple)):
-        return [t for v in result for t in outputs(v)]
-    return []
 
 
 def check(spec: str) -> dict:
@@ -105,17 +85,8 @@ def check(spec: str) -> dict:
     row["found"] = len(stages)
     row["converted"] = sum(s.converted for s in stages)
     skipped = [f"{s.name}: {s.reason}" for s in stages if not s.converted]
-    with torch.no_grad():
-        want = [(t.shape, t.dtype) for t in outputs(model(x))]
-        got = [(t.shape, t.dtype) for t in outputs(csp(x))]
-    assert want == got, f"outputs changed: {want} -> {got}"
-    for mode in (True, False):
-        csp.train(mode)
-        loss = sum(t.float().sum() for t in outputs(csp(x)))
-        loss.backward()
-        csp.zero_grad()
-    csp.eval()
-    Tracer().trace(csp)  # traces again (with cspify's leaf policy, as the original was)
+    problems = drop_in_problems(model, csp, x)
+    assert not problems, "; ".join(problems)
     current = model.state_dict()
     assert all(torch.equal(state[k], current[k]) for k in state), "the user's model changed"
     before, after = measure(model, x).totals, measure(csp, x).totals

@@ -1,12 +1,15 @@
-"""One model per family from the zoos, through the same checks as benchmarks/zoo.py:
-outputs keep their shapes, forward and backward run in train and eval mode, the result
-traces again, the user's model is untouched, flops do not rise. `-m zoo` runs every
-model of the matrix instead (slow: that is what benchmarks/zoo.py is for)."""
+"""One model per family from the zoos: it converts, and the result is a drop-in replacement
+(``cspify.verify``), the user's model untouched, its flops lower. ``-m zoo`` runs every
+torchvision classifier the same way (slow: ``python benchmarks/zoo.py`` is the full matrix,
+with the timm list)."""
 
 import pytest
 import torch
 
-from benchmarks.zoo import TIMM, check, torchvision_names
+import cspify
+from cspify.errors import NoStageError
+from cspify.load import load_model
+from cspify.verify import drop_in_problems
 
 pytest.importorskip("torchvision")
 pytest.importorskip("timm")
@@ -22,24 +25,48 @@ CONVERTS = [
     "timm:dla34",
 ]
 NO_STAGE = ["torchvision:squeezenet1_0", "torchvision:shufflenet_v2_x0_5"]
+SIZE = {"vit": 224, "swin": 224, "maxvit": 224, "inception_v3": 96}  # fixed patch or window grids
+
+
+def converted(spec: str):
+    torch.manual_seed(0)
+    model = load_model(spec).model
+    side = next((s for prefix, s in SIZE.items() if spec.partition(":")[2].startswith(prefix)), 64)
+    x = torch.randn(2, 3, side, side)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    csp = cspify.convert(model, x)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "the user's model changed"
+    return model, csp, x
 
 
 @pytest.mark.parametrize("spec", CONVERTS)
 def test_family_converts(spec):
-    row = check(spec)
-    assert row["status"] == "ok", row["reason"]
-    assert row["converted"] >= 1
-    assert "-" in row["flops"].split("(")[1]  # the flops change is negative
+    model, csp, x = converted(spec)
+    assert drop_in_problems(model, csp, x) == []
+    report = cspify.compare(model, csp, x)
+    assert report.converted.flops < report.original.flops
+    assert any(row.converted for row in report.stages)
 
 
 @pytest.mark.parametrize("spec", NO_STAGE)
 def test_family_without_stages_says_so(spec):
-    row = check(spec)
-    assert row["status"] == "no stage"
-    assert "no residual or dense stage" in row["reason"]
+    with pytest.raises(NoStageError, match="no residual or dense stage"):
+        converted(spec)
+
+
+def torchvision_classifiers() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("spec", torchvision_names() + [f"timm:{n}" for n in TIMM])
+@pytest.mark.parametrize("spec", torchvision_classifiers())
 def test_zoo(spec):
-    assert check(spec)["status"] in ("ok", "no stage")
+    try:
+        model, csp, x = converted(spec)
+    except NoStageError:
+        return
+    assert drop_in_problems(model, csp, x) == []
