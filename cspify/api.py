@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterable
 from dataclasses import replace
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -19,12 +21,21 @@ from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
 from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
+from cspify.modes import trace_in_mode
 from cspify.plan import plan_stage
 from cspify.record import Conversion, StageRecord, attach, conversion_of
 from cspify.report import Report, build_report
 from cspify.rewrite import rewrite
 from cspify.stage import Stage, StagePlan
-from cspify.trace import as_inputs, capture_inputs, eval_mode, propagate_shapes, shape, trace
+from cspify.trace import (
+    Traced,
+    as_inputs,
+    capture_inputs,
+    eval_mode,
+    propagate_shapes,
+    shape,
+    trace,
+)
 
 
 def find_stages(model: nn.Module, example_inputs, *, leaf_modules: Iterable[str] = ()) -> list[Stage]:
@@ -64,7 +75,7 @@ def convert(
     if scope:
         return _convert_scope(model, inputs, scope, config, leaf_modules, seed)
     _check_leaves(model, leaf_modules)
-    traced = trace(model, inputs, leaf_modules)
+    traced = trace_in_mode(model, inputs, leaf_modules)
     found = rules.find_stages(traced)
     if not found:
         raise NoStageError(
@@ -74,29 +85,100 @@ def convert(
         )
     _check_filter(config, found)
     plans = [plan_stage(traced, stage, config) for stage in found]
+    _refuse_if_none(model, plans)
+    gm, added, problems = _rewrite_checked(traced, plans, inputs, seed)
+    if problems:  # find the stages whose rewrite fails a check, refuse them, convert the rest
+        plans = [_alone_ok(model, inputs, leaf_modules, plans, plan, seed) for plan in plans]
+        _refuse_if_none(model, plans)
+        gm, added, problems = _rewrite_checked(trace_in_mode(model, inputs, leaf_modules), plans, inputs, seed)
+        if problems:
+            raise CspifyError(
+                f"the converted model fails a check ({problems[0]}), which is a bug in cspify.",
+                "please report it with the model; convert fewer stages with --stage meanwhile",
+            )
+    attach(gm, _record(config, plans, added, seed, tuple(leaf_modules)))
+    return gm
+
+
+def _refuse_if_none(model: nn.Module, plans: list[StagePlan]) -> None:
     if not any(plan.converted for plan in plans):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans)
         raise NoStageError(
             f"none of the {len(plans)} stages found in {type(model).__name__} can be converted ({reasons}).",
             "try another gamma, or allow_costlier (--allow-costlier) where a stage costs more than it saves",
         )
-    expected = _output_shapes(traced.gm)
+
+
+def _rewrite_checked(traced: Traced, plans: list[StagePlan], inputs: tuple, seed: int):
+    """Rewrite, then check the result against the original on the example inputs:
+    (GraphModule, nodes added per stage, the problems found, one sentence each).
+
+    The in-place adds are restored last and kept only where the outputs keep their dtypes
+    under bf16 autocast too (an fp32 bias added in place to a bf16 conv output would not)."""
+    expected = _output_shapes(traced.gm), _output_dtypes(traced.gm, _AutocastDtypes(traced.gm).dtypes(inputs))
     gm, added = rewrite(traced, plans, seed=seed)
-    attach(gm, _record(config, plans, added, seed, tuple(leaf_modules)))
     try:
         propagate_shapes(gm, inputs)
     except TraceError as error:  # the original ran on these inputs: this one is ours
-        raise CspifyError(
-            f"the converted model does not run ({error.message}), which is a bug in cspify.",
-            "please report it with the model; convert fewer stages with --stage meanwhile",
-        ) from error
-    if _output_shapes(gm) != expected:  # a bug of ours, never the user's
-        raise CspifyError(
-            "the converted model's outputs changed shape, which is a bug in cspify.",
-            "please report it with the model; convert fewer stages with --stage meanwhile",
-        )
-    restore_inplace_adds(gm)
-    return gm
+        return gm, added, [f"the converted model does not run: {error.message}"]
+    if _output_shapes(gm) != expected[0]:
+        return gm, added, [f"its outputs changed from {expected[0]} to {_output_shapes(gm)}"]
+    dtypes = _AutocastDtypes(gm).dtypes(inputs)
+    got = _output_dtypes(gm, dtypes)
+    if got != expected[1]:
+        return gm, added, [f"its outputs under bf16 autocast changed dtype from {expected[1]} to {got}"]
+    _restore_inplace_adds_keeping(gm, dtypes)
+    return gm, added, []
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "output")
+
+
+def _output_dtypes(gm: fx.GraphModule, dtypes: dict | None) -> list | None:
+    return None if dtypes is None else [dtypes[n.name] for n in _output_node(gm).all_input_nodes]
+
+
+def _restore_inplace_adds_keeping(gm: fx.GraphModule, dtypes: dict | None) -> None:
+    """restore_inplace_adds, then back out of place each add whose receiver has another dtype
+    than the sum under bf16 autocast (``dtypes``: an fp32 bias added to a bf16 linear output)."""
+    kept = {n.name for n in gm.graph.nodes if n.target == "add_"}
+    if not restore_inplace_adds(gm):
+        return
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target == "add_" and node.name not in kept:
+            if dtypes is None or dtypes.get(node.args[0].name) != dtypes.get(node.name):
+                node.op, node.target = "call_function", operator.add
+    gm.recompile()
+
+
+class _AutocastDtypes(fx.Interpreter):
+    """The dtype of every node's value in one eval-mode run under CPU bf16 autocast."""
+
+    def dtypes(self, inputs: tuple) -> dict[str, torch.dtype] | None:
+        self.seen: dict[str, torch.dtype] = {}
+        try:
+            with eval_mode(self.module), torch.autocast("cpu", dtype=torch.bfloat16):
+                self.run(*inputs)
+        except Exception:  # a model autocast cannot run: keep every add out of place
+            return None
+        return self.seen
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        self.seen[node.name] = getattr(value, "dtype", None)
+        return value
+
+
+def _alone_ok(model, inputs, leaf_modules, plans, plan: StagePlan, seed: int) -> StagePlan:
+    """``plan`` if its stage alone converts and passes the checks, else the plan refused with why."""
+    if not plan.converted:
+        return plan
+    alone = [p if p is plan else replace(p, converted=False, reason="") for p in plans]
+    _, _, problems = _rewrite_checked(trace_in_mode(model, inputs, leaf_modules), alone, inputs, seed)
+    if not problems:
+        return plan
+    return replace(plan, converted=False, reason=f"its conversion failed a check ({problems[0]}), so it was left as it was")
 
 
 def compare(
@@ -167,8 +249,8 @@ def _check_filter(config: CSPConfig, found: list[Stage]) -> None:
 
 
 def _output_shapes(gm: fx.GraphModule) -> list:
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in output.all_input_nodes]
+    """Shape and dtype of every output, from the shapes propagated on the graph."""
+    return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in _output_node(gm).all_input_nodes]
 
 
 def _config(config, gamma, fusion, hidden, stages, allow_costlier) -> CSPConfig:
