@@ -4,13 +4,17 @@
     load_model("examples/resnet_like.py:ResNetLike")
     load_model("torchvision:resnet50")             # random weights, nothing downloaded
     load_model("timm:cspresnet50")
+    load_model("torchvision:resnet50", weights="resnet50.pth")   # a state dict, weights_only=True
+    load_weights(model, "checkpoint.pt")           # the same, into a module you built
 
 ``path.py:Name`` names a class built with no arguments, a function returning a module, or
 a module instance. Without ``:Name`` the file's candidates are its module instances, its
 ``nn.Module`` classes that need no arguments and its functions annotated to return a
-module; classes used inside another candidate, or instantiated by one, are dropped;
-exactly one must remain.
-Loading a file runs its code, as ``python path.py`` would.
+module; two names for one object (``model = Net``) are one candidate; classes used inside
+another candidate, or instantiated by one (``def model() -> nn.Module: return Net()``),
+are dropped; exactly one must remain.
+Loading a file runs its code, as ``python path.py`` would. Weights are read with
+``torch.load(weights_only=True)``, which unpickles no code.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import pickle
+import re
 import sys
 import typing
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +43,6 @@ DEFAULT_SHAPE = (1, 3, 224, 224)
 class Loaded:
     model: nn.Module
     example_inputs: tuple
-    label: str
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -52,12 +59,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def load_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Loaded:
-    """Build the model a spec names, and the example inputs to trace it with."""
+def load_model(spec: str, input_shape: tuple[int, ...] | None = None, weights: str | None = None) -> Loaded:
+    """Build the model a spec names, load ``weights`` into it (``load_weights``), and make
+    the example inputs to trace it with."""
+    if weights is not None:
+        check_weights_file(weights)  # before building what may be a large model
     zoo, sep, name = spec.partition(":")
     if sep and zoo in ZOOS:
-        model = ZOOS[zoo](name)
-        return Loaded(_ready(model, spec), _inputs(input_shape), spec)
+        model = _ready(ZOOS[zoo](name), spec)
+        if weights is not None:
+            load_weights(model, weights)
+        return Loaded(model, _inputs(input_shape))
     path, name = _split_file_spec(spec)
     namespace = _exec_file(path)
     model = _pick(namespace, path, name)
@@ -72,7 +84,10 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Loaded:
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     else:
         inputs = _inputs(input_shape)
-    return Loaded(_ready(model, spec), inputs, spec)
+    model = _ready(model, spec)
+    if weights is not None:
+        load_weights(model, weights)
+    return Loaded(model, inputs)
 
 
 def _inputs(shape: tuple[int, ...] | None) -> tuple:
@@ -83,6 +98,112 @@ def _ready(model, spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise LoadError(f"{spec} gives a {type(model).__name__}, not a torch.nn.Module.", "point MODEL at a module")
     return model.eval()
+
+
+# ---------------------------------------------------------------- trained weights
+
+_WEIGHTS_HINT = "save the weights with torch.save(model.state_dict(), PATH)"
+
+
+def check_weights_file(path: str) -> None:
+    """A LoadError when ``path`` is not a readable file (checked before any model is built)."""
+    where = Path(path)
+    if where.is_dir():
+        raise LoadError(f"weights path {path} is a folder, not a file.", "give the file that holds the state dict")
+    if not where.is_file():
+        raise LoadError(f"weights file {path} does not exist.", "give the path of a state dict saved with torch.save")
+
+
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load the state dict at ``path`` into ``model`` (in place, strictly) and return it.
+
+    The file is read with ``torch.load(weights_only=True)``, which unpickles no code. It may
+    hold the state dict itself or a checkpoint dict with it under ``"state_dict"`` or
+    ``"model"``; a ``module.`` prefix on every key (DistributedDataParallel) is dropped.
+    Keys that do not match, or a tensor of another shape, raise a LoadError naming the
+    first such key.
+    """
+    check_weights_file(path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip files: this is something else
+            raise LoadError(f"cannot read weights file {path}: torch.load finds no tensors in it.", _WEIGHTS_HINT) from exc
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a {found.group(1)}" if found else "objects other than tensors"
+        raise LoadError(
+            f"weights file {path} holds {what}, and cspify reads weights only with torch.load(weights_only=True).",
+            f"load the model once yourself and {_WEIGHTS_HINT}",
+        ) from exc
+    except Exception as exc:  # not a torch file, truncated, unreadable
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+        raise LoadError(f"cannot read weights file {path} ({type(exc).__name__}: {first}).", _WEIGHTS_HINT) from exc
+    state = _strip_prefix(_state_dict_in(saved, path), "module.", model)
+    _check_fit(model, state, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # anything the checks above did not name
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".:")
+        raise LoadError(f"weights file {path} does not load into {type(model).__name__} ({first}).", _WEIGHTS_HINT) from exc
+    return model
+
+
+def _state_dict_in(saved, path: str) -> Mapping:
+    """The state dict itself, or a checkpoint's ``state_dict`` / ``model`` entry."""
+    if not isinstance(saved, Mapping):
+        raise LoadError(f"weights file {path} holds a {type(saved).__name__}, not a state dict.", _WEIGHTS_HINT)
+    for key in ("state_dict", "model"):
+        if isinstance(saved.get(key), Mapping):
+            return saved[key]
+    if not any(isinstance(v, torch.Tensor) for v in saved.values()):
+        keys = ", ".join(repr(k) for k in list(saved)[:5]) or "none"
+        raise LoadError(
+            f"weights file {path} holds a dict with no tensors and no 'state_dict' or 'model' entry (keys: {keys}).",
+            _WEIGHTS_HINT,
+        )
+    return saved
+
+
+def _strip_prefix(state: Mapping, prefix: str, model: nn.Module) -> dict:
+    """Drop ``prefix`` when every key has it and none of the model's do."""
+    keys = [k for k in state if isinstance(k, str)]
+    if keys and len(keys) == len(state) and all(k.startswith(prefix) for k in keys) and not any(
+        k.startswith(prefix) for k in model.state_dict()
+    ):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _check_fit(model: nn.Module, state: Mapping, path: str) -> None:
+    """The first missing, unexpected or misshapen key, in one sentence."""
+    expected = model.state_dict()
+    name = type(model).__name__
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            parts.append(f"lacks the model's key {missing[0]!r}{more}")
+        if unexpected:
+            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+            parts.append(f"has the unexpected key {unexpected[0]!r}{more}")
+        raise LoadError(
+            f"weights file {path} does not fit {name}: it {' and '.join(parts)}.",
+            "load weights saved from this same architecture (a checkpoint's 'state_dict' or 'model' entry is read)",
+        )
+    for key, want in expected.items():
+        got = state[key]
+        if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and got.shape != want.shape:
+            raise LoadError(
+                f"weights file {path} does not fit {name}: {key!r} has shape {_dims(got)} in the file "
+                f"but {_dims(want)} in the model.",
+                "load weights saved from this same architecture and configuration (number of classes, widths)",
+            )
+
+
+def _dims(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "()"
 
 
 def _torchvision(name: str) -> nn.Module:
@@ -166,10 +287,15 @@ def _pick(namespace: dict, path: Path, name: str | None):
             f"{path} defines no model.",
             "define an nn.Module class that needs no arguments, a module instance, or name one with MODEL:Name",
         )
-    built = {n: _build(obj, f"{path}:{n}") for n, obj in candidates.items()}
+    built = {}
+    for n, obj in candidates.items():
+        model = _build(obj, f"{path}:{n}")
+        if not any(model is other for other in built.values()):  # net = Net(); def model(): return net
+            built[n] = model
     inner = {type(m) for b in built.values() if isinstance(b, nn.Module) for m in list(b.modules())[1:]}
-    inner |= {type(obj) for obj in candidates.values() if isinstance(obj, nn.Module)}  # class Net; model = Net()
-    top = [n for n in candidates if not (inspect.isclass(candidates[n]) and candidates[n] in inner)]
+    # class Net beside model = Net() or def model() -> nn.Module: return Net(): the instance or factory wins
+    inner |= {type(built[n]) for n in built if not inspect.isclass(candidates[n])}
+    top = [n for n in built if not (inspect.isclass(candidates[n]) and candidates[n] in inner)]
     if len(top) != 1:
         raise LoadError(
             f"{path} defines several models: {', '.join(top)}.",
@@ -179,11 +305,12 @@ def _pick(namespace: dict, path: Path, name: str | None):
 
 
 def _candidates(namespace: dict) -> dict:
-    """Module instances, no-argument module classes and module-returning functions of the file."""
+    """Module instances, no-argument module classes and module-returning functions of the file,
+    each object once (under its first name)."""
     own = namespace["__name__"]
     found = {}
     for key, obj in namespace.items():
-        if key.startswith("_"):
+        if key.startswith("_") or any(obj is seen for seen in found.values()):  # model = Net: one candidate
             continue
         if isinstance(obj, nn.Module):
             found[key] = obj

@@ -424,3 +424,130 @@ def test_parse_shape_rejects(text):
         parse_shape(text)
     error = assert_error(excinfo, ConfigError)
     assert repr(text) in error.message
+
+
+# ---------------------------------------------------------------- two names, one model
+
+
+NET = HEADER + textwrap.dedent("""
+class Net(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+""")
+
+
+@pytest.mark.parametrize("tail, width", [
+    ("model = Net\n", 4),                                              # an alias of the class
+    ("net = Net()\nnet.conv.out_channels = 5\nmodel = net\n", 5),     # one instance, two names
+    ("net = Net()\nnet.conv.out_channels = 5\n\ndef model() -> nn.Module:\n    return net\n", 5),  # returns it
+    ("def model() -> nn.Module:\n    return Net(width=6)\n", 6),       # a factory beats the class it builds
+    ("def model() -> Net:\n    return Net(width=6)\n\nalias = model\n", 6),
+], ids=["class-alias", "instance-alias", "factory-of-the-instance", "factory", "factory-alias"])
+def test_two_names_for_one_model_are_one_candidate(tmp_path, tail, width):
+    loaded = load_model(str(model_file(tmp_path, NET + "\n\n" + tail)))
+    assert type(loaded.model).__name__ == "Net" and loaded.model.conv.out_channels == width
+
+
+def test_two_factories_are_still_two_models(tmp_path):
+    source = NET + "\n\ndef small() -> nn.Module:\n    return Net(2)\n\n\ndef large() -> nn.Module:\n    return Net(8)\n"
+    with pytest.raises(LoadError) as excinfo:
+        load_model(str(model_file(tmp_path, source)))
+    error = assert_error(excinfo, LoadError, "several", "small", "large")
+    assert "Net" not in error.message.split(":")[-1].split(", ")
+
+
+def test_loaded_has_no_label_field():
+    from dataclasses import fields
+
+    from cspify.load import Loaded
+
+    assert [f.name for f in fields(Loaded)] == ["model", "example_inputs"]
+
+
+# ---------------------------------------------------------------- trained weights
+
+
+def trained_net(**kwargs) -> nn.Module:
+    torch.manual_seed(7)
+    model = load_model(str(model_file(kwargs.pop("folder"), BLOCK_AND_NET))).model
+    for p in model.parameters():
+        p.data.normal_()
+    return model
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: s,
+    lambda s: {"state_dict": s, "epoch": 3},
+    lambda s: {"model": s, "optimizer": {"lr": 0.1}},
+    lambda s: {f"module.{k}": v for k, v in s.items()},            # saved from DistributedDataParallel
+    lambda s: {"state_dict": {f"module.{k}": v for k, v in s.items()}},
+], ids=["state-dict", "checkpoint-state_dict", "checkpoint-model", "ddp-prefix", "checkpoint-ddp"])
+def test_weights_load_into_the_built_model(tmp_path, wrap):
+    trained = trained_net(folder=tmp_path)
+    torch.save(wrap(trained.state_dict()), tmp_path / "w.pt")
+    loaded = load_model(str(tmp_path / "model.py"), weights=str(tmp_path / "w.pt"))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    assert not loaded.model.training
+
+
+def test_load_weights_is_public_and_returns_the_model(tmp_path):
+    from cspify.load import load_weights
+
+    trained = trained_net(folder=tmp_path)
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    fresh = load_model(str(tmp_path / "model.py")).model
+    assert load_weights(fresh, str(tmp_path / "w.pt")) is fresh
+    assert torch.equal(fresh.stem.weight, trained.stem.weight)
+
+
+def test_weights_into_a_zoo_model(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    trained = torchvision.models.resnet18(num_classes=10)
+    torch.save(trained.state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(LoadError) as excinfo:  # the zoo builds 1000 classes
+        load_model("torchvision:resnet18", weights=str(tmp_path / "r18.pth"))
+    assert_error(excinfo, LoadError, "'fc.weight'", "10x512", "1000x512")
+
+
+def _weights_error(tmp_path, saved, *words, raw: bytes | None = None):
+    model_file(tmp_path, BLOCK_AND_NET)
+    path = tmp_path / "w.pt"
+    if raw is not None:
+        path.write_bytes(raw)
+    elif saved is not None:
+        torch.save(saved, path)
+    with pytest.raises(LoadError) as excinfo:
+        load_model(str(tmp_path / "model.py"), weights=str(path))
+    return assert_error(excinfo, LoadError, *words)
+
+
+class NotATensor:
+    pass
+
+
+def test_weights_that_do_not_fit_name_the_first_key(tmp_path):
+    state = trained_net(folder=tmp_path).state_dict()
+    missing = {k: v for k, v in state.items() if k != "stem.weight"}
+    _weights_error(tmp_path, missing, "'stem.weight'", "lacks")
+    extra = {**state, "head.weight": torch.zeros(2)}
+    _weights_error(tmp_path, extra, "'head.weight'", "unexpected")
+    both = {("trunk" + k[4:] if k.startswith("stem") else k): v for k, v in state.items()}
+    _weights_error(tmp_path, both, "'stem.weight'", "lacks", "'trunk.weight'", "unexpected", "1 more")
+    wrong = {**state, "stem.weight": torch.zeros(4, 3, 3, 3)}
+    _weights_error(tmp_path, wrong, "'stem.weight'", "4x3x3x3", "8x3x3x3")
+
+
+def test_weights_files_that_cannot_be_read(tmp_path):
+    _weights_error(tmp_path, None, "does not exist")
+    _weights_error(tmp_path, None, "cannot read", raw=b"not a torch file")
+    _weights_error(tmp_path, {"net": NotATensor()}, "NotATensor", "weights_only=True")
+    _weights_error(tmp_path, [torch.zeros(1)], "list", "not a state dict")
+    _weights_error(tmp_path, {"epoch": 3, "lr": 0.1}, "no tensors", "'epoch'")
+    (tmp_path / "wdir").mkdir()
+    with pytest.raises(LoadError, match="folder"):
+        load_model(str(tmp_path / "model.py"), weights=str(tmp_path / "wdir"))
