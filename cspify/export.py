@@ -26,15 +26,17 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.graph import _custom_builtins
 
 from cspify.errors import CspifyError, OutputError
 
@@ -52,8 +54,11 @@ class ExportError(OutputError):
 class Outputs:
     """Targets written to temporary paths beside them, renamed into place on success.
 
-    On any error inside the ``with`` block every temporary path is removed and no target
-    is touched; an existing target is replaced only when ``force`` is true.
+    On any error inside the ``with`` block, a KeyboardInterrupt included (Ctrl-C, or
+    SIGTERM as the CLI turns it into one), every temporary path is removed and no target
+    is touched; an existing target is replaced only when ``force`` is true. SIGINT and
+    SIGTERM wait while a temporary path is created or the targets are renamed, so a stop
+    never leaves a temporary path behind or only some targets in place.
     """
 
     def __init__(self, force: bool = False) -> None:
@@ -65,48 +70,72 @@ class Outputs:
 
     def file(self, path: str, write: Callable, binary: bool = False) -> None:
         """Stage a file: ``write`` gets an open file object."""
-        self._refuse_existing(path)
-        fd, tmp = tempfile.mkstemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=".tmp")
-        self.staged.append((tmp, path))
+        fd, _ = self._temporary(path, ".tmp")
         with _as_output_error(path), os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
 
     def path(self, path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
         """Stage a file for writers that want a path (``write`` gets the temporary path)."""
-        self._refuse_existing(path)
-        fd, tmp = tempfile.mkstemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=suffix)
+        fd, tmp = self._temporary(path, suffix)
         os.close(fd)
-        self.staged.append((tmp, path))
         with _as_output_error(path):
             write(tmp)
 
     def folder(self, path: str, fill: Callable[[str], None]) -> None:
         """Stage a folder: ``fill`` gets an empty temporary folder to write into."""
-        self._refuse_existing(path)
-        with _as_output_error(path):
-            tmp = tempfile.mkdtemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=".tmp")
-        self.staged.append((tmp, path))
+        _, tmp = self._temporary(path, ".tmp", folder=True)
         with _as_output_error(path):
             fill(tmp)
 
     def __exit__(self, kind, value, tb) -> None:
-        if kind is not None:
-            self._discard()
-            return
-        try:
-            for tmp, target in self.staged:
-                _move_into_place(tmp, target)
-        except BaseException:
-            self._discard()
-            raise
+        with _signals_deferred():
+            if kind is not None:
+                self._discard()
+                return
+            try:
+                for tmp, target in self.staged:
+                    _move_into_place(tmp, target)
+            except BaseException:
+                self._discard()
+                raise
 
-    def _refuse_existing(self, path: str) -> None:
+    def _temporary(self, path: str, suffix: str, folder: bool = False) -> tuple[int | None, str]:
+        """A new temporary path beside ``path``, noted at once so that it is always cleaned up."""
         if os.path.lexists(path) and not self.force:
             raise OutputError(f"{path} already exists.", "pass --force to overwrite it, or choose another path")
+        with _signals_deferred(), _as_output_error(path):
+            if folder:
+                fd, tmp = None, tempfile.mkdtemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=suffix)
+            else:
+                fd, tmp = tempfile.mkstemp(dir=_folder_of(path), prefix=TEMP_PREFIX, suffix=suffix)
+            self.staged.append((tmp, path))
+        return fd, tmp
 
     def _discard(self) -> None:
         for tmp, _ in self.staged:
             _remove(tmp)
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM that arrive in the block are delivered when it ends, to whatever
+    handles them then (Python's KeyboardInterrupt, the CLI's handler, or the default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stops}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def _folder_of(path: str) -> str:
@@ -249,11 +278,21 @@ def _imports(globals_: dict) -> list[str]:
     for name, obj in globals_.items():
         if name == "torch":
             continue
-        if name in _custom_builtins:
-            lines.append(_custom_builtins[name].import_str)
-            continue
-        lines.append(_import_line(name, obj))
+        lines.append(fx_builtin_import(name) or _import_line(name, obj))
     return sorted(set(lines))
+
+
+def fx_builtin_import(name: str) -> str | None:
+    """The import line of a name torch.fx's generated code uses without importing it
+    (``inf``, ``nan``, ``NoneType``, ``device``, ...), or None for any other name.
+
+    The one place cspify reads torch.fx's private ``_custom_builtins`` table;
+    tests/test_export.py fails when upstream renames it or changes its entries.
+    """
+    from torch.fx.graph import _custom_builtins
+
+    builtin = _custom_builtins.get(name)
+    return builtin.import_str if builtin is not None else None
 
 
 def _import_line(name: str, obj) -> str:

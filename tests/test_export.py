@@ -202,3 +202,43 @@ def test_outputs_is_all_or_nothing(tmp_path):
         with Outputs() as out:
             out.file(str(tmp_path / "a.txt"), lambda f: f.write("new"))
     assert (tmp_path / "a.txt").read_text() == "keep" and listing(tmp_path) == ["a.txt"]
+
+
+# ---------------------------------------------------------------- torch.fx's private table
+
+
+def test_torch_fx_custom_builtins_still_give_what_export_reads():
+    """export.fx_builtin_import reads torch.fx's private ``_custom_builtins`` (the names fx's
+    generated code uses without importing them). This fails when upstream renames the table
+    or changes the entries a converted model's source needs."""
+    import math
+
+    from torch.fx.graph import _custom_builtins
+
+    from cspify.export import fx_builtin_import
+
+    for name in ("inf", "nan", "NoneType", "device", "torch"):
+        entry = _custom_builtins[name]
+        assert isinstance(entry.import_str, str) and hasattr(entry, "obj"), name
+        namespace: dict = {}
+        exec(entry.import_str, namespace)  # noqa: S102  the line export writes into model.py
+        same = namespace[name] is entry.obj or (name == "nan" and math.isnan(namespace[name]))
+        assert same or namespace[name] == entry.obj, f"{entry.import_str!r} does not bind {name}"
+        assert fx_builtin_import(name) == entry.import_str
+    assert fx_builtin_import("not_a_builtin_xyz") is None
+
+
+def test_source_with_fx_builtins_in_its_forward_compiles():
+    """A forward that uses inf (clamp) and a device gets their imports from the table above."""
+
+    class Clamp(nn.Module):
+        def forward(self, x):
+            return torch.clamp(x, max=float("inf")).to(torch.device("cpu"))
+
+    gm = torch.fx.symbolic_trace(Clamp())
+    text = source_of(gm)
+    assert "from math import inf" in text and "from torch import device" in text
+    namespace: dict = {}
+    exec(compile(text, "model.py", "exec"), namespace)  # noqa: S102
+    x = torch.randn(2, 3)
+    assert torch.equal(namespace["ClampCSP"]()(x), x)
