@@ -1,5 +1,5 @@
 """Bad input, tried on purpose: each kind gives one `error:` sentence and a `hint:` line,
-the documented exit code (see cspify/cli.py), no traceback, no file left behind and the
+the documented exit code (see cspify/cli/__init__.py), no traceback, no file left behind and the
 user's model untouched. Extends the error cases of tests/test_cli.py, which it reuses."""
 
 from __future__ import annotations

@@ -340,6 +340,39 @@ def test_force_overwrites_an_existing_output(work):
     assert listing(work) == ["out.pt"]
 
 
+def _trained_tiny_res(models) -> tuple[Path, dict]:
+    """TinyRes with non-default weights, saved as a DDP checkpoint would be."""
+    path = models("tiny.py", TINY_RES)
+    torch.manual_seed(3)
+    model = load_model(str(path)).model
+    for p in model.parameters():
+        p.data.normal_()
+    state = model.state_dict()
+    return path, state
+
+
+def test_weights_are_loaded_before_conversion(work, models):
+    path, state = _trained_tiny_res(models)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 9}, work.parent / "w.pt")
+    result = cli("convert", path, "--weights", work.parent / "w.pt", "-o", "m.pt")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    assert "with weights" in result.stderr
+    converted = torch.load(work / "m.pt", weights_only=False)
+    assert torch.equal(converted.stem.weight, state["stem.weight"])  # the stem is not narrowed: the trained one
+    assert torch.equal(converted.state_dict()["head.2.weight"], state["head.2.weight"])
+
+
+def test_error_weights_that_do_not_fit(work, models):
+    path, state = _trained_tiny_res(models)
+    state["head.2.weight"] = torch.zeros(10, 16)
+    torch.save(state, work.parent / "w.pt")
+    result, before = run_error(work, "convert", path, "--weights", work.parent / "w.pt")
+    check_error(result, 3, before, work, "head.2.weight", "10x16", "4x16")
+    result, before = run_error(work, "convert", path, "--weights", work.parent / "none.pt")
+    check_error(result, 3, before, work, "none.pt", "does not exist")
+    assert "loading" not in result.stderr
+
+
 # ---------------------------------------------------------------- errors
 
 

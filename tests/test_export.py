@@ -170,7 +170,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half")
         raise ExportError("torch.onnx.export cannot export the converted model.", "save it with -o")
 
-    monkeypatch.setattr("cspify.cli.write_onnx", broken)
+    monkeypatch.setattr("cspify.cli.convert.write_onnx", broken)
     result = CliRunner().invoke(main, ["convert", str(RESNET), *SMALL, "-o", "m.pt", "--export-dir", "csp",
                                        "--onnx", "m.onnx", "--json", "r.json", "-q"])
     assert result.exit_code == 6, result.output

@@ -1,0 +1,34 @@
+"""The ``cspify`` command: a click group over one file per command.
+
+    common.py    options, load-convert-measure, errors and stops, progress, output files
+    convert.py   cspify convert, cspify analyze
+    bench.py     cspify bench
+    sweep.py     cspify sweep
+
+Loading MODEL runs the Python code in that file, as ``python model.py`` would: only
+convert files you trust. Exit codes: 0 done, 1 internal error, 2 bad option, 3 model not
+loadable, 4 not traceable, 5 no convertible stage, 6 output not writable (or already
+there, or the model cannot be written in the format asked for), 130 stopped by Ctrl-C
+(SIGINT), 143 stopped by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import click
+
+from cspify.cli import bench, convert, sweep
+from cspify.cli.common import MODEL_HELP
+
+__all__ = ["main"]
+
+
+@click.group(help=f"Turn a PyTorch model into its Cross Stage Partial (CSP) version.\n\n{MODEL_HELP}")
+@click.version_option(package_name="cspify")
+def main() -> None:
+    pass
+
+
+main.add_command(convert.convert)
+main.add_command(convert.analyze)
+main.add_command(bench.bench)
+main.add_command(sweep.sweep)

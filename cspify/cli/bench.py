@@ -1,0 +1,47 @@
+"""``cspify bench``: time MODEL and its CSP version side by side.
+
+    cspify bench torchvision:resnet50 --batch-sizes 1,16 --threads 2 --json bench.json
+"""
+
+from __future__ import annotations
+
+import click
+
+from cspify.cli.common import (
+    MODEL_HELP,
+    Progress,
+    batch_sizes,
+    check_options,
+    conversion_options,
+    guard,
+    load_convert_measure,
+    stage_reports,
+)
+from cspify.export import Outputs
+
+
+@click.command(help=f"Time MODEL and its CSP version side by side: median ms, speed-up, flops ratio.\n\n{MODEL_HELP}")
+@conversion_options
+@click.option("--batch-sizes", "sizes", default="1", show_default=True, metavar="B1,B2", help="Batch sizes to time.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads [default: torch.get_num_threads()].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to time; auto: the CPU, and CUDA too when present.")
+@click.option("--min-run-time", type=float, default=1.0, show_default=True,
+              help="Seconds of timing per model, round and batch size.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="How often the two models take turns.")
+def bench(sizes, threads, device, min_run_time, rounds, **options) -> None:
+    with guard(options["debug"]):
+        from cspify.bench import benchmark, resolve_devices
+
+        check_options(options)
+        sizes = batch_sizes(sizes)
+        devices = resolve_devices(device)
+        progress = Progress(options["quiet"])
+        done = load_convert_measure(options, progress, measuring="counting flops")
+        with progress(f"timing both models on {' and '.join(devices)} at batch sizes {','.join(map(str, sizes))}"):
+            result = benchmark(done.model, done.csp, done.inputs, sizes, threads, device,
+                               min_run_time=min_run_time, rounds=rounds)
+        result.flops = (done.report.original.flops, done.report.converted.flops)
+        with Outputs(force=options["force"]) as out:  # all written, or none
+            stage_reports(out, options, result)
+        click.echo(str(result))

@@ -1,0 +1,319 @@
+"""What every command shares: its options, the load-convert-measure step, errors, stops
+from outside, progress lines and the output files. A command file parses its own few
+options and calls these:
+
+    @click.command()
+    @conversion_options                      # MODEL, --gamma ... --weights, --json ... --debug
+    def analyze(**options):
+        with guard(options["debug"]):        # errors -> one line + exit code; SIGINT/SIGTERM -> 130/143
+            check_options(options)           # bad options and unwritable outputs, before the long work
+            done = load_convert_measure(options, Progress(options["quiet"]))
+            with Outputs(force=options["force"]) as out:    # every file, all written or none
+                stage_reports(out, options, done.report)
+            click.echo(str(done.report))
+
+``options`` is the dict click passes: the keys are the parameter names declared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch.nn as nn
+
+from cspify import api
+from cspify.config import FUSIONS, HIDDEN, CSPConfig
+from cspify.errors import ConfigError, CspifyError, OutputError
+from cspify.export import Outputs
+from cspify.load import Loaded, check_weights_file, load_model, parse_shape
+from cspify.report import Report
+
+MODEL_HELP = (
+    "MODEL is path/to/model.py[:Name], torchvision:NAME or timm:NAME. "
+    "A model file is executed to build the model: only use files you trust."
+)
+
+# ---------------------------------------------------------------- options
+
+_MODEL = (
+    click.argument("model"),
+    click.option("--weights", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+                 help="Load this state dict into the model before converting (torch.load with weights_only=True; "
+                      "a checkpoint's 'state_dict' or 'model' entry and a DDP 'module.' prefix are understood)."),
+    click.option("--input-shape", default=None, metavar="N,C,H,W",
+                 help="Example input shape [default: example_inputs() from the file, else 1,3,224,224]."),
+    click.option("--scope", default=None, metavar="PATH",
+                 help="Convert only this submodule (e.g. backbone.body) inside a copy of the whole model."),
+    click.option("--leaf", "leaves", multiple=True, metavar="PATH",
+                 help="Keep this submodule opaque when tracing (repeatable)."),
+)
+_STAGES = (
+    click.option("--stage", "stages", multiple=True, metavar="NAME",
+                 help="Convert only this stage (repeatable); see `cspify analyze`."),
+    click.option("--allow-costlier", is_flag=True,
+                 help="Also convert stages whose new partial transition costs more than they save."),
+)
+_POINT = (
+    click.option("--gamma", default="0.5", show_default=True,
+                 help="Fraction of channels that bypass each stage (0 < gamma < 1)."),
+    click.option("--fusion", type=click.Choice(FUSIONS), default="last", show_default=True,
+                 help="Transition then concat (last) or concat then transition (first)."),
+    click.option("--hidden", type=click.Choice(HIDDEN), default="keep", show_default=True,
+                 help="Keep the blocks' inner widths, or scale them by 1 - gamma."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seed of the new layers' initialisation (same seed, same model)."),
+)
+
+
+def _apply(fn, decorators):
+    for decorate in reversed(decorators):  # click lists options in the order written here
+        fn = decorate(fn)
+    return fn
+
+
+def model_options(fn):
+    """MODEL and how to build and trace it: --weights, --input-shape, --scope, --leaf."""
+    return _apply(fn, _MODEL)
+
+
+def stage_options(fn):
+    """Which stages to convert: --stage, --allow-costlier."""
+    return _apply(fn, _STAGES)
+
+
+def point_options(fn):
+    """One conversion's choices: --gamma, --fusion, --hidden, --seed."""
+    return _apply(fn, _POINT)
+
+
+def output_options(what: str = "report"):
+    """--json, --markdown (of ``what`` the command prints), --force, -q, --debug."""
+    return lambda fn: _apply(fn, (
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), help=f"Write the {what} as JSON."),
+        click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
+                     help=f"Write the {what} as Markdown."),
+        click.option("--force", is_flag=True, help="Overwrite output files that exist."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr."),
+        click.option("--debug", is_flag=True, help="Show Python tracebacks."),
+    ))
+
+
+def plot_option(help: str):
+    """--plot PATH.png, written with the command's other files (``stage_reports(plot=...)``)."""
+    return click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="PATH.png",
+                        help=help)
+
+
+def conversion_options(fn):
+    """Everything one conversion takes (convert, analyze, bench)."""
+    return point_options(stage_options(model_options(output_options()(fn))))
+
+
+def config_from(options: dict) -> CSPConfig:
+    """The conversion options as one validated record."""
+    return CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
+                     options["allow_costlier"])
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,16"`` -> (1, 16); a ConfigError for anything else."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"batch sizes {text!r} are not a list of positive integers.", "write them as --batch-sizes 1,16")
+    return values
+
+
+def check_options(options: dict, *outputs: str | None) -> None:
+    """What can be refused before any long work: the conversion options (where the command
+    takes them), the input shape, the weights file, and every output path (``options``'
+    --json/--markdown/--plot and ``outputs``)."""
+    if "gamma" in options:
+        config_from(options)
+    if options["input_shape"] is not None:
+        parse_shape(options["input_shape"])
+    if options["weights"] is not None:
+        check_weights_file(options["weights"])
+    reports = (options.get(key) for key in ("json_path", "markdown_path", "plot_path"))
+    for path in (p for p in (*outputs, *reports) if p):
+        check_writable(path, options["force"])
+
+
+def check_writable(path: str, force: bool) -> None:
+    """An OutputError when ``path`` exists (without ``force``) or its folder cannot take it."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise OutputError(f"{path} already exists.", "pass --force to overwrite it, or choose another path")
+    folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file, not a folder.", "choose a path inside a folder")
+    if not folder.is_dir():
+        raise OutputError(f"folder {folder} does not exist.", "create it first or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"folder {folder} is not writable.", "choose another path")
+
+
+# ---------------------------------------------------------------- the work
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What the load-convert-measure step gives a command."""
+
+    model: nn.Module          # the original, as loaded (with --weights)
+    inputs: tuple             # its example inputs
+    csp: nn.Module            # the converted model
+    report: Report            # both models measured
+
+
+def load_model_step(options: dict, progress: Progress) -> Loaded:
+    """MODEL (with --weights, --input-shape) as a module and example inputs, with its progress line."""
+    shape = parse_shape(options["input_shape"]) if options["input_shape"] is not None else None
+    weights = options["weights"]
+    with progress(f"loading {options['model']}" + (f" with weights {weights}" if weights else "")):
+        return load_model(options["model"], shape, weights=weights)
+
+
+def load_convert_measure(options: dict, progress: Progress, measuring: str = "measuring both models") -> Converted:
+    """Load MODEL, convert it with the options, measure both: one progress line per step."""
+    config = config_from(options)
+    loaded = load_model_step(options, progress)
+    with progress("tracing and converting"):
+        csp = api.convert(loaded.model, loaded.example_inputs, config=config, scope=options["scope"],
+                          leaf_modules=options["leaves"], seed=options["seed"])
+    with progress(measuring):
+        report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
+                             leaf_modules=options["leaves"])
+    return Converted(loaded.model, loaded.example_inputs, csp, report)
+
+
+def stage_reports(out: Outputs, options: dict, result, plot: Callable | None = None) -> None:
+    """Stage --json (``result.to_dict()``), --markdown (``result.to_markdown()``) and --plot
+    (``plot(result, file)``) in ``out``, the command's one all-or-nothing writer."""
+    if options.get("json_path"):
+        out.file(options["json_path"], lambda f: json.dump(result.to_dict(), f, indent=2))
+    if options.get("markdown_path"):
+        out.file(options["markdown_path"], lambda f: f.write(result.to_markdown()))
+    if options.get("plot_path") and plot is not None:
+        out.file(options["plot_path"], lambda f: plot(result, f), binary=True)
+
+
+class Progress:
+    """One line per step on stderr, with its time, so long work is never silent.
+
+        progress = Progress(quiet=False)
+        with progress("loading model.py"):    # "cspify: loading model.py ... 0.4s" (or "... failed")
+            ...
+    """
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    @contextmanager
+    def __call__(self, what: str):
+        start = time.perf_counter()
+        if not self.quiet:
+            click.echo(f"cspify: {what} ...", err=True, nl=False)
+        try:
+            yield
+        except BaseException:
+            if not self.quiet:
+                click.echo(" failed", err=True)
+            raise
+        if not self.quiet:
+            click.echo(f" {time.perf_counter() - start:.1f}s", err=True)
+
+
+# ---------------------------------------------------------------- errors and stops
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop from outside: Ctrl-C (SIGINT) or SIGTERM (``kill``, a job scheduler).
+
+    A KeyboardInterrupt, so ``with`` blocks unwind as for Ctrl-C (``Outputs`` discards what
+    it staged) and ``except Exception`` in the work does not swallow it; a long loop that
+    wants to save its state first catches it, saves, and raises it again.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
+
+
+@contextmanager
+def stop_on_signals():
+    """Inside the block, SIGINT and SIGTERM raise ``Interrupted`` in the main thread; the
+    previous handlers come back afterwards. A signal the process was told to ignore (as
+    ``nohup`` or a shell's ``&`` do) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers, and only it receives them
+        return
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def guard(debug: bool):
+    """The one wrapper around a command's work.
+
+    CspifyErrors become one ``error:`` line, a ``hint:`` line and their exit code; any other
+    exception is an internal error (exit 1); Ctrl-C and SIGTERM stop the work cleanly
+    (files being written are discarded) with exit code 130 or 143. ``--debug`` shows the
+    Python traceback instead (before the lines, for a stop).
+    """
+    try:
+        with stop_on_signals():
+            yield
+    except KeyboardInterrupt as stop:
+        code = stop.exit_code if isinstance(stop, Interrupted) else 128 + signal.SIGINT
+        if debug:
+            traceback.print_exc()
+        name = "Ctrl-C (SIGINT)" if code == 128 + signal.SIGINT else signal.Signals(code - 128).name
+        click.echo(f"error: interrupted by {name}.", err=True)
+        click.echo("hint: no file was left half-written; run the command again to finish it", err=True)
+        sys.exit(code)
+    except CspifyError as error:
+        if debug:
+            raise
+        click.echo(f"error: {error.message}", err=True)
+        if error.hint:
+            click.echo(f"hint: {error.hint}", err=True)
+        sys.exit(error.exit_code)
+    except Exception as error:  # a bug of ours: say so in one line
+        if debug:
+            raise
+        click.echo(f"error: internal error ({type(error).__name__}: {error}).", err=True)
+        click.echo("hint: rerun with --debug and report the traceback", err=True)
+        sys.exit(1)

@@ -1,0 +1,70 @@
+"""``cspify convert`` and ``cspify analyze``: one conversion, its report, and (convert) its files.
+
+    cspify convert model.py -o m.pt --export-dir m_csp --onnx m.onnx --json r.json --seed 0
+    cspify analyze torchvision:densenet121 -q
+"""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from cspify.cli.common import (
+    MODEL_HELP,
+    Progress,
+    check_options,
+    conversion_options,
+    guard,
+    load_convert_measure,
+    plot_option,
+    stage_reports,
+)
+from cspify.export import Outputs, write_onnx, write_source
+
+
+@click.command(help=f"Convert MODEL's residual and dense stages to CSP and report the savings.\n\n{MODEL_HELP}")
+@conversion_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save the converted model (torch.save of the whole module; load it with torch.load(PATH, weights_only=False), which runs pickled code: only load files you trust).")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None, metavar="DIR", help="Write the converted model as readable Python (DIR/model.py) plus weights (DIR/weights.pt) that load with torch alone.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="PATH", help="Export the converted model to ONNX (torch.onnx.export with the example inputs).")
+@plot_option("Draw per-stage flops and memory traffic, before and after, as a PNG.")
+def convert(output, export_dir, onnx_path, **options) -> None:
+    with guard(options["debug"]):
+        _convert(options, output, export_dir, onnx_path)
+
+
+@click.command(help=f"Show the stages found in MODEL and what converting each would save.\n\n{MODEL_HELP}")
+@conversion_options
+def analyze(**options) -> None:
+    with guard(options["debug"]):
+        _convert(options)
+
+
+def _convert(options: dict, output: str | None = None, export_dir: str | None = None,
+             onnx_path: str | None = None) -> None:
+    check_options(options, output, export_dir, onnx_path)
+    progress = Progress(options["quiet"])
+    done = load_convert_measure(options, progress)
+    with Outputs(force=options["force"]) as out:  # all written, or none
+        if output:
+            out.file(output, lambda f: torch.save(done.csp, f), binary=True)
+        if export_dir:
+            with progress(f"writing {export_dir}"):
+                out.folder(export_dir, lambda folder: write_source(done.csp, folder))
+        if onnx_path:
+            with progress(f"exporting {onnx_path}"):
+                out.path(onnx_path, lambda tmp: write_onnx(done.csp, done.inputs, tmp), suffix=".onnx")
+        stage_reports(out, options, done.report, plot=_plot)
+    click.echo(str(done.report))  # after the files: an error never follows a report
+    saved = [(p, what) for p, what in ((output, "the converted model"), (export_dir, "its source and weights"),
+                                        (onnx_path, "its ONNX export")) if p]
+    for i, (path, what) in enumerate(saved):
+        click.echo(f"{'' if i else chr(10)}saved {what} to {path}")
+
+
+def _plot(report, f) -> None:
+    from cspify.plot import (
+        plot_report,  # matplotlib loads only when a plot is asked for
+    )
+
+    plot_report(report, f)

@@ -1,0 +1,80 @@
+"""``cspify sweep``: convert MODEL at every gamma, fusion and hidden given; one table.
+
+    cspify sweep torchvision:resnet50 --gammas 0.25,0.5,0.75 --fusion last,first --plot sweep.png
+
+Its options are convert's, except that --gammas, --fusion and --hidden take lists (and
+there is no --seed: every point is converted with the default one).
+"""
+
+from __future__ import annotations
+
+import click
+
+from cspify.cli.common import (
+    MODEL_HELP,
+    Progress,
+    batch_sizes,
+    check_options,
+    guard,
+    load_model_step,
+    model_options,
+    output_options,
+    plot_option,
+    stage_options,
+    stage_reports,
+)
+from cspify.config import FUSIONS, HIDDEN, CSPConfig
+from cspify.errors import ConfigError
+from cspify.export import Outputs
+
+
+@click.command(help=f"Convert MODEL at every gamma, fusion and hidden given; one table of the savings.\n\n{MODEL_HELP}")
+@click.option("--gammas", default="0.25,0.5,0.75", show_default=True, metavar="G1,G2", help="Bypass fractions to try.")
+@click.option("--fusion", "fusions", default="last", show_default=True, metavar="last,first", help="Fusions to try.")
+@click.option("--hidden", "hiddens", default="keep", show_default=True, metavar="keep,scale", help="Inner widths to try.")
+@stage_options
+@model_options
+@click.option("--latency", is_flag=True, help="Also time every point against the original (slow).")
+@click.option("--batch-sizes", "sizes", default="1", show_default=True, metavar="B1,B2", help="Batch sizes for --latency.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for --latency.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time.")
+@click.option("--min-run-time", type=float, default=1.0, show_default=True, help="Seconds of timing per model and round.")
+@output_options("sweep")
+@plot_option("Draw flops (and latency) against gamma as a PNG.")
+def sweep(gammas, fusions, hiddens, latency, sizes, threads, device, min_run_time, **options) -> None:
+    with guard(options["debug"]):
+        from cspify.sweep import sweep as run_sweep
+
+        gamma_values = tuple(CSPConfig(g.strip()).gamma for g in gammas.split(",") if g.strip())
+        if not gamma_values:
+            raise ConfigError(f"--gammas {gammas!r} names no gamma.", "write them as --gammas 0.25,0.5,0.75")
+        fusion_values, hidden_values = _words(fusions, FUSIONS, "fusion"), _words(hiddens, HIDDEN, "hidden")
+        sizes = batch_sizes(sizes)
+        check_options(options)
+        loaded = load_model_step(options, Progress(options["quiet"]))
+        result = run_sweep(
+            loaded.model, loaded.example_inputs, gamma_values, fusion_values, hidden_values,
+            stages=options["stages"] or None, allow_costlier=options["allow_costlier"], scope=options["scope"],
+            leaf_modules=options["leaves"], latency=latency, batch_sizes=sizes, threads=threads, device=device,
+            min_run_time=min_run_time, progress=not options["quiet"],
+        )
+        with Outputs(force=options["force"]) as out:  # all written, or none
+            stage_reports(out, options, result, plot=_plot)
+        click.echo(str(result))
+        if options["plot_path"]:
+            click.echo(f"\nplotted flops against gamma to {options['plot_path']}")
+
+
+def _words(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    wrong = [v for v in values if v not in allowed]
+    if not values or wrong:
+        raise ConfigError(f"--{option} takes {' or '.join(allowed)}, got {text!r}.",
+                          f"for example --{option} {','.join(allowed)}")
+    return values
+
+
+def _plot(result, f) -> None:
+    from cspify.plot import plot_sweep  # matplotlib loads only when a plot is asked for
+
+    plot_sweep(result, f)
