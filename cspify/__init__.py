@@ -17,8 +17,11 @@ if not _os.path.isdir(_os.path.join(_here, "rules")) and _os.path.isfile(
 
 from cspify.api import compare, convert, find_stages
 from cspify.bench import BenchResult, benchmark
+from cspify.calibrate import calibrate
 from cspify.config import CSPConfig
+from cspify.data import ImageData, open_data
 from cspify.errors import CspifyError
+from cspify.finetune import evaluate, finetune
 from cspify.record import Conversion, conversion_of
 from cspify.report import Report
 from cspify.stage import Stage
@@ -26,4 +29,5 @@ from cspify.sweep import Sweep, sweep
 
 __all__ = ["convert", "find_stages", "compare", "benchmark", "sweep", "Report", "BenchResult", "Sweep", "CSPConfig",
            "CspifyError", "Stage", "Conversion", "conversion_of"]
+__all__ += ["calibrate", "finetune", "evaluate", "open_data", "ImageData"]
 __version__ = "0.1.0"

@@ -1,0 +1,692 @@
+"""Calibration: set from unlabeled images what conversion left arbitrary, no gradient step.
+
+    csp = cspify.convert(model, x)                 # a trained model: csp now scores at chance
+    cspify.calibrate(model, csp, images)           # images: a tensor N,C,H,W, a DataLoader, a Dataset
+    csp.meta["cspify.calibrate"].to_dict()         # what was fitted, and how well
+
+Conversion keeps the weights of every channel the narrowed blocks still see, but the new
+partial transitions start from a random initialisation, the narrowed blocks' norm
+statistics describe inputs they no longer get, and the layers reading a stage output see
+the untouched bypass part x0' where the original's stage output was. Each converted stage,
+in graph order and seeing the already calibrated stages before it:
+
+1. **norm statistics**: every BatchNorm inside the stage re-estimates its running mean and
+   variance on the images (train-mode forward without gradients, a cumulative average);
+2. **partial transition**: its conv is fitted by ridge least squares so that the stage
+   output's through part matches the original's stage output on the same images (fusion
+   last: channels ``[bypass:]``; fusion first: all of them); the BatchNorm after it is set
+   to pass the fitted values through (running statistics those of the fitted output,
+   weight ``sqrt(var + eps)``, bias the mean), so it is the same map in train and eval mode;
+3. **readers**: the conv or linear layers that read the stage output (through norms,
+   activations, pooling, flattening and concatenation, not through adds) are refitted by
+   least squares to reproduce the original's output of the same layer, convs through
+   ``F.unfold``. This is what corrects for the bypass part, which carries x0' where the
+   original had its stage output; the classifier refitted to the original's logits is one
+   case of it. Readers that read other readers' outputs are fitted after them.
+
+The original model is traced as ``convert`` traced it (same leaf modules), so the record's
+node names find the stage outputs in both graphs. With a ``scope`` conversion the images are
+the whole model's inputs and the stages live in the scoped submodule.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from cspify import rules
+from cspify.errors import ConfigError
+from cspify.plan import plan_stage
+from cspify.record import Conversion, StageRecord, conversion_of
+from cspify.taps import module_nodes, node_named, run_until_tapped, tapping
+from cspify.trace import Traced, capture_inputs, trace
+
+__all__ = ["calibrate", "Calibration", "Fit", "find_conversion", "image_batches", "reestimate_norms", "traced_original"]
+
+META_KEY = "cspify.calibrate"
+MAX_ROWS = 1 << 17  # rows (images x positions) a least-squares fit reads at most
+RIDGE = 1e-3  # ridge penalty, relative to the mean squared input feature
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
+               nn.Hardtanh, nn.PReLU, nn.SELU, nn.CELU)
+ACTIVATION_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish,
+                        torch.nn.functional.hardtanh}
+ACTIVATION_METHODS = {"relu", "relu_"}
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class Fit:
+    """One least-squares fit: which layer, for which stage, and its relative residual
+    (squared error over the target's variance; 0 is a perfect fit), before and after."""
+
+    stage: str
+    layer: str
+    role: str  # "partial transition" or "reader"
+    rows: int
+    features: int
+    error_after: float
+    error_before: float | None = None
+
+
+@dataclass
+class Calibration:
+    """What ``calibrate`` did."""
+
+    images: int
+    seconds: float
+    norms: list[str] = field(default_factory=list)
+    fits: list[Fit] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    stabilised: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(
+    original: nn.Module,
+    converted: nn.Module,
+    images,
+    *,
+    max_images: int = 2048,
+    batch_size: int = 256,
+    norms: bool = True,
+    inner: bool = True,
+    transitions: bool = True,
+    readers: bool = True,
+    stable: bool = True,
+    ridge: float = RIDGE,
+    seed: int = 0,
+) -> nn.Module:
+    """Fit ``converted`` (made by ``cspify.convert(original, ...)``) to ``original`` on
+    unlabeled ``images``, in place; returns ``converted``.
+
+    ``images`` is a tensor (N, C, H, W), a Dataset (a seeded random subset is read), or an
+    iterable of batches: tensors, or tuples/lists whose first item is the input. At most
+    ``max_images`` are used, ``batch_size`` at a time. ``norms``, ``transitions`` and
+    ``readers`` switch the three steps (see the module docstring) on or off.
+    """
+    start = time.perf_counter()
+    scope, record = find_conversion(converted)
+    part = converted.get_submodule(scope) if scope else converted
+    device = _device(converted)
+    batches = [b.to(device) for b in image_batches(images, max_images, batch_size, seed)]
+    teacher, traced = traced_original(original, batches[0][:1], record, scope, device)
+    teacher_part = traced.gm
+    plans = _plans(traced, record) if inner else {}
+    result = Calibration(images=sum(len(b) for b in batches), seconds=0.0)
+    modes = {m: m.training for m in converted.modules()}
+    converted.eval()
+    try:
+        with torch.no_grad():
+            stages = sorted(record.converted, key=_position(part))
+            for stage in stages:
+                layers = _inner_layers(part, teacher_part, stage, plans.get(stage.name)) if inner else []
+                refit = {layer.node.name for layer in layers}
+                names = [n for n in _stage_norms(part, stage) if not _follows(part, n, refit)] if norms else []
+                _fit_layers(converted, part, teacher, teacher_part, stage, layers, batches, ridge, result, names)
+                if transitions:
+                    _fit_transition(converted, part, teacher, teacher_part, stage, record, batches, ridge, result)
+                if readers:
+                    layers = _readers(part, teacher_part, stage.converted_output)
+                    _fit_layers(converted, part, teacher, teacher_part, stage, layers, batches, ridge, result)
+            if stable:
+                result.stabilised = stabilise_norms(converted, part, batches)
+    finally:
+        for module, flag in modes.items():
+            module.training = flag
+    result.seconds = round(time.perf_counter() - start, 3)
+    part.meta[META_KEY] = result
+    return converted
+
+
+# ---------------------------------------------------------------- inputs and models
+
+
+def find_conversion(model: nn.Module) -> tuple[str | None, Conversion]:
+    """Where in ``model`` cspify's conversion record is: (scope or None, record)."""
+    record = conversion_of(model)
+    if record is not None:
+        return None, record
+    for name, module in model.named_modules():
+        record = conversion_of(module)
+        if name and record is not None:
+            return name, record
+    raise ConfigError(
+        f"{type(model).__name__} was not made by cspify.convert, so there is no conversion to calibrate or distil.",
+        "pass the model cspify.convert returned (a torch.fx GraphModule that carries its conversion record)",
+    )
+
+
+def image_batches(images, max_images: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """At most ``max_images`` input images from a tensor, a Dataset or an iterable of batches,
+    as a list of tensors of at most ``batch_size``."""
+    if max_images < 1 or batch_size < 1:
+        raise ConfigError(f"max_images and batch_size must be at least 1 (got {max_images} and {batch_size}).",
+                          "give positive numbers")
+    if isinstance(images, torch.Tensor):
+        return list(images[:max_images].split(batch_size))
+    if isinstance(images, torch.utils.data.Dataset) and hasattr(images, "__len__") and hasattr(images, "__getitem__"):
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(images), generator=generator)[:max_images].tolist()
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, chosen), batch_size=batch_size)
+        return image_batches(loader, max_images, batch_size)
+    found, count = [], 0
+    for item in images:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"a batch of images is a {type(x).__name__}, not a tensor.",
+                              "give a tensor, a Dataset, or batches of tensors (or of (input, label) pairs)")
+        x = x[: max_images - count]
+        found += list(x.split(batch_size))
+        count += len(x)
+        if count >= max_images:
+            break
+    if not found:
+        raise ConfigError("no images to calibrate on.", "give at least one batch of images")
+    return found
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def traced_original(original: nn.Module, x: torch.Tensor, record: Conversion, scope: str | None, device):
+    """The original, traced as convert traced it, on ``device``, frozen, in eval mode:
+    (the whole model to run, the Traced part whose node names the record uses)."""
+    source = _device(original)
+    if scope:
+        part, inputs = capture_inputs(original, (x.to(source),), scope)
+        traced = trace(part, inputs, record.leaf_modules)
+        whole = copy.deepcopy(original)
+        parent, _, name = scope.rpartition(".")
+        setattr(whole.get_submodule(parent) if parent else whole, name, traced.gm)
+    else:
+        traced = trace(original, (x.to(source),), record.leaf_modules)
+        whole = traced.gm
+    whole.to(device).eval()
+    for p in whole.parameters():
+        p.requires_grad_(False)
+    return whole, traced
+
+
+def _plans(traced: Traced, record: Conversion) -> dict:
+    """The conversion's stage plans, planned again from the traced original: they say which
+    output channels each narrowed layer keeps (the record does not carry that)."""
+    return {plan.name: plan for plan in (plan_stage(traced, stage, record.config) for stage in rules.find_stages(traced))}
+
+
+def _position(gm: fx.GraphModule):
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    return lambda stage: order.get(stage.converted_output, len(order))
+
+
+# ---------------------------------------------------------------- 1. norm statistics
+
+
+def _stage_norms(gm: fx.GraphModule, stage: StageRecord) -> list[str]:
+    inside = set(stage.nodes)
+    return [node.name for node in gm.graph.nodes if node.op == "call_module" and node.name in inside
+            and isinstance(gm.get_submodule(node.target), _BatchNorm)
+            and gm.get_submodule(node.target).track_running_stats]
+
+
+def _follows(gm: fx.GraphModule, name: str, layers: set[str]) -> bool:
+    """True when the node ``name`` reads the output of one of ``layers`` directly: a norm
+    after a layer refitted to the original's output keeps the original's statistics."""
+    return any(arg.name in layers for arg in node_named(gm, name).all_input_nodes)
+
+
+def reestimate_norms(model: nn.Module, gm: fx.GraphModule, names: list[str], batches) -> None:
+    """Re-estimate the running statistics of the BatchNorms at nodes ``names`` of ``gm``
+    (``model`` or a submodule of it) on ``batches``: train mode for them alone, a
+    cumulative average, no gradient; their modes and momenta are restored."""
+    if not names:
+        return
+    modules = [gm.get_submodule(node_named(gm, n).target) for n in names]
+    saved = [(m.momentum, m.training) for m in modules]
+    last = max(names, key=_position_of(gm))
+    try:
+        for m in modules:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad(), tapping(gm, [last], stop=True, detach=True):
+            for x in batches:
+                run_until_tapped(model, x)
+    finally:
+        for m, (momentum, training) in zip(modules, saved):
+            m.momentum, m.training = momentum, training
+
+
+def _position_of(gm: fx.GraphModule):
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    return lambda name: order[name]
+
+
+def stabilise_norms(model: nn.Module, gm: nn.Module, batches) -> int:
+    """Give every affine BatchNorm of ``gm`` the running statistics of the inputs it now
+    gets (an eval-mode pass of ``model``), rescaling its weight and bias so that what it
+    computes in eval mode does not change; returns how many. Fitted layers leave norms whose
+    statistics describe the original's activations, not their own: in train mode (batch
+    statistics) such a model would compute something else, and fine-tuning would start
+    from a worse model than the calibrated one."""
+    norms = [m for m in gm.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.affine]
+    sums: dict[nn.Module, list] = {}
+
+    def record(module, args):
+        x = args[0].detach().double()
+        dims = [d for d in range(x.ndim) if d != 1]
+        entry = sums.setdefault(module, [0, 0.0, 0.0])
+        entry[0] += x.numel() // x.shape[1]
+        entry[1] = entry[1] + x.sum(dims)
+        entry[2] = entry[2] + x.square().sum(dims)
+
+    handles = [m.register_forward_pre_hook(record) for m in norms]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for m, (n, total, squares) in sums.items():
+        if n < 2:
+            continue
+        mean = total / n
+        var = ((squares - n * mean.square()) / (n - 1)).clamp_min(0)
+        old = (m.running_var.double() + m.eps).sqrt()
+        new = (var + m.eps).sqrt()
+        weight = m.weight.detach().double()
+        m.bias.copy_((m.bias.double() + weight * (mean - m.running_mean.double()) / old).to(m.bias.dtype))
+        m.weight.copy_((weight * new / old).to(m.weight.dtype))
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+    return len(sums)
+
+
+# ---------------------------------------------------------------- least squares
+
+
+class LeastSquares:
+    """Normal equations of ``y = W x (+ b)``, accumulated over batches of rows."""
+
+    def __init__(self, features: int, outputs: int, intercept: bool, device) -> None:
+        width = features + int(intercept)
+        self.features, self.intercept = features, intercept
+        self.xx = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.xy = torch.zeros(width, outputs, dtype=torch.float64, device=device)
+        self.y_sum = torch.zeros(outputs, dtype=torch.float64, device=device)
+        self.yy = torch.zeros(outputs, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.float(), y.float()
+        if self.intercept:
+            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+        self.xx += (x.T @ x).double()
+        self.xy += (x.T @ y).double()
+        self.y_sum += y.double().sum(0)
+        self.yy += y.double().square().sum(0)
+        self.rows += len(x)
+
+    def solve(self, ridge: float, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights (outputs x features) and intercept (or None) minimising the squared error
+        plus ``ridge`` (relative to the mean squared feature) times the squared distance to
+        ``prior`` (outputs x features; zero when None); the intercept is not penalised."""
+        d = self.features
+        penalty = ridge * self.xx.diagonal()[:d].mean().clamp_min(1e-12)
+        a, b = self.xx.clone(), self.xy.clone()
+        a.diagonal()[:d] += penalty
+        if prior is not None:
+            b[:d] += penalty * prior.double().T
+        try:
+            solution = torch.linalg.solve(a, b)
+        except RuntimeError:  # singular (a constant input column, say): the least-norm solution
+            solution = torch.linalg.lstsq(a.cpu(), b.cpu(), driver="gelsd").solution.to(a.device)
+        weight = solution[:d].T
+        bias = solution[d] if self.intercept else None
+        return weight, bias
+
+    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """Squared error of ``W x + b`` over the targets' total variance, on the rows seen."""
+        w = weight.double().T
+        if self.intercept:
+            b = bias.double() if bias is not None else torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+            w = torch.cat([w, b[None]], 0)
+        elif bias is not None:
+            return float("nan")
+        sse = self.yy.sum() - 2 * (w * self.xy).sum() + (w * (self.xx @ w)).sum()
+        sst = self.yy.sum() - self.y_sum.square().sum() / max(self.rows, 1)
+        return float((sse / sst.clamp_min(1e-12)).clamp_min(0))
+
+    def input_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and uncentred second moment of the inputs (needs the intercept column)."""
+        d, n = self.features, max(self.rows, 1)
+        return self.xx[d, :d] / n, self.xx[:d, :d] / n
+
+
+def _fits(module: nn.Module) -> bool:
+    """Layers a least-squares fit can set: linear layers and ungrouped zero-padded convs
+    (any kernel in 2-d, 1x1 kernels in 1-d and 3-d)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if not isinstance(module, CONVS) or module.groups != 1 or module.padding_mode != "zeros":
+        return False
+    return isinstance(module, nn.Conv2d) or all(k == 1 for k in module.kernel_size)
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of features, one row per output position."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in _tuple(module.padding, x.ndim - 2)):
+        index = tuple(slice(None, None, s) for s in _tuple(module.stride, x.ndim - 2))
+        x = x[(slice(None), slice(None), *index)]
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return y.reshape(-1, y.shape[-1]) if isinstance(module, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def _tuple(value, n):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _sample(rows: int, cap: int, generator: torch.Generator, device) -> torch.Tensor | None:
+    if rows <= cap:
+        return None
+    return torch.randperm(rows, generator=generator)[:cap].to(device)
+
+
+def _set_layer(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
+    if module.bias is not None:
+        module.bias.copy_(bias.to(module.bias.dtype) if bias is not None else torch.zeros_like(module.bias))
+
+
+# ---------------------------------------------------------------- 2. partial transitions
+
+
+def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, record: Conversion, batches, ridge,
+                    result: Calibration) -> None:
+    out = node_named(gm, stage.converted_output)
+    fusion_last = record.config.fusion == "last"
+    if fusion_last:
+        if out.op != "call_function" or out.target is not torch.cat:
+            result.skipped.append(f"{stage.name}: its output is not a concat")
+            return
+        tensors, axis = out.args[0], out.args[1] if len(out.args) > 1 else out.kwargs.get("dim", 0)
+        through = tensors[-1]
+        if axis not in (1, 1 - len(out.meta["tensor_meta"].shape)):
+            result.skipped.append(f"{stage.name}: its channels are not on axis 1")
+            return
+    else:
+        if out.op == "call_function" and out.target is torch.cat:
+            return  # no new transition: the stage's own transition reads the concat, a reader
+        through = out
+    chain, node = [], through
+    while node.op != "call_module" or not isinstance(gm.get_submodule(node.target), CONVS):
+        if _is_activation(gm, node) or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm)):
+            chain.append(node)
+            node = node.args[0]
+            if not isinstance(node, fx.Node):
+                break
+            continue
+        result.skipped.append(f"{stage.name}: its partial transition is not a conv, norm and activation ({node.name})")
+        return
+    conv_node = node
+    conv = gm.get_submodule(conv_node.target)
+    norms = [n for n in chain if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _BatchNorm)]
+    if not _fits(conv) or len(norms) > 1 or (norms and chain.index(norms[0]) != len(chain) - 1):
+        result.skipped.append(f"{stage.name}: its partial transition {conv_node.target} cannot be fitted by least squares")
+        return
+    norm = gm.get_submodule(norms[0].target) if norms else None
+    intercept = norm is not None or conv.bias is not None
+    start = stage.bypass_channels if fusion_last else 0
+    solver = LeastSquares(_rows(conv, torch.zeros(1, *conv_node.args[0].meta["tensor_meta"].shape[1:],
+                                                  device=conv.weight.device)).shape[1],
+                          conv.out_channels, intercept=True, device=conv.weight.device)
+    generator = torch.Generator().manual_seed(0)
+    cap = max(1, MAX_ROWS // len(batches))
+    source = conv_node.args[0].name
+    with tapping(gm, [source], stop=True, detach=True) as mine, \
+            tapping(teacher_gm, [stage.output], stop=True, detach=True) as theirs:
+        for x in batches:
+            run_until_tapped(model, x)
+            run_until_tapped(teacher, x)
+            rows = _rows(conv, mine[source])
+            target = _targets(conv, theirs[stage.output].narrow(1, start, conv.out_channels))
+            pick = _sample(len(rows), cap, generator, rows.device)
+            solver.add(rows if pick is None else rows[pick], target if pick is None else target[pick])
+    if not intercept:
+        solver = _without_intercept(solver)
+    weight, bias = solver.solve(ridge)
+    error = solver.error(weight, bias)
+    if norm is not None:
+        mean_x, second = solver.input_moments() if intercept else (None, None)
+        mean = weight @ mean_x
+        var = ((weight @ second) * weight).sum(1) - mean.square()
+        var = var.clamp_min(1e-6)
+        _set_layer(conv, weight, None)
+        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        norm.running_var.copy_(var.to(norm.running_var.dtype))
+        if norm.affine:
+            norm.weight.copy_((var + norm.eps).sqrt().to(norm.weight.dtype))
+            norm.bias.copy_((mean + bias).to(norm.bias.dtype))
+    else:
+        _set_layer(conv, weight, bias)
+    result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features, round(error, 5)))
+
+
+def _without_intercept(solver: LeastSquares) -> LeastSquares:
+    """The same normal equations with the intercept column dropped."""
+    d = solver.features
+    plain = copy.copy(solver)
+    plain.intercept = False
+    plain.xx, plain.xy = solver.xx[:d, :d], solver.xy[:d]
+    return plain
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), ACTIVATIONS)
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in ACTIVATION_METHODS
+
+
+# ---------------------------------------------------------------- 3. layers refitted to the original's outputs
+
+
+@dataclass
+class _Layer:
+    """A conv or linear node of the converted graph to refit to the original's output of the
+    same module (node ``target`` of the traced original), on the output channels ``keep``."""
+
+    node: fx.Node
+    target: str
+    keep: tuple[int, ...] | None
+    role: str
+
+
+def _inner_layers(gm, teacher_gm, stage: StageRecord, plan) -> list[_Layer]:
+    """The convs and linears inside a narrowed stage, each with the output channels it keeps."""
+    theirs = module_nodes(teacher_gm)
+    inside, layers = set(stage.nodes), []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.name not in inside or len(theirs.get(node.target, ())) != 1:
+            continue
+        module = gm.get_submodule(node.target)
+        if not _fits(module) or type(module) is not type(teacher_gm.get_submodule(node.target)):
+            continue
+        narrowing = _narrowing(plan, node.name)
+        keep = narrowing.out_keep if narrowing is not None else None
+        if _outputs(module) != (len(keep) if keep is not None else _outputs(teacher_gm.get_submodule(node.target))):
+            continue  # the plan and the layer disagree: leave it
+        layers.append(_Layer(node, theirs[node.target][0].name, keep, "inner"))
+    return layers
+
+
+def _narrowing(plan, name: str):
+    """What the plan narrows the layer at node ``name`` to (None: nothing)."""
+    if plan is None:
+        return None
+    find = getattr(plan, "narrowing", None)  # StagePlan.narrowing(node); older plans keep a dict
+    return find(name) if callable(find) else plan.narrowings.get(name)
+
+
+def _readers(gm: fx.GraphModule, teacher_gm: fx.GraphModule, start: str) -> list[_Layer]:
+    """The conv/linear layers reading ``start``'s value through per-position ops and concats."""
+    mine, theirs = module_nodes(gm), module_nodes(teacher_gm)
+    found, seen, todo = [], set(), [node_named(gm, start)]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user.name in seen:
+                continue
+            seen.add(user.name)
+            if user.op == "call_module" and isinstance(gm.get_submodule(user.target), (nn.Linear, *CONVS)):
+                module = gm.get_submodule(user.target)
+                if (_fits(module) and len(mine[user.target]) == 1 and len(theirs.get(user.target, ())) == 1
+                        and user.args[0] is node and _same_layer(module, teacher_gm.get_submodule(user.target))):
+                    found.append(_Layer(user, theirs[user.target][0].name, None, "reader"))
+                continue
+            if _passes_on(user):
+                todo.append(user)
+    return found
+
+
+def _passes_on(node: fx.Node) -> bool:
+    """Ops through which a reader still sees the stage output's channels: one tensor in
+    (activations, norms, pooling, flatten, views), or a concat; not narrow (the next
+    stage's split) nor adds."""
+    if node.op == "output":
+        return False
+    if node.op == "call_function" and node.target is torch.cat:
+        return True
+    if node.op == "call_function" and node.target is torch.narrow:
+        return False
+    tensors = [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
+    return len(tensors) == 1
+
+
+def _same_layer(a: nn.Module, b: nn.Module) -> bool:
+    return type(a) is type(b) and a.weight.shape == b.weight.shape and (a.bias is None) == (b.bias is None)
+
+
+def _outputs(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _fit_layers(model, gm, teacher, teacher_gm, stage, layers: list[_Layer], batches, ridge, result,
+                norms: list[str] = ()) -> None:
+    """Refit ``layers`` and re-estimate the BatchNorms at nodes ``norms``, each once all of
+    those it reads from are done: one pass over the images per wave."""
+    items = [layer.node for layer in layers] + [node_named(gm, n) for n in norms]
+    ancestors = {node.name: _ancestors(node) for node in items}
+    by_node = {layer.node.name: layer for layer in layers}
+    waiting = list(items)
+    while waiting:
+        wave = [a for a in waiting if not any(b.name in ancestors[a.name] for b in waiting if b is not a)]
+        waiting = [a for a in waiting if a not in wave]
+        _fit_wave(model, gm, teacher, teacher_gm, stage, [by_node[n.name] for n in wave if n.name in by_node],
+                  [n.name for n in wave if n.name not in by_node], batches, ridge, result)
+
+
+def _ancestors(node: fx.Node) -> set[str]:
+    found, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n.name not in found:
+            found.add(n.name)
+            todo += n.all_input_nodes
+    return found
+
+
+def _fit_wave(model, gm, teacher, teacher_gm, stage, wave: list[_Layer], norms: list[str], batches, ridge,
+              result) -> None:
+    modules = {a.node.name: gm.get_submodule(a.node.target) for a in wave}
+    follow = {a.node.name: _norm_after(gm, a.node) for a in wave}
+    solvers = {}
+    for a in wave:
+        module = modules[a.node.name]
+        intercept = module.bias is not None or follow[a.node.name] is not None
+        features = module.in_features if isinstance(module, nn.Linear) else module.in_channels * _prod(module.kernel_size)
+        solvers[a.node.name] = LeastSquares(features, _outputs(module), intercept, module.weight.device)
+    sources = {a.node.name: a.node.args[0].name for a in wave}
+    keeps = {a.node.name: torch.tensor(a.keep, device=_device(model)) if a.keep is not None else None for a in wave}
+    generator = torch.Generator().manual_seed(0)
+    cap = max(1, MAX_ROWS // len(batches))
+    estimating = [gm.get_submodule(node_named(gm, n).target) for n in norms]
+    saved = [(m.momentum, m.training) for m in estimating]
+    try:
+        for m in estimating:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with tapping(gm, [*sources.values(), *norms], stop=True, detach=True) as mine, \
+                tapping(teacher_gm, [a.target for a in wave], stop=True, detach=True) as theirs:
+            for x in batches:
+                run_until_tapped(model, x)
+                if not wave:
+                    continue
+                run_until_tapped(teacher, x)
+                for a in wave:
+                    module, keep = modules[a.node.name], keeps[a.node.name]
+                    rows = _rows(module, mine[sources[a.node.name]])
+                    y = theirs[a.target]
+                    if keep is not None:
+                        y = y.index_select(-1 if isinstance(module, nn.Linear) else 1, keep)
+                    target = _targets(module, y)
+                    pick = _sample(len(rows), cap, generator, rows.device)
+                    solvers[a.node.name].add(rows if pick is None else rows[pick], target if pick is None else target[pick])
+    finally:
+        for m, (momentum, training) in zip(estimating, saved):
+            m.momentum, m.training = momentum, training
+    result.norms += [node_named(gm, n).target for n in norms]
+    for a in wave:
+        module, solver, norm = modules[a.node.name], solvers[a.node.name], follow[a.node.name]
+        current = module.weight.reshape(module.weight.shape[0], -1).double()
+        before = solver.error(current, module.bias.double() if module.bias is not None else None)
+        weight, bias = solver.solve(ridge, prior=current if a.role != "partial transition" else None)
+        after = solver.error(weight, bias)
+        if not after < before:  # the fit would only lose: keep the layer as it is
+            result.skipped.append(f"{stage.name}: refitting {a.node.target} would not lower its error ({before:.4f})")
+            continue
+        if module.bias is not None:
+            _set_layer(module, weight, bias)
+        else:
+            _set_layer(module, weight, None)
+            if bias is not None:  # y + b through BatchNorm(y) = BatchNorm with its mean moved by -b
+                norm.running_mean.sub_(bias.to(norm.running_mean.dtype))
+        result.fits.append(Fit(stage.name, a.node.target, a.role, solver.rows, solver.features, round(after, 5),
+                               round(before, 5)))
+
+
+def _norm_after(gm: fx.GraphModule, node: fx.Node):
+    """The BatchNorm (eval statistics) that alone reads ``node``, where an intercept can go."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    module = gm.get_submodule(users[0].target)
+    return module if isinstance(module, _BatchNorm) and module.track_running_stats else None
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out

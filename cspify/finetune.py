@@ -1,0 +1,521 @@
+"""Fine-tuning with distillation from the original: logits and every converted stage's output.
+
+    csp = cspify.convert(model, x)
+    cspify.calibrate(model, csp, data.train)                     # no labels, no gradient step
+    cspify.finetune(csp, data.train, teacher=model, epochs=1, val_data=data.val)
+    csp.meta["cspify.finetune"].to_dict()                        # per-epoch losses, val top-1, images/s
+    cspify.evaluate(csp, data.val)                               # top-1
+
+Losses, each weighted (``ce_weight``, ``kd_weight``, ``feature_weight``):
+
+- cross-entropy on the labels, where the data has labels (and ``use_labels``);
+- logit distillation: KL divergence between the teacher's and the model's softened outputs
+  (``temperature`` T), scaled by T^2 so its gradients keep their size;
+- feature distillation at each converted stage's output: a CSP stage output has the
+  original stage output's shape, so the converted model's ``converted_output`` node is
+  compared to the teacher's ``output`` node directly (mean squared error over the teacher
+  feature's variance), without adapters and without labels.
+
+Without labels (``train_data`` yields inputs alone, or ``use_labels=False``) only the two
+distillation losses train it. The default recipe (below) is what ``cspify finetune`` runs.
+
+Data-parallel: when ``torch.distributed`` is initialised (``torchrun --nproc_per_node N``
+initialises it from the environment, and ``finetune`` does so itself when it sees
+torchrun's variables), the model is wrapped in DistributedDataParallel (gloo on CPU, NCCL
+on CUDA), each process reads its share of the data through a DistributedSampler, runs its
+own teacher, and only rank 0 writes checkpoints and prints. ``batch_size`` is per process.
+
+Checkpoints: with ``checkpoint=PATH`` the model, optimizer, scheduler, epoch, RNG states and
+the run's record are written after every epoch, atomically (a temporary file renamed into
+place), so Ctrl-C leaves the last complete one; ``resume=PATH`` continues from it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Iterable
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cspify.calibrate import find_conversion, traced_original
+from cspify.errors import ConfigError, CspifyError
+from cspify.taps import tapping
+
+__all__ = ["finetune", "evaluate", "FinetuneRun", "EpochRecord", "Recipe", "DEFAULT_RECIPE", "init_distributed"]
+
+META_KEY = "cspify.finetune"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimizer, schedule and BatchNorm handling of a fine-tuning run.
+
+    ``lr`` is for a batch of ``lr_batch`` images and scales linearly with the global batch;
+    the schedule is a linear warm-up over ``warmup`` of the steps, then a cosine to zero.
+    ``norms`` is "train" (BatchNorm uses batch statistics and updates its running ones, as
+    in training) or "frozen" (the calibrated running statistics are kept: eval mode).
+    """
+
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adamw"
+    lr: float = 0.02
+    lr_batch: int = 128
+    weight_decay: float = 5e-5
+    warmup: float = 0.03
+    norms: str = "train"
+
+
+DEFAULT_RECIPE = Recipe()
+
+
+@dataclass
+class EpochRecord:
+    """One epoch: mean losses, validation top-1 (None without val data), throughput."""
+
+    epoch: int
+    loss: float
+    ce: float | None
+    kd: float | None
+    feature: float | None
+    val_top1: float | None
+    images: int
+    seconds: float
+    images_per_s: float
+    lr: float
+
+
+@dataclass
+class FinetuneRun:
+    """The record of a run, kept on the model (``model.meta["cspify.finetune"]``)."""
+
+    recipe: dict
+    settings: dict
+    world_size: int = 1
+    device: str = "cpu"
+    epochs: list[EpochRecord] = field(default_factory=list)
+    val_top1_before: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FinetuneRun:
+        data = dict(data)
+        data["epochs"] = [EpochRecord(**e) for e in data.get("epochs", [])]
+        return cls(**data)
+
+
+def finetune(
+    converted: nn.Module,
+    train_data,
+    *,
+    teacher: nn.Module | None = None,
+    epochs: int = 1,
+    val_data=None,
+    lr: float | None = None,
+    batch_size: int = 128,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    feature_weight: float = 1.0,
+    temperature: float = 4.0,
+    use_labels: bool = True,
+    recipe: Recipe = DEFAULT_RECIPE,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> nn.Module:
+    """Train ``converted`` (made by ``cspify.convert``) for ``epochs`` on ``train_data``, with
+    distillation from ``teacher`` (the original model) where one is given; returns it.
+
+    ``train_data`` is a Dataset or DataLoader of (inputs, labels) or of inputs alone, or
+    any re-iterable of such batches. ``lr`` overrides the recipe's (already scaled) rate.
+    The run's record is left at ``converted.meta["cspify.finetune"]`` (on the scoped
+    submodule for a ``scope`` conversion) and written into every checkpoint.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs and batch size must be at least 1 (got {epochs} and {batch_size}).", "give positive numbers")
+    if recipe.norms not in ("train", "frozen") or recipe.optimizer not in ("sgd", "adamw"):
+        raise ConfigError(f"unknown recipe {recipe}.", "optimizer is 'sgd' or 'adamw', norms 'train' or 'frozen'")
+    device = _device(device)
+    init_distributed(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    scope, record = find_conversion(converted)
+    part = converted.get_submodule(scope) if scope else converted
+    converted.to(device)
+    loader = _loader(train_data, batch_size, seed, rank, world, num_workers, shuffle=True)
+    first = _inputs(next(iter(loader)))
+    teacher_model = teacher_part = None
+    if teacher is not None:
+        teacher_model, traced = traced_original(teacher, first[:1].to(_device_of(teacher)), record, scope, device)
+        teacher_part = traced.gm
+    distil_features = teacher is not None and feature_weight > 0
+    stages = [s for s in record.converted if s.converted_output and s.output] if distil_features else []
+
+    steps_per_epoch = _length(loader)
+    global_batch = batch_size * world if not isinstance(train_data, DataLoader) else (train_data.batch_size or 1) * world
+    rate = lr if lr is not None else recipe.lr * global_batch / recipe.lr_batch
+    optimizer = _optimizer(converted, recipe, rate)
+    total = max(1, steps_per_epoch * epochs) if steps_per_epoch else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, recipe.warmup))
+    run = FinetuneRun(
+        recipe=asdict(recipe) | {"lr": rate},
+        settings=dict(epochs=epochs, batch_size=batch_size, global_batch=global_batch, ce_weight=ce_weight,
+                      kd_weight=kd_weight if teacher is not None else 0.0,
+                      feature_weight=feature_weight if teacher is not None else 0.0, temperature=temperature,
+                      use_labels=use_labels, bf16=bf16, seed=seed, stages=[s.name for s in stages]),
+        world_size=world, device=str(device),
+    )
+    start_epoch = 0
+    if resume is not None:
+        start_epoch, run = _load_checkpoint(resume, converted, optimizer, scheduler, run)
+    else:
+        torch.manual_seed(seed)
+        random.seed(seed)
+    model = converted
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            converted, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True
+        )
+    if run.val_top1_before is None and val_data is not None and start_epoch == 0:
+        run.val_top1_before = evaluate(converted, val_data, device, batch_size=max(batch_size, 256))
+    part.meta[META_KEY] = run
+
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    try:
+        with ExitStack() as stack:
+            student_values = stack.enter_context(tapping(part, [s.converted_output for s in stages])) if stages else {}
+            teacher_values = (stack.enter_context(tapping(teacher_part, [s.output for s in stages], detach=True))
+                              if stages else {})
+            for epoch in range(start_epoch, epochs):
+                if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+                    loader.sampler.set_epoch(epoch)
+                _train_mode(converted, recipe.norms)
+                sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "feature": 0.0}
+                counts = {"ce": 0, "kd": 0, "feature": 0}
+                seen, began = 0, time.perf_counter()
+                bar = _progress(steps_per_epoch, epoch, epochs, progress and rank == 0)
+                for batch in loader:
+                    x, y = _split(batch)
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True) if (y is not None and use_labels) else None
+                    with autocast():
+                        out = model(x)
+                        logits = out if isinstance(out, torch.Tensor) else None
+                        losses = {}
+                        if y is not None and ce_weight > 0 and logits is not None:
+                            losses["ce"] = F.cross_entropy(logits.float(), y)
+                        if teacher_model is not None and (kd_weight > 0 or stages):
+                            with torch.no_grad():
+                                target = teacher_model(x)
+                            if kd_weight > 0 and logits is not None and isinstance(target, torch.Tensor):
+                                losses["kd"] = _kd_loss(logits.float(), target.float(), temperature)
+                            if stages:
+                                losses["feature"] = sum(
+                                    _feature_loss(student_values[s.converted_output], teacher_values[s.output])
+                                    for s in stages
+                                ) / len(stages)
+                    if not losses:
+                        raise ConfigError(
+                            "there is nothing to train on: no labels and no teacher.",
+                            "give a teacher (the original model) to distil from, or data with labels",
+                        )
+                    weights = {"ce": ce_weight, "kd": kd_weight, "feature": feature_weight}
+                    loss = sum(weights[k] * v for k, v in losses.items())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    n = len(x)
+                    seen += n
+                    sums["loss"] += float(loss.detach()) * n
+                    for k, v in losses.items():
+                        sums[k] += float(v.detach()) * n
+                        counts[k] += n
+                    if bar is not None:
+                        rate_now = seen * world / max(time.perf_counter() - began, 1e-9)
+                        bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate_now:.0f}")
+                        bar.update(1)
+                if bar is not None:
+                    bar.close()
+                seconds = time.perf_counter() - began
+                totals = _all_sum(torch.tensor([sums["loss"], sums["ce"], sums["kd"], sums["feature"], seen,
+                                                counts["ce"], counts["kd"], counts["feature"]], dtype=torch.float64),
+                                  device)
+                images = int(totals[4])
+                top1 = evaluate(converted, val_data, device, batch_size=max(batch_size, 256)) if val_data is not None else None
+                run.epochs.append(EpochRecord(
+                    epoch=epoch + 1, loss=round(float(totals[0]) / max(images, 1), 6),
+                    ce=_mean(totals[1], totals[5]), kd=_mean(totals[2], totals[6]), feature=_mean(totals[3], totals[7]),
+                    val_top1=top1, images=images, seconds=round(seconds, 3),
+                    images_per_s=round(images / max(seconds, 1e-9), 1), lr=optimizer.param_groups[0]["lr"],
+                ))
+                if checkpoint is not None:
+                    _save_checkpoint(checkpoint, converted, optimizer, scheduler, epoch + 1, run, rank)
+    finally:
+        converted.eval()
+    return converted
+
+
+def evaluate(model: nn.Module, data, device: str | torch.device = "cpu", *, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (a Dataset, a DataLoader or an iterable of
+    (inputs, labels)), in eval mode without gradients. Under torch.distributed each process
+    scores its share of a Dataset and the counts are summed."""
+    device = _device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        indices = list(range(rank, len(data), world))
+        data = DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size)
+        shared = True
+    else:
+        shared = False
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                x, y = _split(batch)
+                if y is None:
+                    raise ConfigError("evaluate needs labels, and the data has none.", "give (inputs, labels) batches")
+                out = model(x.to(device))
+                correct += int((out.argmax(1) == y.to(device)).sum())
+                total += len(y)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if shared and world > 1:
+        counts = _all_sum(torch.tensor([correct, total], dtype=torch.float64), device)
+        correct, total = int(counts[0]), int(counts[1])
+    return round(correct / max(total, 1), 6)
+
+
+def init_distributed(device: torch.device | str = "cpu") -> bool:
+    """Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA)
+    when it is there and nobody has yet; True when running data-parallel."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = _device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _kd_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softened distributions, times T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
+                    log_target=True) * t * t
+
+
+def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the teacher feature's variance (scale-free across stages)."""
+    theirs = theirs.float()
+    return F.mse_loss(mine.float(), theirs) / theirs.var().clamp_min(1e-6)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _loader(data, batch_size, seed, rank, world, num_workers, shuffle):
+    """A loader that shards and reshuffles per epoch deterministically (seed + epoch)."""
+    if isinstance(data, DataLoader):
+        if isinstance(data.dataset, torch.utils.data.IterableDataset):
+            return data
+        batch_size, num_workers, collate = data.batch_size or batch_size, data.num_workers, data.collate_fn
+        data = data.dataset
+    else:
+        collate = None
+    if isinstance(data, Dataset) and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        if len(data) == 0:
+            raise ConfigError("the training data is empty.", "give at least one batch of images")
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                          collate_fn=collate, drop_last=False)
+    if iter(data) is data:
+        raise ConfigError(
+            "the training data is a one-shot iterator, which cannot be read again each epoch.",
+            "give a Dataset, a DataLoader or a list of batches",
+        )
+    return _Shard(data, rank, world) if world > 1 else data
+
+
+class _Shard:
+    """Every ``world``-th batch of a re-iterable, starting at ``rank``."""
+
+    def __init__(self, data, rank, world):
+        self.data, self.rank, self.world = data, rank, world
+
+    def __iter__(self):
+        for i, batch in enumerate(self.data):
+            if i % self.world == self.rank:
+                yield batch
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels or None) from a batch: a tensor, or a tuple/list (inputs, labels, ...)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch:
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.ndim == 1 and len(y) == len(x):
+            return x, y
+        return x, None
+    raise ConfigError(f"a training batch is a {type(batch).__name__}, not a tensor or (inputs, labels).",
+                      "give batches of tensors, or of (inputs, labels) pairs")
+
+
+def _inputs(batch) -> torch.Tensor:
+    return _split(batch)[0]
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def _optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    """No weight decay on norms and biases (one-dimensional parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    plain = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+
+
+def _schedule(total: int | None, warmup: float):
+    """Linear warm-up, then a cosine to zero, per step; constant when the length is unknown."""
+    if total is None:
+        return lambda step: 1.0
+    warm = max(1, int(round(warmup * total)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _train_mode(model: nn.Module, norms: str) -> None:
+    model.train()
+    if norms == "frozen":
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, epoch, run: FinetuneRun, rank: int) -> None:
+    """Write atomically on rank 0: a temporary file beside the target, renamed into place."""
+    if rank == 0:
+        state = {
+            "format": "cspify.finetune/1", "epoch": epoch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise CspifyError(f"cannot write the checkpoint {str(path)!r}: {exc.strerror or exc}.",
+                              "choose a folder you can write to") from None
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _load_checkpoint(path, model, optimizer, scheduler, run: FinetuneRun) -> tuple[int, FinetuneRun]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"the checkpoint {str(path)!r} does not exist.", "give a file a previous run wrote") from None
+    except Exception as exc:
+        raise ConfigError(f"cannot read the checkpoint {str(path)!r}: {exc}.",
+                          "give a file cspify finetune wrote (checkpoint=)") from None
+    if not isinstance(state, dict) or state.get("format") != "cspify.finetune/1":
+        raise ConfigError(f"{str(path)!r} is not a cspify fine-tuning checkpoint.", "give a file cspify finetune wrote")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"the checkpoint does not fit this model ({first}).",
+                          "resume with the model converted with the same options as the first run") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    saved = FinetuneRun.from_dict(state["run"])
+    saved.settings = run.settings | {"resumed_from": str(path), "resumed_at_epoch": state["epoch"]}
+    return int(state["epoch"]), saved
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU.", "use --device cpu")
+    return device
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _all_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        moved = values.to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(moved)
+        return moved.cpu()
+    return values
+
+
+def _mean(total, count) -> float | None:
+    return round(float(total) / float(count), 6) if float(count) > 0 else None
+
+
+def _progress(steps, epoch, epochs, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
