@@ -73,6 +73,7 @@ class Recipe:
     weight_decay: float = 5e-5
     warmup: float = 0.03
     norms: str = "train"
+    features: str = "through"  # "through": fusion last compares the through part only; "all": every channel
 
 
 DEFAULT_RECIPE = Recipe()
@@ -148,8 +149,10 @@ def finetune(
     """
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch size must be at least 1 (got {epochs} and {batch_size}).", "give positive numbers")
-    if recipe.norms not in ("train", "frozen") or recipe.optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"unknown recipe {recipe}.", "optimizer is 'sgd' or 'adamw', norms 'train' or 'frozen'")
+    if recipe.norms not in ("train", "frozen") or recipe.optimizer not in ("sgd", "adamw") or \
+            recipe.features not in ("through", "all"):
+        raise ConfigError(f"unknown recipe {recipe}.",
+                          "optimizer is 'sgd' or 'adamw', norms 'train' or 'frozen', features 'through' or 'all'")
     device = _device(device)
     init_distributed(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -164,6 +167,11 @@ def finetune(
         teacher_part = traced.gm
     distil_features = teacher is not None and feature_weight > 0
     stages = [s for s in record.converted if s.converted_output and s.output] if distil_features else []
+    # Fusion last: the bypass channels carry x0' by construction, where the original has
+    # its stage output; distilling them would pull the base layer away from what the
+    # through part needs. The through channels are the partial transition's to match.
+    through_only = recipe.features == "through" and record.config.fusion == "last"
+    starts = [s.bypass_channels if through_only else 0 for s in stages]
 
     steps_per_epoch = _length(loader)
     global_batch = batch_size * world if not isinstance(train_data, DataLoader) else (train_data.batch_size or 1) * world
@@ -225,8 +233,8 @@ def finetune(
                                 losses["kd"] = _kd_loss(logits.float(), target.float(), temperature)
                             if stages:
                                 losses["feature"] = sum(
-                                    _feature_loss(student_values[s.converted_output], teacher_values[s.output])
-                                    for s in stages
+                                    _feature_loss(student_values[s.converted_output], teacher_values[s.output], start)
+                                    for s, start in zip(stages, starts)
                                 ) / len(stages)
                     if not losses:
                         raise ConfigError(
@@ -247,7 +255,7 @@ def finetune(
                         counts[k] += n
                     if bar is not None:
                         rate_now = seen * world / max(time.perf_counter() - began, 1e-9)
-                        bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate_now:.0f}")
+                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{rate_now:.0f}")
                         bar.update(1)
                 if bar is not None:
                     bar.close()
@@ -322,8 +330,11 @@ def _kd_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> 
                     log_target=True) * t * t
 
 
-def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the teacher feature's variance (scale-free across stages)."""
+def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Mean squared error over the teacher feature's variance (scale-free across stages),
+    on the channels from ``start`` on."""
+    if start:
+        mine, theirs = mine[:, start:], theirs[:, start:]
     theirs = theirs.float()
     return F.mse_loss(mine.float(), theirs) / theirs.var().clamp_min(1e-6)
 

@@ -52,15 +52,25 @@ def tapping(gm: fx.GraphModule, names: Iterable[str], *, stop: bool = False, det
     all are in (see ``run_until_tapped``); ``detach`` records them without autograd history."""
     names = list(dict.fromkeys(names))
     store: dict[str, torch.Tensor] = {}
+    known = {node.name for node in gm.graph.nodes}
+    for name in names:
+        if name not in known:
+            raise KeyError(f"the model has no node named {name!r}")
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    result = graph.graph_copy(gm.graph, env)
-    graph.output(result)
-    copied = {node.name: env[node] for node in gm.graph.nodes if node in env}
+    if stop:  # the nodes up to the last tapped one, in order: nothing after it would run
+        left = set(names)
+        for node in gm.graph.nodes:
+            if not left and node.op != "placeholder":
+                break
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            left.discard(node.name)
+        graph.output(None)
+    else:
+        graph.output(graph.graph_copy(gm.graph, env))
+    copied = {node.name: new for node, new in env.items()}
     root = nn.Module()
     for i, name in enumerate(names):
-        if name not in copied:
-            raise KeyError(f"the model has no node named {name!r}")
         node = copied[name]
         target = f"cspify_tap_{i}"
         root.add_module(target, _Record(store, name, len(names), stop, detach))

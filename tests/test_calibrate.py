@@ -1,0 +1,157 @@
+"""calibrate: on tiny models and random images, a calibrated model's outputs are closer to
+the original's than an uncalibrated one's, in every input form, for every fusion, with a
+scope; modes and momenta come back; train mode computes what eval mode does. And the taps
+calibration and fine-tuning read intermediate values with."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cspify
+from cspify.calibrate import calibrate
+from cspify.errors import ConfigError
+from cspify.taps import run_until_tapped, tapping
+from tiny_models import Bottleneck, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded
+
+X = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+TEST = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def distance(model, converted, x=TEST) -> float:
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        reference = model(x)
+        return float((converted(x) - reference).square().mean() / reference.var())
+
+
+@pytest.mark.parametrize("family, options", [
+    (TinyResNet, {}), (TinyResNet, {"fusion": "first"}), (TinyResNet, {"hidden": "scale"}),
+    (TinyDenseNet, {}), (TinyDenseNet, {"fusion": "first"}),
+], ids=["resnet", "resnet-first", "resnet-scale", "dense", "dense-first"])
+def test_calibrated_outputs_are_closer(family, options):
+    model = randomize_norms(seeded(family))
+    converted = cspify.convert(model, X[:2], **options)
+    before = distance(model, converted)
+    assert calibrate(model, converted, X) is converted
+    after = distance(model, converted)
+    assert after < 0.5 * before, (before, after)
+    record = converted.meta["cspify.calibrate"]
+    assert record.images == len(X) and record.fits
+    json.dumps(record.to_dict())
+
+
+def test_every_input_form_gives_the_same_model():
+    model = randomize_norms(seeded(TinyResNet))
+    labels = torch.zeros(len(X), dtype=torch.long)
+    forms = {
+        "tensor": X,
+        "pairs": [(x, y) for x, y in zip(X.split(32), labels.split(32))],
+        "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, labels), batch_size=32),
+    }
+    states = {}
+    for name, images in forms.items():
+        converted = cspify.convert(model, X[:2])
+        calibrate(model, converted, images, batch_size=32)
+        states[name] = converted.state_dict()
+    for name, state in states.items():
+        for key, value in state.items():
+            assert torch.allclose(value.float(), states["tensor"][key].float(), atol=1e-5), (name, key)
+    dataset = torch.utils.data.TensorDataset(X, labels)  # a Dataset: a seeded random subset
+    converted = cspify.convert(model, X[:2])
+    calibrate(model, converted, dataset, max_images=24, norms=False, inner=False, readers=False)
+    assert converted.meta["cspify.calibrate"].images == 24
+
+
+def test_modes_momenta_and_the_original_are_left_alone():
+    model = randomize_norms(seeded(TinyResNet))
+    original = copy.deepcopy(model.state_dict())
+    converted = cspify.convert(model, X[:2])
+    converted.train()
+    norms = [m for m in converted.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms[0].momentum = 0.3
+    calibrate(model, converted, X)
+    assert all(m.training for m in converted.modules())
+    assert norms[0].momentum == 0.3 and all(m.momentum == 0.1 for m in norms[1:])
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    assert not model.training or model.training == seeded(TinyResNet).training
+
+
+def test_train_mode_computes_what_eval_mode_does():
+    """Norm statistics describe the calibrated model's own activations (weights rescaled so
+    eval mode is unchanged): fine-tuning starts from the calibrated model, not a worse one."""
+    model = randomize_norms(seeded(TinyResNet))
+    converted = cspify.convert(model, X[:2])
+    calibrate(model, converted, X)
+    with torch.no_grad():
+        converted.eval()
+        evaluated = converted(X)
+        converted.train()
+        trained = copy.deepcopy(converted)(X)  # a copy: train mode moves the running statistics
+    assert float((trained - evaluated).square().mean() / evaluated.var()) < 0.05
+
+
+def test_steps_can_be_switched_off():
+    model = randomize_norms(seeded(TinyResNet))
+    converted = cspify.convert(model, X[:2])
+    untouched = copy.deepcopy(converted.state_dict())
+    calibrate(model, converted, X, norms=False, inner=False, transitions=False, readers=False, stable=False)
+    assert all(torch.equal(v, untouched[k]) for k, v in converted.state_dict().items())
+    calibrate(model, converted, X, inner=False, readers=False)
+    roles = {fit.role for fit in converted.meta["cspify.calibrate"].fits}
+    assert roles == {"partial transition"}
+
+
+class Wrapped(nn.Module):
+    """A model whose backbone is converted with scope= (the head stays outside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(cbr(3, 8, 3), *[Bottleneck(8, 8, 8) for _ in range(3)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_scope_conversion():
+    model = randomize_norms(seeded(Wrapped))
+    converted = cspify.convert(model, X[:2], scope="backbone")
+    before = distance(model, converted)
+    calibrate(model, converted, X)
+    assert distance(model, converted) < 0.5 * before
+    assert "cspify.calibrate" in converted.backbone.meta
+
+
+def test_a_model_cspify_did_not_make_is_refused():
+    model = seeded(TinyResNet)
+    with pytest.raises(ConfigError, match="not made by cspify.convert"):
+        calibrate(model, copy.deepcopy(model), X)
+    with pytest.raises(ConfigError, match="no images"):
+        calibrate(model, cspify.convert(model, X[:2]), [])
+
+
+def test_taps_record_values_as_computed():
+    model = seeded(TinyResNet)
+    converted = cspify.convert(model, X[:2])
+    names = [node.name for node in converted.graph.nodes if node.op == "call_module"]
+    expand = next(n for n in names if "expand_1" in n)  # a norm output the residual add then writes into
+    with torch.no_grad():
+        plain = converted(X[:4])
+        with tapping(converted, [expand, "layer1_fuse"]) as values:
+            tapped = converted(X[:4])
+        assert torch.equal(plain, tapped) and set(values) == {expand, "layer1_fuse"}
+        norm = converted.get_submodule(next(n.target for n in converted.graph.nodes if n.name == expand))
+        seen = []
+        handle = norm.register_forward_hook(lambda m, args, out: seen.append(out.clone()) and None)
+        converted(X[:4])
+        handle.remove()
+        assert torch.equal(values[expand], seen[0])  # before the in-place add wrote into it, not after
+        with tapping(converted, ["layer1_fuse"], stop=True) as values:
+            run_until_tapped(converted, X[:4])
+        assert values["layer1_fuse"].shape == (4, 8, 16, 16)
+    assert "forward" not in vars(converted)  # the model's own forward is back

@@ -1,0 +1,107 @@
+"""finetune data-parallel: two CPU processes under torchrun (gloo) run the same function and
+end close to one process at the same global batch; only rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+import cspify
+from cspify.finetune import Recipe, finetune
+
+HERE = Path(__file__).parent
+GLOBAL_BATCH = 16
+
+SETUP = """
+import torch
+from torch.utils.data import TensorDataset
+import cspify
+from tiny_models import TinyResNet, randomize_norms, seeded
+
+torch.set_num_threads(1)
+X = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 5, (64,), generator=torch.Generator().manual_seed(1))
+teacher = randomize_norms(seeded(TinyResNet))
+"""
+
+WORKER = SETUP + """
+import sys, torch.distributed as dist
+from cspify.finetune import Recipe, finetune
+
+for norms in ("frozen", "train"):
+    model = cspify.convert(teacher, X[:2])
+    finetune(model, TensorDataset(X, Y), teacher=teacher, epochs=2, batch_size=int(sys.argv[2]), lr=0.05,
+             recipe=Recipe(norms=norms), val_data=TensorDataset(X, Y), checkpoint=f"{sys.argv[1]}/{norms}.ckpt",
+             progress=False)
+    assert dist.is_initialized() and dist.get_world_size() == 2
+    if dist.get_rank() == 0:
+        torch.save({"state": model.state_dict(), "run": model.meta["cspify.finetune"].to_dict()},
+                   f"{sys.argv[1]}/{norms}.pt")
+dist.destroy_process_group()
+"""
+
+
+def one_process(norms: str):
+    exec(SETUP, namespace := {})
+    model = cspify.convert(namespace["teacher"], namespace["X"][:2])
+    data = TensorDataset(namespace["X"], namespace["Y"])
+    finetune(model, data, teacher=namespace["teacher"], epochs=2, batch_size=GLOBAL_BATCH, lr=0.05,
+             recipe=Recipe(norms=norms), val_data=data, progress=False)
+    return model.state_dict(), model.meta["cspify.finetune"].to_dict()
+
+
+def two_processes(folder: Path) -> dict:
+    """Both recipes' runs in two processes under torchrun: {norms: (state, run)}."""
+    script = folder / "worker.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\n" + textwrap.dedent(WORKER))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(folder), str(GLOBAL_BATCH // 2)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {}
+    for norms in ("frozen", "train"):
+        saved = torch.load(folder / f"{norms}.pt", weights_only=True)
+        runs[norms] = saved["state"], saved["run"]
+    return runs
+
+
+def relative_gap(a: dict, b: dict) -> float:
+    keys = [k for k, v in a.items() if v.is_floating_point()]
+    gap = sum(float((a[k] - b[k]).square().sum()) for k in keys)
+    size = sum(float(a[k].square().sum()) for k in keys)
+    return (gap / size) ** 0.5
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    runs = two_processes(tmp_path)
+    # one checkpoint per run: rank 0 alone writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "frozen.ckpt", "frozen.pt", "train.ckpt", "train.pt", "worker.py"]
+
+    # Frozen norm statistics make each sample's gradient independent of its batch, so the
+    # averaged gradients of two halves are the gradient of the whole: the same weights up
+    # to float rounding (and the per-process variance that scales the feature loss).
+    mine, my_run = one_process("frozen")
+    theirs, their_run = runs["frozen"]
+    assert their_run["world_size"] == 2 and their_run["settings"]["global_batch"] == GLOBAL_BATCH
+    assert their_run["epochs"][-1]["images"] == 64  # every image once per epoch, over both processes
+    assert relative_gap(mine, theirs) < 1e-4
+    for a, b in zip(my_run["epochs"], their_run["epochs"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * a["loss"] and a["val_top1"] == b["val_top1"]
+
+    # Norms in train mode (the default) normalise each process's half-batch, as DDP without
+    # SyncBatchNorm does: close, not equal.
+    mine, my_run = one_process("train")
+    theirs, their_run = runs["train"]
+    assert relative_gap(mine, theirs) < 0.05
+    for a, b in zip(my_run["epochs"], their_run["epochs"]):
+        assert abs(a["loss"] - b["loss"]) < 0.02 * a["loss"]

@@ -1,0 +1,128 @@
+"""finetune and evaluate on tiny models and random images: losses fall (with labels, and
+without them by distillation alone); a run stopped by Ctrl-C leaves its last complete
+checkpoint and resuming from it ends with the weights of an uninterrupted run; bad
+arguments are one ConfigError sentence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import cspify
+from cspify.errors import ConfigError
+from cspify.finetune import Recipe, evaluate, finetune
+from tiny_models import TinyResNet, randomize_norms, seeded
+
+X = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return randomize_norms(seeded(TinyResNet))
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return torch.randint(0, 5, (len(X),), generator=torch.Generator().manual_seed(1))
+
+
+def fresh(teacher):
+    return cspify.convert(teacher, X[:2])
+
+
+def test_losses_fall_with_labels_and_distillation(teacher, labels):
+    model = fresh(teacher)
+    data = TensorDataset(X, labels)
+    finetune(model, data, teacher=teacher, epochs=4, batch_size=16, lr=0.1, val_data=data, progress=False)
+    run = model.meta["cspify.finetune"]
+    losses = [e.loss for e in run.epochs]
+    assert losses[-1] < 0.8 * losses[0] and losses == sorted(losses, reverse=True), losses
+    first, last = run.epochs[0], run.epochs[-1]
+    assert last.ce < first.ce and last.kd < first.kd and last.feature < first.feature
+    assert last.val_top1 is not None and last.images == 64 and last.images_per_s > 0
+    assert run.settings["stages"] == ["layer1", "layer2"] and not model.training
+    json.dumps(run.to_dict())
+
+
+def test_without_labels_distillation_alone_trains(teacher):
+    model = fresh(teacher)
+    finetune(model, TensorDataset(X), teacher=teacher, epochs=3, batch_size=16, lr=0.1, progress=True)
+    run = model.meta["cspify.finetune"]
+    assert all(e.ce is None and e.kd is not None and e.feature is not None for e in run.epochs)
+    losses = [e.loss for e in run.epochs]
+    assert losses[-1] < 0.9 * losses[0] and losses == sorted(losses, reverse=True), losses
+
+
+def test_plain_batches_and_loaders(teacher, labels):
+    batches = list(zip(X.split(16), labels.split(16)))
+    model = fresh(teacher)
+    finetune(model, batches, teacher=teacher, epochs=1, progress=False)  # any re-iterable of (inputs, labels)
+    assert model.meta["cspify.finetune"].epochs[0].images == 64
+    loader = DataLoader(TensorDataset(X, labels), batch_size=32, shuffle=True)
+    finetune(model, loader, epochs=1, progress=False)  # labels only, no teacher
+    run = model.meta["cspify.finetune"]
+    assert run.epochs[0].kd is None and run.settings["global_batch"] == 32
+    assert 0 <= evaluate(model, loader) <= 1
+    with torch.no_grad():
+        manual = float((model.eval()(X).argmax(1) == labels).float().mean())
+    assert evaluate(model, TensorDataset(X, labels)) == pytest.approx(manual)
+
+
+class StopAt(Dataset):
+    """Raises KeyboardInterrupt (as Ctrl-C would) at the ``stop``-th item read, if any."""
+
+    def __init__(self, x, y, stop=None):
+        self.x, self.y, self.stop, self.read = x, y, stop, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.read += 1
+        if self.stop is not None and self.read == self.stop:
+            raise KeyboardInterrupt
+        return self.x[i], self.y[i]
+
+
+def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(teacher, labels, tmp_path):
+    options = dict(teacher=teacher, epochs=2, batch_size=16, lr=0.05, progress=False, seed=3)
+    straight = fresh(teacher)
+    finetune(straight, StopAt(X, labels), checkpoint=tmp_path / "straight.pt", **options)
+
+    stopped = fresh(teacher)
+    with pytest.raises(KeyboardInterrupt):  # in epoch 2, after epoch 1's checkpoint
+        finetune(stopped, StopAt(X, labels, stop=64 + 40), checkpoint=tmp_path / "run.pt", **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt", "straight.pt"]  # no temporary file left
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert saved["epoch"] == 1 and len(saved["run"]["epochs"]) == 1
+
+    resumed = fresh(teacher)  # a new process would convert again, then resume
+    finetune(resumed, StopAt(X, labels), checkpoint=tmp_path / "run.pt", resume=tmp_path / "run.pt", **options)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    a, b = straight.meta["cspify.finetune"], resumed.meta["cspify.finetune"]
+    assert [e.loss for e in a.epochs] == [e.loss for e in b.epochs]
+    assert b.settings["resumed_at_epoch"] == 1
+
+
+def test_bad_arguments(teacher, labels, tmp_path):
+    model = fresh(teacher)
+    with pytest.raises(ConfigError, match="nothing to train on"):
+        finetune(model, TensorDataset(X), progress=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        finetune(model, TensorDataset(X, labels), resume=tmp_path / "none.pt", progress=False)
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        finetune(model, iter([X]), teacher=teacher, progress=False)
+    with pytest.raises(ConfigError, match="epochs"):
+        finetune(model, TensorDataset(X, labels), epochs=0, progress=False)
+    with pytest.raises(ConfigError, match="recipe"):
+        finetune(model, TensorDataset(X, labels), recipe=Recipe(optimizer="lion"), progress=False)
+    other = cspify.convert(teacher, X[:2], gamma=0.25)
+    finetune(other, TensorDataset(X, labels), epochs=1, checkpoint=tmp_path / "other.pt", progress=False)
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        finetune(model, TensorDataset(X, labels), resume=tmp_path / "other.pt", progress=False)
+    with pytest.raises(ConfigError, match="not made by cspify.convert"):
+        finetune(teacher, TensorDataset(X, labels), progress=False)
