@@ -1,25 +1,22 @@
-"""Channel rules: how each op carries the channel dimension, and how to narrow its layer.
+"""Channel spaces: which tensors of a stage must keep equal channel widths.
 
-Two halves, kept apart as Torch-Pruning keeps its pruning functions apart from the graph
-logic that decides which channels go:
+``analyse`` walks a region of the traced graph in order and groups the tensors whose
+channel dimensions must stay equal into *channel spaces* (a union-find), starting from a
+seed tensor: a residual stream and everything added to it, a norm and its input, the
+segments of a concat. Narrowing a space narrows every layer that reads or writes it.
 
-* ``RULES``: a registry from an op (module class, function, or method name) to an
-  ``OpRule``: its role ("conv", "norm", "act", "add", "cat", ...), how the channels of its
-  output relate to those of its inputs (``couple``), and how to build a narrowed copy of
-  its module (``narrow``). Supporting a new op is one ``register(...)`` call.
-* ``analyse``: a walk over a region of the traced graph that groups the tensors whose
-  channel dimensions must stay equal into *channel spaces* (a union-find), starting from
-  a seed tensor. Narrowing a space narrows every layer that reads or writes it.
+How each op relates its output channels to its inputs' is one couple function per way
+(``COUPLINGS``); which op couples how is the op table's ``couple`` fact (``cspify.ops``).
+An op the table has no channel rule for keeps the widths it touches (``couple_unknown``).
 
-    spaces = analyse(traced, stage.nodes, seed=stage.base)
-    spaces.info["layer1_1_conv1"].reads   # the space conv1 reads: the stage's stream
+    a = analyse(traced, stage.nodes, seed=stage.base)
+    a.info["layer1_1_conv1"].reads                  # the space conv1 reads: the stage's stream
+    a.spaces[a.info[stage.base].space].width        # 256: the stream's width
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,21 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
+
+from cspify.graph import cat_args, shape, tensor_inputs
+from cspify.ops import rule_for
 
 if TYPE_CHECKING:
     from cspify.trace import Traced
-
-
-def shape(node: fx.Node) -> tuple[int, ...] | None:
-    """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The input nodes of ``node`` that carry tensors, in argument order (flattened)."""
-    return [n for n in node.all_input_nodes if shape(n) is not None]
 
 # ---------------------------------------------------------------------------------------
 # Channel spaces
@@ -102,9 +90,6 @@ class ChannelSpaces:
     def constrain(self, i: int, blocks: int) -> None:
         space = self[i]
         space.blocks = math.lcm(space.blocks, blocks)
-
-    def roots(self) -> list[int]:
-        return sorted({self.find(i) for i in range(len(self._spaces))})
 
 
 @dataclass
@@ -271,8 +256,7 @@ def couple_layer_norm(node: fx.Node, a: Analysis) -> None:
 
 def couple_cat(node: fx.Node, a: Analysis) -> None:
     """torch.cat: along the channel axis it builds a concat of spaces, else it couples."""
-    parts = node.args[0] if node.args else node.kwargs["tensors"]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    parts, dim = cat_args(node)
     out = shape(node)
     dim = dim % len(out)
     infos = [a.of(p) for p in parts]
@@ -368,234 +352,24 @@ def couple_unknown(node: fx.Node, a: Analysis) -> None:
     a.fresh(node, frozen=reason)
 
 
-# ---------------------------------------------------------------------------------------
-# Narrow functions: one per layer kind; each returns a new module, the old one untouched
-
-
-def narrow_tensor(t: torch.Tensor, dim: int, keep: tuple[int, ...] | None) -> torch.Tensor:
-    if keep is None:
-        return t
-    return t.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
-
-
-def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set a parameter or buffer of ``module`` to a copy of ``value``, keeping its kind."""
-    old = getattr(module, name)
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
-    else:
-        module._buffers[name] = value.clone()
-
-
-def _per_channel(module: nn.Module, width: int):
-    """Names of the module's own parameters and buffers with one entry per channel."""
-    own = list(module._parameters.items()) + list(module._buffers.items())
-    return [name for name, t in own if t is not None and t.dim() >= 1 and t.shape[0] == width]
-
-
-def narrow_conv(conv: nn.Module, in_keep, out_keep) -> nn.Module:
-    """A conv with only the kept channels; groups follow (depthwise) or stay (grouped)."""
-    new = copy.deepcopy(conv)
-    depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-    out_keep = out_keep if out_keep is not None else (in_keep if depthwise else None)
-    out_channels = len(out_keep) if out_keep is not None else conv.out_channels
-    in_channels = len(in_keep) if in_keep is not None else conv.in_channels
-    groups = out_channels if depthwise else conv.groups
-    with torch.no_grad():
-        weight = narrow_tensor(conv.weight, 0, out_keep)
-        if in_keep is not None and not depthwise:
-            in_per_group = conv.in_channels // conv.groups
-            new_in_per_group = in_channels // groups
-            cols = torch.tensor(in_keep).view(groups, new_in_per_group) % in_per_group
-            rows = cols.repeat_interleave(out_channels // groups, dim=0)
-            index = rows.view(*rows.shape, *([1] * (weight.dim() - 2))).expand(-1, -1, *weight.shape[2:])
-            weight = weight.gather(1, index.to(weight.device))
-        replace_tensor(new, "weight", weight)
-        for name in _per_channel(conv, conv.out_channels):
-            if name != "weight":
-                replace_tensor(new, name, narrow_tensor(getattr(conv, name), 0, out_keep))
-    new.in_channels, new.out_channels, new.groups = in_channels, out_channels, groups
-    return new
-
-
-def narrow_linear(linear: nn.Linear, in_keep, out_keep) -> nn.Module:
-    new = copy.deepcopy(linear)
-    with torch.no_grad():
-        replace_tensor(new, "weight", narrow_tensor(narrow_tensor(linear.weight, 0, out_keep), 1, in_keep))
-        if linear.bias is not None:
-            replace_tensor(new, "bias", narrow_tensor(linear.bias, 0, out_keep))
-    new.in_features = len(in_keep) if in_keep is not None else linear.in_features
-    new.out_features = len(out_keep) if out_keep is not None else linear.out_features
-    return new
-
-
-WIDTH_ATTRS = ("num_features", "num_channels", "num_parameters")
-
-
-def layer_width(module: nn.Module) -> int:
-    """The channel count a norm-like layer was built for."""
-    for attr in WIDTH_ATTRS:
-        if hasattr(module, attr):
-            return getattr(module, attr)
-    if hasattr(module, "normalized_shape"):
-        return module.normalized_shape[-1]
-    raise TypeError(f"{type(module).__name__} has no known width attribute")
-
-
-def _shared(module: nn.Module) -> bool:
-    """One parameter shared by every channel (``nn.PReLU()``), not one per channel."""
-    return getattr(module, "num_parameters", None) == 1
-
-
-def _set_width(module: nn.Module, width: int) -> None:
-    for attr in WIDTH_ATTRS:
-        if hasattr(module, attr):
-            setattr(module, attr, width)
-    if hasattr(module, "normalized_shape"):
-        module.normalized_shape = (*module.normalized_shape[:-1], width)
-
-
-def narrow_per_channel(module: nn.Module, in_keep, out_keep) -> nn.Module:
-    """Norms and other layers whose parameters and buffers have one entry per channel."""
-    keep = out_keep if out_keep is not None else in_keep
-    new = copy.deepcopy(module)
-    width = layer_width(module)
-    if _shared(module):  # one value shared by every channel (nn.PReLU()): nothing to narrow
-        return new
-    with torch.no_grad():
-        for name in _per_channel(module, width):
-            replace_tensor(new, name, narrow_tensor(getattr(module, name), 0, keep))
-    _set_width(new, len(keep))
-    return new
-
-
-def fresh_like(module: nn.Module, width: int) -> nn.Module:
-    """A new, freshly initialised layer of the same kind as ``module`` with ``width`` channels."""
-    new = copy.deepcopy(module)
-    old = layer_width(module)
-    shared = _shared(module)
-    for name in _per_channel(module, old) if not shared else ():
-        tensor = getattr(module, name)
-        replace_tensor(new, name, torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device))
-    if not shared:
-        _set_width(new, width)
-    if getattr(new, "num_groups", None):  # GroupNorm: the most groups that divide the new width
-        new.num_groups = math.gcd(new.num_groups, width)
-    for reset in ("reset_parameters", "reset_running_stats"):
-        if hasattr(new, reset):
-            getattr(new, reset)()
-    return new
-
-
-# ---------------------------------------------------------------------------------------
-# The registry
-
-
-@dataclass(frozen=True)
-class OpRule:
-    role: str
-    couple: Callable[[fx.Node, Analysis], None]
-    narrow: Callable[[nn.Module, tuple | None, tuple | None], nn.Module] | None = None
-
-
-RULES: dict[object, OpRule] = {}
-
-
-def register(*targets, role: str, couple=couple_same, narrow=None) -> None:
-    """Register module classes, functions or method names (strings) under one rule."""
-    rule = OpRule(role, couple, narrow)
-    for target in targets:
-        RULES[target] = rule
-
-
-def rule_for(node: fx.Node, gm: fx.GraphModule) -> OpRule | None:
-    """The rule for a node: by module class (most derived first), function or method name."""
-    if node.op == "call_module":
-        return module_rule(gm.get_submodule(node.target))
-    if node.op in ("call_function", "call_method"):
-        try:
-            return RULES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    return None
-
-
-def module_rule(module: nn.Module) -> OpRule | None:
-    """The rule of a module's class, most derived first; classes of optional packages
-    (timm, torchvision) are registered by their qualified name."""
-    for cls in type(module).__mro__:
-        rule = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if rule is not None:
-            return rule
-    return None
-
-
-def is_leaf(module: nn.Module) -> bool:
-    """Modules the registry knows stay whole when tracing: their rule covers them."""
-    return module_rule(module) is not None
-
-
-def role_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
-    rule = rule_for(node, gm)
-    return rule.role if rule else None
-
-
 def _op_name(node: fx.Node, a: Analysis) -> str:
     if node.op == "call_module":
         return type(a.module(node)).__name__
     return getattr(node.target, "__name__", str(node.target))
 
 
-register(nn.Conv1d, nn.Conv2d, nn.Conv3d, role="conv", couple=couple_conv, narrow=narrow_conv)
-register(nn.Linear, role="linear", couple=couple_linear, narrow=narrow_linear)
-register(
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-    role="norm", narrow=narrow_per_channel,
-)
-register(nn.GroupNorm, role="norm", couple=couple_group_norm, narrow=narrow_per_channel)
-register(nn.LayerNorm, role="norm", couple=couple_layer_norm, narrow=narrow_per_channel)
-register(nn.PReLU, role="act", narrow=narrow_per_channel)
-register(
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    torch.relu, torch.sigmoid, torch.tanh,
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
-    role="act",
-)
-register(
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool2d,
-    role="pool",
-)
-register(
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    F.dropout, F.dropout2d, "contiguous", "clone", "dropout",
-    role="identity",
-)
-register(
-    "torchvision.ops.stochastic_depth.StochasticDepth", "timm.layers.drop.DropPath", "timm.layers.drop.DropBlock2d",
-    role="identity",
-)
-register(torch.permute, torch.transpose, "permute", "transpose", role="permute", couple=couple_permute)
-register(
-    torch.reshape, torch.flatten, nn.Flatten, "reshape", "view", "flatten",
-    role="reshape", couple=couple_reshape,
-)
-register(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", role="reduce", couple=couple_reduce)
-register(operator.add, operator.iadd, torch.add, "add", "add_", role="add")
-register(
-    operator.mul, operator.imul, operator.sub, operator.truediv, torch.mul, torch.sub, torch.div,
-    "mul", "mul_", "sub", "div", "expand_as",
-    role="elementwise",
-)
-register(torch.cat, torch.concat, role="cat", couple=couple_cat)
-register("size", "dim", getattr, role="meta", couple=couple_nothing)
+COUPLINGS: dict[str, Callable[[fx.Node, Analysis], None]] = {
+    "same": couple_same,
+    "conv": couple_conv,
+    "linear": couple_linear,
+    "group_norm": couple_group_norm,
+    "layer_norm": couple_layer_norm,
+    "cat": couple_cat,
+    "permute": couple_permute,
+    "reshape": couple_reshape,
+    "reduce": couple_reduce,
+    "nothing": couple_nothing,
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,6 +390,7 @@ def analyse(traced: Traced, region, seed: str, seed_axis: int = 1) -> Analysis:
         node = nodes[name]
         if node.op == "get_attr":
             continue  # a parameter gets its channel axis where it is used (Analysis.of, couple_same)
-        rule = rule_for(node, traced.gm)
-        (rule.couple if rule else couple_unknown)(node, a)
+        op = rule_for(node, traced.gm)
+        couple = COUPLINGS[op.couple] if op is not None and op.couple is not None else couple_unknown
+        couple(node, a)
     return a

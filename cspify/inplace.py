@@ -6,8 +6,9 @@ not of the CSP rewrite (about 1% of ResNet-50's CPU latency at batch 16 on a 2-c
 machine, ``python benchmarks/inplace_adds.py``, and one activation per residual block).
 ``restore_inplace_adds`` turns ``a + b`` into ``a.add_(b)`` where that is safe in any mode:
 
-- ``a`` (or ``b``: addition commutes) is the output of a plain torch.nn conv, linear or
-  norm layer without forward hooks: a fresh tensor whose backward never reads it;
+- ``a`` (or ``b``: addition commutes) is the output of a layer without forward hooks
+  whose op table entry (``cspify.ops``, exact type) has ``fresh_output``: a plain torch.nn
+  conv, linear or norm layer, a new tensor whose backward never reads it;
 - the add is its only user, so nothing reads ``a`` afterwards;
 - ``a`` has the add's shape and dtype, so nothing broadcasts into it.
 
@@ -18,25 +19,16 @@ Shapes come from the ``tensor_meta`` that shape propagation leaves on the nodes.
 
 from __future__ import annotations
 
-import operator
-
-import torch
 import torch.fx as fx
-import torch.nn as nn
 
-ADDS = {operator.add, operator.iadd, torch.add}
-# Exact types: a subclass (timm's BatchNormAct2d, say) may add an activation whose backward reads its output.
-FRESH_OUTPUT = {
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-}
+from cspify.ops import exact_op, role_of
 
 
 def restore_inplace_adds(gm: fx.GraphModule) -> int:
     """Turn the safe ``a + b`` nodes of ``gm`` into ``a.add_(b)``; return how many."""
     changed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in ADDS or node.kwargs or len(node.args) != 2:
+        if node.op != "call_function" or role_of(node, gm) != "add" or node.kwargs or len(node.args) != 2:
             continue
         receiver = next((a for a in node.args if _may_receive(gm, a, node)), None)
         if receiver is None:
@@ -53,8 +45,8 @@ def restore_inplace_adds(gm: fx.GraphModule) -> int:
 def _may_receive(gm: fx.GraphModule, arg, add: fx.Node) -> bool:
     if not isinstance(arg, fx.Node) or arg.op != "call_module" or len(arg.users) != 1:
         return False
-    module = gm.get_submodule(arg.target)
-    if type(module) not in FRESH_OUTPUT or module._forward_hooks:
+    op = exact_op(arg, gm)  # exact type: a subclass (timm's BatchNormAct2d) may add an activation
+    if op is None or not op.fresh_output or gm.get_submodule(arg.target)._forward_hooks:
         return False
     mine, result = arg.meta.get("tensor_meta"), add.meta.get("tensor_meta")
     return (

@@ -2,14 +2,15 @@
 traffic per node, kept per module and per node so a report can roll them up per stage.
 
     m = measure(model, torch.randn(1, 3, 224, 224))
-    m.flops, m.params, m.activations, m.memory_bytes     # totals
+    m.totals.flops, m.totals.params, m.totals.activations, m.totals.memory_bytes   # totals
     m.totals.cio_bytes, m.totals.peak_bytes              # HarDNet's CIO, estimated peak
     m.totals.max_layer_flops, m.totals.layer_balance     # the computational bottleneck
-    m.stage(nodes=["layer1_1_conv1", ...])               # the same figures for some nodes
+    m.stage(["layer1_1_conv1", "layer1_1_bn1"])          # the same figures for some nodes
 
 fvcore counts one fused multiply-add as one flop. Memory traffic is what each op reads
 and writes (input and output tensors, its own weights) at the traced dtype; ops that
-only make a view (narrow, view, getitem, size) move nothing.
+only make a view (narrow, view, getitem) or no tensor (size) move nothing: the op
+table's ``returns`` fact (``cspify.ops``) says which.
 
 The memory figures, all in bytes at the traced dtype:
 
@@ -30,7 +31,6 @@ conv or linear module), ``layer_balance`` the largest over the mean of those lay
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -45,30 +45,18 @@ import torch.nn.functional as F
 with warnings.catch_warnings():  # fvcore's import still decorates with torch.jit.script
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import parameter_count
-    from fvcore.nn.activation_count import _DEFAULT_SUPPORTED_OPS as ACTIVATION_HANDLES
-    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS as FLOP_HANDLES
+    from fvcore.nn.activation_count import _DEFAULT_SUPPORTED_OPS as _fvcore_activation_handles
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS as _fvcore_flop_handles
     from fvcore.nn.jit_analysis import JitModelAnalysis
 
+from cspify.ops import exact_op
 from cspify.trace import as_inputs, eval_mode, trace
 
 FLOP_NOTE = "fvcore counts one fused multiply-add as one flop"
 
-# Ops that return a view of their input: they read and write no memory.
-VIEW_OPS = {
-    torch.narrow, operator.getitem, getattr, torch.flatten, torch.squeeze, torch.unsqueeze,
-    torch.permute, torch.transpose, torch.reshape,
-    "narrow", "view", "view_as", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
-    "reshape", "expand", "expand_as", "size", "dim", "contiguous",
-    nn.Identity, nn.Flatten, nn.Unflatten,
-}
-
-
 # Layers for the bottleneck figures, and the convs HarDNet's CIO sums over.
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 CONV_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}
-
-# In-place ops beside modules built with inplace=True: their output is their input's storage.
-INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_}
 
 
 @dataclass
@@ -154,9 +142,7 @@ def fvcore_counts(model: nn.Module, inputs: tuple) -> tuple[dict[str, int], dict
     """fvcore's flops and activations per module, as FlopCountAnalysis and
     ActivationCountAnalysis count them, from one jit trace instead of one each."""
     analysis = JitModelAnalysis(model, inputs)
-    analysis.set_op_handle(**{
-        op: _both(FLOP_HANDLES.get(op), ACTIVATION_HANDLES.get(op)) for op in {*FLOP_HANDLES, *ACTIVATION_HANDLES}
-    })
+    analysis.set_op_handle(**FVCORE_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     counts = analysis.by_module_and_operator()
     return ({name: c["flops"] for name, c in counts.items()},
@@ -173,6 +159,15 @@ def _both(flop_handle, activation_handle):
                 counts[key] = sum(value.values()) if not isinstance(value, Number) else value
         return counts
     return handle
+
+
+# fvcore keeps the op handles its two analyses use private (``_DEFAULT_SUPPORTED_OPS`` of
+# ``flop_count`` and ``activation_count``): this is the one place cspify reads them.
+# tests/test_measure_figures.py fails if the counts stop matching fvcore's own analyses.
+FVCORE_HANDLES = {
+    op: _both(_fvcore_flop_handles.get(op), _fvcore_activation_handles.get(op))
+    for op in {*_fvcore_flop_handles, *_fvcore_activation_handles}
+}
 
 
 def bottleneck(layer_flops: list[int]) -> dict:
@@ -233,19 +228,16 @@ def _aliased_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
     if not inputs or node.op in ("placeholder", "output"):
         return None
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        aliases = type(module) in VIEW_OPS or getattr(module, "inplace", False) is True
+    op = exact_op(node, gm)
+    if op is not None and op.returns == "none":
+        return None
+    aliases = op is not None and op.returns in ("view", "inplace")  # from the op table
+    if node.op == "call_module":  # and from how this module or call was built
+        aliases = aliases or getattr(gm.get_submodule(node.target), "inplace", False) is True
     else:
-        try:
-            aliases = node.target in VIEW_OPS or node.target in INPLACE_OPS
-        except TypeError:  # unhashable target
-            aliases = False
         aliases = aliases or node.kwargs.get("inplace") is True
         aliases = aliases or (node.op == "call_method" and str(node.target).endswith("_"))
-    if not aliases or node.target in ("size", "dim", getattr):
-        return None
-    return inputs[0]
+    return inputs[0] if aliases else None
 
 
 def measured_peak(model: nn.Module, inputs: tuple) -> int | None:
@@ -265,12 +257,9 @@ def node_traffic(node: fx.Node, gm: fx.GraphModule) -> int:
     """Bytes one node reads and writes: tensor inputs, tensor outputs, its own weights."""
     if node.op in ("placeholder", "output", "get_attr"):
         return 0
-    target = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
-    try:
-        if target in VIEW_OPS:
-            return 0
-    except TypeError:  # unhashable target
-        pass
+    op = exact_op(node, gm)
+    if op is not None and op.returns in ("view", "none"):
+        return 0
     moved = _bytes(node.meta.get("tensor_meta"))
     moved += sum(_bytes(arg.meta.get("tensor_meta")) for arg in node.all_input_nodes)
     if node.op == "call_module":

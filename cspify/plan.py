@@ -16,10 +16,13 @@ from collections import Counter
 
 import torch.nn as nn
 
-from cspify.channels import Analysis, analyse, layer_width, role_of, rule_for
+from cspify.channels import Analysis, analyse
 from cspify.config import CSPConfig
+from cspify.graph import shape
+from cspify.narrow import layer_width
+from cspify.ops import role_of, rule_for
 from cspify.stage import Narrowing, Stage, StagePlan
-from cspify.trace import Traced, shape
+from cspify.trace import Traced
 
 
 def round_to(width: float, multiple: int, low: int, high: int) -> int:

@@ -21,11 +21,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from cspify.channels import fresh_like, narrow_tensor, replace_tensor, rule_for
+from cspify.graph import shape
+from cspify.narrow import fresh_conv, fresh_like, narrow_layer, narrow_tensor, replace_tensor
+from cspify.ops import rule_for
 from cspify.stage import StagePlan
-from cspify.trace import Traced, shape
-
-CONV_BY_RANK = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+from cspify.trace import Traced
 
 
 def rewrite(traced: Traced, plans: list[StagePlan], seed: int = 0) -> tuple[fx.GraphModule, dict[str, tuple[str, ...]]]:
@@ -79,8 +79,8 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
             module = gm.get_submodule(owner)
             replace_tensor(module, attr, narrow_tensor(getattr(module, attr), narrowing.axis, narrowing.out_keep))
             continue
-        narrow = rule_for(node, gm).narrow
-        setattr(gm.get_submodule(owner), attr, narrow(gm.get_submodule(node.target), narrowing.in_keep, narrowing.out_keep))
+        narrowed = narrow_layer(rule_for(node, gm).narrow, gm.get_submodule(node.target), narrowing.in_keep, narrowing.out_keep)
+        setattr(gm.get_submodule(owner), attr, narrowed)
 
     out = nodes[stage.transition[-1] if fusion_last and stage.transition else stage.output]
     users = list(out.users)
@@ -116,7 +116,7 @@ def _partial_transition(gm, graph, source, in_channels, out_channels, rank, temp
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
     container = nn.Module()
-    container.conv = CONV_BY_RANK[rank](in_channels, out_channels, 1, bias=norm_node is None)
+    container.conv = fresh_conv(in_channels, out_channels, rank, bias=norm_node is None)
     if norm_node is not None:
         container.norm = fresh_like(gm.get_submodule(norm_node.target), out_channels)
     if act_node is not None and act_node.op == "call_module":

@@ -12,8 +12,8 @@ propagated in eval mode without gradients so no BatchNorm statistic moves.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
 import io
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,15 +23,19 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from cspify.channels import is_leaf, shape, tensor_inputs
 from cspify.errors import ConfigError, TraceError
+from cspify.graph import shape  # importable from here until api.py imports it from cspify.graph
+from cspify.ops import is_leaf
 
-__all__ = ["Traced", "trace", "shape", "tensor_inputs", "region_between", "single_entry", "with_constants"]
+__all__ = [
+    "Traced", "Tracer", "trace", "symbolic_trace", "propagate_shapes", "networkx_view",
+    "as_inputs", "eval_mode", "capture_inputs", "shape",
+]
 
 
 class Tracer(fx.Tracer):
-    """A tracer that keeps whole the modules the channel registry knows and those named
-    as leaves, and remembers which module it is in (for error messages)."""
+    """A tracer that keeps whole the modules with a channel rule (``cspify.ops``) and those
+    named as leaves, and remembers which module it is in (for error messages)."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
@@ -177,35 +181,6 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules: Iterable[str] = 
     gm = symbolic_trace(model, leaf_modules)
     propagate_shapes(gm, as_inputs(example_inputs))
     return Traced(gm, networkx_view(gm))
-
-
-def region_between(graph: nx.DiGraph, entry: str, exit_: str) -> set[str]:
-    """Nodes on some path from ``entry`` to ``exit_``: entry excluded, exit included."""
-    return (nx.descendants(graph, entry) & nx.ancestors(graph, exit_)) | {exit_}
-
-
-def single_entry(traced: Traced, region: set[str], entry: str) -> bool:
-    """True when the region reads only ``entry``, its own nodes and constants."""
-    nodes, constant = traced.nodes, traced.constant
-    for name in region:
-        for arg in nodes[name].all_input_nodes:
-            if arg.name != entry and arg.name not in region and arg.name not in constant:
-                if shape(arg) is not None:
-                    return False
-    return True
-
-
-def with_constants(traced: Traced, region: set[str]) -> set[str]:
-    """The region plus the constant nodes (parameters and what is computed from them) that
-    it reads, so that a channel analysis of the region sees them."""
-    nodes, constant = traced.nodes, traced.constant
-    found, todo = set(region), list(region)
-    while todo:
-        for arg in nodes[todo.pop()].all_input_nodes:
-            if arg.name in constant and arg.name not in found:
-                found.add(arg.name)
-                todo.append(arg.name)
-    return found
 
 
 def _describe(model: torch.nn.Module, where: str) -> str:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import networkx as nx
 
-from cspify.channels import role_of
+from cspify.graph import cat_args, region_between, shape, single_entry
+from cspify.ops import role_of
 from cspify.rules import register
 from cspify.stage import Stage
-from cspify.trace import Traced, region_between, shape, single_entry
+from cspify.trace import Traced
 
 CHANNEL_AXIS = 1
 
@@ -25,8 +26,7 @@ def _cat_parts(node) -> list | None:
     """The inputs of a channel-axis torch.cat node, or None for any other node."""
     if node.op != "call_function" or shape(node) is None or len(shape(node)) < 3:
         return None
-    parts = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    parts, dim = cat_args(node)
     if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
         return None
     return list(parts) if dim % len(shape(node)) == CHANNEL_AXIS else None

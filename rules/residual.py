@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from cspify.channels import role_of
+from cspify.graph import region_between, shape, single_entry, tensor_inputs, with_constants
+from cspify.ops import role_of
 from cspify.rules import register
 from cspify.stage import Stage
-from cspify.trace import Traced, region_between, shape, single_entry, tensor_inputs, with_constants
+from cspify.trace import Traced
 
 COMPUTE_ROLES = ("conv", "linear")
 

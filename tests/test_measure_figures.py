@@ -96,6 +96,15 @@ class Mixed(nn.Module):
         return torch.einsum("bi,bj->bij", y, y).sum() + (y @ y.T).sum()
 
 
+def test_fvcore_handles_cover_the_layers_cspify_changes():
+    """fvcore's default handles are private (read once, in cspify.measure): fail loudly if
+    upstream drops one of the ops whose counts a conversion changes."""
+    from cspify.measure import FVCORE_HANDLES
+
+    for op in ("aten::_convolution", "aten::linear", "aten::addmm", "aten::matmul", "aten::einsum", "aten::batch_norm"):
+        assert op in FVCORE_HANDLES, op
+
+
 def test_one_fvcore_pass_counts_as_its_two_analyses():
     import warnings
 

@@ -1,11 +1,9 @@
 """Stage detection (rules/residual.py, rules/dense.py) on tiny hand-written models."""
 
-import copy
 import functools
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 import cspify

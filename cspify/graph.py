@@ -1,0 +1,67 @@
+"""Graph helpers every rule and pass shares: shapes, tensor inputs, regions between nodes.
+
+    shape(traced.nodes["layer1_0_conv1"])          # (1, 64, 56, 56), from ShapeProp's tensor_meta
+    tensor_inputs(traced.nodes["add"])             # the input nodes that carry tensors
+    region_between(traced.graph, "maxpool", "add") # nodes on a path from one node to another
+    single_entry(traced, region, "maxpool")        # does the region read only that node (and constants)?
+    with_constants(traced, region)                 # the region plus the parameters it reads
+    parts, dim = cat_args(traced.nodes["cat"])     # the tensors a torch.cat joins, and along which dim
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import networkx as nx
+import torch.fx as fx
+
+if TYPE_CHECKING:
+    from cspify.trace import Traced
+
+
+def shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The input nodes of ``node`` that carry tensors, in argument order (flattened)."""
+    return [n for n in node.all_input_nodes if shape(n) is not None]
+
+
+def cat_args(node: fx.Node) -> tuple[list | tuple | None, object]:
+    """The tensors a ``torch.cat`` node joins and the dim it joins them along, as written
+    (positionally or by keyword; the dim may be negative)."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return parts, dim
+
+
+def region_between(graph: nx.DiGraph, entry: str, exit_: str) -> set[str]:
+    """Nodes on some path from ``entry`` to ``exit_``: entry excluded, exit included."""
+    return (nx.descendants(graph, entry) & nx.ancestors(graph, exit_)) | {exit_}
+
+
+def single_entry(traced: Traced, region: set[str], entry: str) -> bool:
+    """True when the region reads only ``entry``, its own nodes and constants."""
+    nodes, constant = traced.nodes, traced.constant
+    for name in region:
+        for arg in nodes[name].all_input_nodes:
+            if arg.name != entry and arg.name not in region and arg.name not in constant:
+                if shape(arg) is not None:
+                    return False
+    return True
+
+
+def with_constants(traced: Traced, region: set[str]) -> set[str]:
+    """The region plus the constant nodes (parameters and what is computed from them) that
+    it reads, so that a channel analysis of the region sees them."""
+    nodes, constant = traced.nodes, traced.constant
+    found, todo = set(region), list(region)
+    while todo:
+        for arg in nodes[todo.pop()].all_input_nodes:
+            if arg.name in constant and arg.name not in found:
+                found.add(arg.name)
+                todo.append(arg.name)
+    return found

@@ -1,0 +1,194 @@
+"""The one table of op facts: what cspify knows about each op, and how to look it up.
+
+Each entry maps an op (a module class, a function, or a method name; classes of optional
+packages by their qualified name) to one ``Op`` record: its role in a stage, how it
+couples channels, how its layer is narrowed, what it returns, and whether an add may
+write into its output. The channel analysis, the planner, the rewrite, the measurements
+and the in-place pass all read this table, so supporting a new op is one ``register``
+entry, as in fvcore's ``jit_handles``.
+
+    rule_for(traced.nodes["layer1_0_conv1"], traced.gm)   # Op(role='conv', couple='conv', narrow='conv', ...)
+    role_of(traced.nodes["relu"], traced.gm)              # 'act'
+    OPS[torch.narrow].returns                             # 'view': moves no memory
+    is_leaf(nn.BatchNorm2d(8))                            # True: tracing keeps it whole
+
+Modules inherit their base class's entry for the channel facts (a subclass of ``nn.Conv2d``
+still carries channels as a conv); the memory facts (``returns``, ``fresh_output``) are
+looked up by exact type with ``exact_op``, since a subclass may add work (timm's
+``BatchNormAct2d`` adds an activation whose backward reads its output).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+RETURNS = ("new", "view", "inplace", "none")
+
+
+@dataclass(frozen=True)
+class Op:
+    """What cspify knows about one op.
+
+    role:         what rules and the planner see it as: "conv", "linear", "norm", "act",
+                  "pool", "identity", "permute", "reshape", "reduce", "add", "elementwise",
+                  "cat", "meta"; None for an op without a channel rule.
+    couple:       how its output channels relate to its inputs' (a key of
+                  ``cspify.channels.COUPLINGS``); None: cspify cannot follow its channels.
+    narrow:       how its layer is narrowed (a key of ``cspify.narrow.NARROWERS``); None for
+                  an op without per-channel parameters.
+    returns:      "new" tensor, a "view" of its first input, its first input written
+                  "inplace", or "none" (no tensor: ``x.size()``). Views and "none" move no memory.
+    fresh_output: its output is a new tensor its backward never reads, so an add may
+                  write into it.
+    """
+
+    role: str | None = None
+    couple: str | None = None
+    narrow: str | None = None
+    returns: str = "new"
+    fresh_output: bool = False
+
+
+OPS: dict[object, Op] = {}
+
+
+def register(*targets, role: str | None = None, couple: str | None = "same", narrow: str | None = None,
+             returns: str = "new", fresh_output: bool = False) -> None:
+    """Enter module classes, functions or method names (strings) under one set of facts."""
+    if returns not in RETURNS:
+        raise ValueError(f"returns must be one of {RETURNS}, not {returns!r}")
+    if (role is None) != (couple is None):
+        raise ValueError("an op has a channel rule (a role and a coupling) or neither")
+    op = Op(role, couple, narrow, returns, fresh_output)
+    for target in targets:
+        if target in OPS:
+            raise ValueError(f"{target!r} has an entry already: one entry per op")
+        OPS[target] = op
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def module_rule(module: nn.Module) -> Op | None:
+    """The entry of a module's class, most derived first; classes of optional packages
+    (timm, torchvision) are entered by their qualified name."""
+    for cls in type(module).__mro__:
+        op = OPS.get(cls) or OPS.get(_qualified(cls))
+        if op is not None:
+            return op
+    return None
+
+
+def rule_for(node: fx.Node, gm: fx.GraphModule) -> Op | None:
+    """The entry of a node's op: by module class (most derived first), function or method name."""
+    if node.op == "call_module":
+        return module_rule(gm.get_submodule(node.target))
+    return _target_op(node)
+
+
+def exact_op(node: fx.Node, gm: fx.GraphModule) -> Op | None:
+    """The entry of exactly this node's op: a module subclass does not inherit its base's
+    entry (for the memory facts, which a subclass's own forward may break)."""
+    if node.op == "call_module":
+        cls = type(gm.get_submodule(node.target))
+        return OPS.get(cls) or OPS.get(_qualified(cls))
+    return _target_op(node)
+
+
+def _target_op(node: fx.Node) -> Op | None:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    try:
+        return OPS.get(node.target)
+    except TypeError:  # unhashable target
+        return None
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Modules with a channel rule stay whole when tracing: their rule covers them."""
+    op = module_rule(module)
+    return op is not None and op.couple is not None
+
+
+def role_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    op = rule_for(node, gm)
+    return op.role if op else None
+
+
+# ---------------------------------------------------------------------------------------
+# The entries
+
+# Layers with weights: the output is new, and their backward never reads it.
+register(nn.Conv1d, nn.Conv2d, nn.Conv3d, role="conv", couple="conv", narrow="conv", fresh_output=True)
+register(nn.Linear, role="linear", couple="linear", narrow="linear", fresh_output=True)
+register(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    role="norm", narrow="per_channel", fresh_output=True,
+)
+register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, role="norm", narrow="per_channel")
+register(nn.GroupNorm, role="norm", couple="group_norm", narrow="per_channel", fresh_output=True)
+register(nn.LayerNorm, role="norm", couple="layer_norm", narrow="per_channel", fresh_output=True)
+
+# Activations, pooling, identities: output channels are the input's.
+register(nn.PReLU, role="act", narrow="per_channel")
+register(
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    torch.relu, torch.sigmoid, torch.tanh,
+    "relu", "sigmoid", "tanh",
+    role="act",
+)
+register("relu_", "sigmoid_", role="act", returns="inplace")
+register(
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool2d,
+    role="pool",
+)
+register(
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, F.dropout, F.dropout2d, "clone", "dropout",
+    "torchvision.ops.stochastic_depth.StochasticDepth", "timm.layers.drop.DropPath", "timm.layers.drop.DropBlock2d",
+    role="identity",
+)
+register(nn.Identity, "contiguous", role="identity", returns="view")
+
+# Ops that move the channel axis or reduce over others.
+register(torch.permute, torch.transpose, "permute", "transpose", role="permute", couple="permute", returns="view")
+register(
+    torch.reshape, torch.flatten, nn.Flatten, "reshape", "view", "flatten",
+    role="reshape", couple="reshape", returns="view",
+)
+register(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", role="reduce", couple="reduce")
+
+# Elementwise ops over several tensors, and the channel concat.
+register(operator.add, torch.add, "add", role="add")
+register(operator.iadd, "add_", role="add", returns="inplace")
+register(
+    operator.mul, operator.sub, operator.truediv, torch.mul, torch.sub, torch.div, "mul", "sub", "div",
+    role="elementwise",
+)
+register(operator.imul, "mul_", role="elementwise", returns="inplace")
+register("expand_as", role="elementwise", returns="view")
+register(torch.cat, torch.concat, role="cat", couple="cat")
+
+# Ops that only look at a tensor and make none.
+register("size", "dim", getattr, role="meta", couple="nothing", returns="none")
+
+# Views and in-place ops without a channel rule: a stage that uses them stays as it is.
+register(
+    torch.narrow, operator.getitem, torch.squeeze, torch.unsqueeze, nn.Unflatten,
+    "narrow", "view_as", "squeeze", "unsqueeze", "expand",
+    couple=None, returns="view",
+)
+register(operator.isub, operator.itruediv, torch.relu_, couple=None, returns="inplace")

@@ -1,0 +1,85 @@
+"""The op table (cspify/ops.py): one entry per op, read by channels, plan, rewrite, measure
+and the in-place pass."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cspify.narrow import NARROWERS
+from cspify.ops import OPS, Op, exact_op, is_leaf, module_rule, register, role_of, rule_for
+from cspify.trace import trace
+
+
+def test_table_maps_layers_to_their_facts():
+    assert OPS[nn.Conv2d] == Op("conv", "conv", "conv", "new", fresh_output=True)
+    assert OPS[nn.Linear].narrow == "linear" and OPS[nn.Linear].fresh_output
+    assert OPS[nn.BatchNorm2d].role == "norm" and OPS[nn.BatchNorm2d].narrow == "per_channel"
+    assert OPS[nn.GroupNorm].couple == "group_norm" and OPS[nn.LayerNorm].couple == "layer_norm"
+    assert not OPS[nn.InstanceNorm2d].fresh_output
+    assert OPS[torch.cat].role == "cat"
+    assert OPS[F.relu].role == "act" and OPS[nn.ReLU].narrow is None and not OPS[nn.ReLU].fresh_output
+    assert torch.roll not in OPS
+
+
+def test_memory_facts():
+    views = [torch.narrow, operator.getitem, torch.flatten, torch.permute, torch.reshape, "view", "expand_as",
+             "contiguous", nn.Identity, nn.Flatten, nn.Unflatten]
+    assert all(OPS[op].returns == "view" for op in views)
+    assert all(OPS[op].returns == "inplace" for op in (operator.iadd, operator.imul, operator.isub, torch.relu_, "add_"))
+    assert all(OPS[op].returns == "none" for op in ("size", "dim", getattr))
+    assert OPS[nn.ReLU].returns == OPS[torch.add].returns == "new"
+
+
+def test_views_and_inplace_ops_without_channel_rule_have_no_role():
+    for op in (torch.narrow, operator.getitem, torch.squeeze, operator.isub, torch.relu_, nn.Unflatten):
+        assert OPS[op].role is None and OPS[op].couple is None
+
+
+def test_every_narrow_the_table_names_exists():
+    named = {op.narrow for op in OPS.values() if op.narrow is not None}
+    assert named <= set(NARROWERS), named - set(NARROWERS)
+
+
+def test_one_entry_per_op():
+    with pytest.raises(ValueError, match="one entry per op"):
+        register(nn.Conv2d, role="conv", couple="conv")
+    with pytest.raises(ValueError, match="returns"):
+        register(object(), role="act", returns="copy")
+    with pytest.raises(ValueError, match="channel rule"):
+        register(object(), role=None, couple="same")
+
+
+class MyConv(nn.Conv2d):
+    pass
+
+
+class MyBatchNormAct(nn.BatchNorm2d):
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = MyConv(3, 4, 1), MyBatchNormAct(4)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)) + x.size(1))
+
+
+def test_subclasses_inherit_channel_facts_but_not_memory_facts():
+    traced = trace(Net(), torch.randn(1, 3, 4, 4))  # keeps both subclasses whole: they have a channel rule
+    gm, nodes = traced.gm, traced.nodes
+    assert rule_for(nodes["conv"], gm) is OPS[nn.Conv2d] and role_of(nodes["norm"], gm) == "norm"
+    assert exact_op(nodes["conv"], gm) is None and exact_op(nodes["norm"], gm) is None
+    assert module_rule(MyBatchNormAct(4)).fresh_output  # inherited; the in-place pass asks exact_op
+    assert role_of(nodes["size"], gm) == "meta" and exact_op(nodes["size"], gm).returns == "none"
+    assert rule_for(nodes["x"], gm) is None
+
+
+def test_leaves_are_modules_with_a_channel_rule():
+    assert is_leaf(nn.BatchNorm2d(4)) and is_leaf(MyConv(1, 1, 1)) and is_leaf(nn.Identity())
+    assert not is_leaf(nn.Sequential()) and not is_leaf(nn.Unflatten(1, (2, 2)))
