@@ -1,9 +1,15 @@
-"""From a found Stage and the options to a StagePlan: widths after rounding, which
-channels every layer keeps, and whether the stage can be converted at all.
+"""From a found Stage and the options to a StagePlan: every decision about the stage's CSP
+version, made once. The rewrite only executes it.
 
     plan = plan_stage(traced, stage, config)
     plan.bypass_channels, plan.through_channels   # 128, 128 for resnet50's layer1
-    plan.narrowings["layer1_1_conv1"]             # Narrowing(in_keep=(128, ..., 255), ...)
+    plan.new_transition                           # (128, 128): the 1x1 conv the rewrite adds
+    plan.narrowing("layer1_1_conv1")              # Narrowing('layer1_1_conv1', in_keep=(128, ..., 255), ...)
+
+Planning goes in small steps: the widths (the split of the base, rounded to the groups its
+layers need), what every channel space keeps, the narrowings that follow, the partial
+transition, and the cost check (is the converted stage cheaper?). A step that finds the
+stage cannot be converted raises ``_Skip`` with the reason the report shows.
 
 The through part is the *last* ``C - round(gamma * C)`` channels of the base output, so
 narrowed layers keep the weights of exactly the channels they still see.
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import torch.fx as fx
 import torch.nn as nn
 
 from cspify.channels import Analysis, analyse
@@ -38,154 +45,100 @@ def per_block_keep(width: int, keep: int, blocks: int) -> tuple[int, ...]:
 
 
 def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
-    """Decide every width of one stage's CSP version; unconvertible stages say why."""
-    base = StagePlan(stage, converted=False, gamma=config.gamma, fusion=config.fusion)
-    if config.stages is not None and stage.name not in config.stages:
-        base.reason = "not selected by the stage filter"
-        return base
+    """Decide every width of one stage's CSP version; unconvertible stages say why (with
+    the notes planning made before it found the reason)."""
+    notes: list[str] = []
     try:
-        return _plan(traced, stage, config, base)
+        if config.stages is not None and stage.name not in config.stages:
+            raise _Skip("not selected by the stage filter")
+        return _plan(traced, stage, config, notes)
     except _Skip as skip:
-        base.reason = str(skip)
-        return base
+        return StagePlan(
+            stage, converted=False, reason=str(skip), gamma=config.gamma, fusion=config.fusion, notes=tuple(notes)
+        )
 
 
 class _Skip(Exception):
     """Why a stage stays as it is."""
 
 
-def _plan(traced: Traced, stage: Stage, config: CSPConfig, plan: StagePlan) -> StagePlan:
-    nodes = traced.nodes
+def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> StagePlan:
+    """The plan of a stage the filter selected; adds to ``notes`` as it goes."""
     fusion_last = config.fusion == "last"
-    transition = stage.transition if fusion_last else ()
-    body = [n for block in stage.blocks for n in block]
-    region = body + list(transition)
-    a = analyse(traced, region, stage.base, stage.channel_axis)
-    spaces = a.spaces
-    stream = spaces.find(a.info[stage.base].space)
+    partial = stage.nodes if fusion_last else stage.body  # fusion first keeps the stage's transition after the concat
+    through_output = stage.transition[-1] if fusion_last and stage.transition else stage.output
+    a = analyse(traced, partial, stage.base, stage.channel_axis)
 
+    bypass, through = _split(a, stage, config.gamma, notes)
+    keeps = {a.spaces.find(a.info[stage.base].space): tuple(range(bypass, stage.channels))}
+    if fusion_last and stage.transition:
+        keeps.update(_transition_keep(a, stage, bypass))
+    if config.hidden == "scale":
+        notes.extend(_scale_inner(a, partial, config.gamma, keeps))
+    resolve = _Resolver(a, keeps)
+    narrowings = _narrowings(a, partial, resolve)
+    _check_single_use(traced, narrowings)
+
+    output_channels = shape(traced.nodes[through_output])[stage.channel_axis]
+    out_keep = resolve(a.info[through_output].space)
+    through_output_channels = len(out_keep) if out_keep is not None else output_channels
+    new_transition = _new_transition(stage, config.fusion, bypass, through_output_channels, output_channels)
+    norm_template, act_template = _templates(a, partial, stage)
+    norm = traced.gm.get_submodule(traced.nodes[norm_template].target) if norm_template else None
+    notes.extend(_group_norm_note(norm, new_transition))
+    before, after = _cost(traced, partial, narrowings)
+    after += _transition_cost(new_transition, traced.nodes[through_output], stage.channel_axis, norm)
+    notes.extend(_cost_note(before, after, config.allow_costlier))
+    return StagePlan(
+        stage, converted=True, gamma=config.gamma, fusion=config.fusion,
+        bypass_channels=bypass, through_channels=through,
+        partial_stage=tuple(partial), through_output=through_output,
+        through_output_channels=through_output_channels, output_channels=output_channels,
+        new_transition=new_transition, norm_template=norm_template, act_template=act_template,
+        narrowings=tuple(narrowings.values()), notes=tuple(notes),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Widths
+
+
+def _split(a: Analysis, stage: Stage, gamma: float, notes: list[str]) -> tuple[int, int]:
+    """(bypass, through) channels of the base output, the through part rounded to the
+    groups the stream's layers need (with a note where it was rounded)."""
+    stream = a.spaces[a.info[stage.base].space]
     channels = stage.channels
-    if spaces[stream].grouped:
+    if stream.grouped:
         raise _Skip(
-            f"grouped conv '{spaces[stream].grouped}' reads or writes its stream, and a contiguous "
+            f"grouped conv '{stream.grouped}' reads or writes its stream, and a contiguous "
             "through part would mix its groups"
         )
-    blocks = spaces[stream].blocks
-    wanted = channels - round(config.gamma * channels)
-    through = round_to(wanted, blocks, 1, channels - 1)
-    bypass = channels - through
+    wanted = channels - round(gamma * channels)
+    through = round_to(wanted, stream.blocks, 1, channels - 1)
     if wanted < 1 or wanted > channels - 1 or through == 0:
         part = "through" if wanted < 1 else "bypass"
-        raise _Skip(f"gamma {config.gamma} leaves the {part} part of its {channels} channels empty")
+        raise _Skip(f"gamma {gamma} leaves the {part} part of its {channels} channels empty")
     if through != wanted:
-        plan.notes.append(f"through part rounded from {wanted} to {through} channels (multiple of {blocks})")
-    keeps: dict[int, tuple[int, ...]] = {stream: tuple(range(bypass, channels))}
-
-    output = transition[-1] if transition else stage.output
-    output_channels = shape(nodes[output])[stage.channel_axis]
-    if transition:
-        conv = next(n for n in transition if role_of(nodes[n], traced.gm) == "conv")
-        t_space = spaces.find(a.info[conv].space)
-        width = spaces[t_space].width
-        if width - bypass < 1 or (width - bypass) % spaces[t_space].blocks:
-            raise _Skip(f"its transition ({width} channels) cannot take a bypass of {bypass} channels")
-        keeps[t_space] = tuple(range(bypass, width))
-
-    if config.hidden == "scale":
-        _scale_inner(a, region, config.gamma, keeps, plan.notes)
-
-    resolve = _Resolver(a, keeps)
-    plan.narrowings = _narrowings(a, region, resolve)
-    _check_single_use(traced, plan.narrowings)
-
-    out_keep = resolve(a.info[output].space)
-    through_out = len(out_keep) if out_keep is not None else output_channels
-    plan.norm_template, plan.act_template = _templates(a, region, stage)
-    norm_template = traced.gm.get_submodule(nodes[plan.norm_template].target) if plan.norm_template else None
-    new_transition = _new_transition(stage, config, bypass, through_out, output_channels)
-    groups = getattr(norm_template, "num_groups", 0)
-    if new_transition and groups and new_transition[1] % groups:
-        plan.notes.append(
-            f"partial transition's GroupNorm uses {math.gcd(groups, new_transition[1])} groups "
-            f"({groups} do not divide {new_transition[1]} channels)"
-        )
-    before, after = _cost(traced, region, plan.narrowings)
-    if new_transition:
-        in_channels, out_channels = new_transition
-        after += _positions(nodes[output], stage.channel_axis) * out_channels * (in_channels + _norm_cost(norm_template))
-    if after >= before:
-        cost = (
-            f"converting it would add {after - before:,} multiply-adds: its new partial transition costs more "
-            "than its narrowed blocks save" if after > before else "converting it would save no multiply-adds"
-        )
-        if not config.allow_costlier:
-            raise _Skip(f"{cost} (allow_costlier converts it anyway)")
-        plan.notes.append(cost)
-    plan.converted = True
-    plan.bypass_channels, plan.through_channels = bypass, through
-    plan.through_output_channels, plan.output_channels = through_out, output_channels
-    return plan
+        notes.append(f"through part rounded from {wanted} to {through} channels (multiple of {stream.blocks})")
+    return channels - through, through
 
 
-def _new_transition(stage: Stage, config: CSPConfig, bypass: int, through_out: int, output: int):
-    """(in, out) channels of the 1x1 conv the rewrite adds, or None where none is added."""
-    if config.fusion == "last":
-        return None if stage.transition else (through_out, output - bypass)
-    if bypass + through_out == output and stage.transition:
-        return None  # the stage's own transition follows the concat
-    return (bypass + through_out, output)
+def _transition_keep(a: Analysis, stage: Stage, bypass: int) -> dict[int, tuple[int, ...]]:
+    """Fusion last reuses the stage's own transition as the partial transition: its conv
+    writes what the bypass does not fill, the last channels of its width."""
+    gm, nodes = a.traced.gm, a.traced.nodes
+    conv = next(n for n in stage.transition if role_of(nodes[n], gm) == "conv")
+    root = a.spaces.find(a.info[conv].space)
+    space = a.spaces[root]
+    if space.width - bypass < 1 or (space.width - bypass) % space.blocks:
+        raise _Skip(f"its transition ({space.width} channels) cannot take a bypass of {bypass} channels")
+    return {root: tuple(range(bypass, space.width))}
 
 
-def _positions(node, axis: int) -> int:
-    """How many positions (batch x spatial) a layer's output has per channel."""
-    dims = shape(node)
-    return math.prod(dims) // dims[axis]
-
-
-def _norm_cost(norm: nn.Module | None) -> int:
-    """Flops per element fvcore counts for a norm layer in eval mode (affine)."""
-    if norm is None:
-        return 0
-    return 2 if isinstance(norm, nn.modules.batchnorm._BatchNorm) else 5
-
-
-def _cost(traced: Traced, region, narrowings: dict[str, Narrowing]) -> tuple[int, int]:
-    """Flops of the region's convs, linears and norm layers, before and after narrowing,
-    counted as fvcore counts them (a multiply-add is one flop).
-
-    A cheap estimate from the traced shapes, used only to decide whether a stage is worth
-    converting; the report's figures come from fvcore itself.
-    """
-    before = after = 0
-    for name in region:
-        node = traced.nodes[name]
-        role = role_of(node, traced.gm)
-        if role == "norm" and node.op == "call_module":
-            norm = traced.gm.get_submodule(node.target)
-            keep = narrowings.get(name, Narrowing(None, None)).out_keep
-            elements, width = math.prod(shape(node)), layer_width(norm)
-            before += elements * _norm_cost(norm)
-            after += elements * (len(keep) if keep is not None else width) // width * _norm_cost(norm)
-        if role not in ("conv", "linear"):
-            continue
-        layer = traced.gm.get_submodule(node.target)
-        if role == "conv":
-            c_in, c_out, groups, kernel = layer.in_channels, layer.out_channels, layer.groups, math.prod(layer.kernel_size)
-        else:
-            c_in, c_out, groups, kernel = layer.in_features, layer.out_features, 1, 1
-        narrowing = narrowings.get(name, Narrowing(None, None))
-        new_in = len(narrowing.in_keep) if narrowing.in_keep is not None else c_in
-        new_out = len(narrowing.out_keep) if narrowing.out_keep is not None else c_out
-        new_groups = new_out if groups > 1 and groups == c_in == c_out else groups
-        positions = _positions(node, len(shape(node)) - 1 if role == "linear" else 1)
-        before += positions * c_out * (c_in // groups) * kernel
-        after += positions * new_out * (new_in // new_groups) * kernel
-    return before, after
-
-
-def _scale_inner(a: Analysis, region, gamma: float, keeps: dict, notes: list[str]) -> None:
-    """hidden='scale': narrow every inner width the region's convs and linears write."""
-    spaces = a.spaces
+def _scale_inner(a: Analysis, region, gamma: float, keeps: dict[int, tuple[int, ...]]) -> list[str]:
+    """hidden='scale': narrow every inner width the region's convs and linears write
+    (adds to ``keeps``); returns a note for each width rounded to its groups."""
+    spaces, notes = a.spaces, []
     for name in region:
         node = a.traced.nodes[name]
         info = a.info.get(name)
@@ -202,6 +155,11 @@ def _scale_inner(a: Analysis, region, gamma: float, keeps: dict, notes: list[str
         if width != wanted:
             notes.append(f"inner width of '{name}' rounded from {wanted} to {width} (multiple of {space.blocks})")
         keeps[root] = per_block_keep(space.width, width, space.blocks)
+    return notes
+
+
+# ---------------------------------------------------------------------------------------
+# Narrowings
 
 
 class _Resolver:
@@ -251,16 +209,16 @@ def _narrowings(a: Analysis, region, resolve: _Resolver) -> dict[str, Narrowing]
         if in_keep is None and out_keep is None:
             continue
         if node.op == "get_attr":
-            narrowings[name] = Narrowing(None, out_keep, axis=info.axis)
+            narrowings[name] = Narrowing(name, None, out_keep, axis=info.axis)
             continue
         if node.op != "call_module":
             continue
-        rule = rule_for(node, a.traced.gm)
-        if rule is None or rule.narrow is None:
+        op = rule_for(node, a.traced.gm)
+        if op is None or op.narrow is None:
             if any(True for _ in a.traced.gm.get_submodule(node.target).parameters(recurse=True)):
                 raise _Skip(f"'{name}' has parameters but no rule to narrow them")
             continue
-        narrowings[name] = Narrowing(in_keep, out_keep)
+        narrowings[name] = Narrowing(name, in_keep, out_keep)
     return narrowings
 
 
@@ -272,6 +230,19 @@ def _check_single_use(traced: Traced, narrowings: dict[str, Narrowing]) -> None:
         count = uses[(node.op, node.target)] + (len(node.users) - 1 if node.op == "get_attr" else 0)
         if count > 1:
             raise _Skip(f"'{node.target}' is used {count} times and cannot be narrowed for one use")
+
+
+# ---------------------------------------------------------------------------------------
+# The partial transition
+
+
+def _new_transition(stage: Stage, fusion: str, bypass: int, through_out: int, output: int) -> tuple[int, int] | None:
+    """(in, out) channels of the 1x1 conv the rewrite adds, or None where none is added."""
+    if fusion == "last":
+        return None if stage.transition else (through_out, output - bypass)
+    if bypass + through_out == output and stage.transition:
+        return None  # the stage's own transition follows the concat
+    return (bypass + through_out, output)
 
 
 def _templates(a: Analysis, region, stage: Stage) -> tuple[str | None, str | None]:
@@ -292,3 +263,85 @@ def _templates(a: Analysis, region, stage: Stage) -> tuple[str | None, str | Non
         return norm, users[0].name if follows else None
     act = next((n for n in region if role_of(nodes[n], gm) == "act" and len(nodes[n].all_input_nodes) == 1 and on_axis(n)), None)
     return None, act
+
+
+def _group_norm_note(norm: nn.Module | None, new_transition: tuple[int, int] | None) -> list[str]:
+    """A note where the new transition's GroupNorm cannot keep its template's groups."""
+    groups = getattr(norm, "num_groups", 0)
+    if not new_transition or not groups or new_transition[1] % groups == 0:
+        return []
+    width = new_transition[1]
+    return [f"partial transition's GroupNorm uses {math.gcd(groups, width)} groups ({groups} do not divide {width} channels)"]
+
+
+# ---------------------------------------------------------------------------------------
+# Cost
+
+
+def _cost_note(before: int, after: int, allow_costlier: bool) -> list[str]:
+    """Refuse a stage whose conversion saves no multiply-adds (a note where allowed anyway)."""
+    if after < before:
+        return []
+    cost = (
+        f"converting it would add {after - before:,} multiply-adds: its new partial transition costs more "
+        "than its narrowed blocks save" if after > before else "converting it would save no multiply-adds"
+    )
+    if not allow_costlier:
+        raise _Skip(f"{cost} (allow_costlier converts it anyway)")
+    return [cost]
+
+
+def _transition_cost(new_transition: tuple[int, int] | None, output: fx.Node, axis: int, norm: nn.Module | None) -> int:
+    """Flops of the new partial transition's conv and norm, on feature maps like ``output``'s."""
+    if new_transition is None:
+        return 0
+    in_channels, out_channels = new_transition
+    return _positions(output, axis) * out_channels * (in_channels + _norm_cost(norm))
+
+
+def _positions(node: fx.Node, axis: int) -> int:
+    """How many positions (batch x spatial) a layer's output has per channel."""
+    dims = shape(node)
+    return math.prod(dims) // dims[axis]
+
+
+def _norm_cost(norm: nn.Module | None) -> int:
+    """Flops per element fvcore counts for a norm layer in eval mode (affine)."""
+    if norm is None:
+        return 0
+    return 2 if isinstance(norm, nn.modules.batchnorm._BatchNorm) else 5
+
+
+def _cost(traced: Traced, region, narrowings: dict[str, Narrowing]) -> tuple[int, int]:
+    """Flops of the region's convs, linears and norm layers, before and after narrowing,
+    counted as fvcore counts them (a multiply-add is one flop).
+
+    A cheap estimate from the traced shapes, used only to decide whether a stage is worth
+    converting; the report's figures come from fvcore itself.
+    """
+    whole = Narrowing("", None, None)
+    before = after = 0
+    for name in region:
+        node = traced.nodes[name]
+        role = role_of(node, traced.gm)
+        if role == "norm" and node.op == "call_module":
+            norm = traced.gm.get_submodule(node.target)
+            keep = narrowings.get(name, whole).out_keep
+            elements, width = math.prod(shape(node)), layer_width(norm)
+            before += elements * _norm_cost(norm)
+            after += elements * (len(keep) if keep is not None else width) // width * _norm_cost(norm)
+        if role not in ("conv", "linear"):
+            continue
+        layer = traced.gm.get_submodule(node.target)
+        if role == "conv":
+            c_in, c_out, groups, kernel = layer.in_channels, layer.out_channels, layer.groups, math.prod(layer.kernel_size)
+        else:
+            c_in, c_out, groups, kernel = layer.in_features, layer.out_features, 1, 1
+        narrowing = narrowings.get(name, whole)
+        new_in = len(narrowing.in_keep) if narrowing.in_keep is not None else c_in
+        new_out = len(narrowing.out_keep) if narrowing.out_keep is not None else c_out
+        new_groups = new_out if groups > 1 and groups == c_in == c_out else groups
+        positions = _positions(node, len(shape(node)) - 1 if role == "linear" else 1)
+        before += positions * c_out * (c_in // groups) * kernel
+        after += positions * new_out * (new_in // new_groups) * kernel
+    return before, after

@@ -1,16 +1,18 @@
-"""The CSP rewrite: turns StagePlans into edits of the traced graph.
+"""The CSP rewrite: executes StagePlans as edits of the traced graph.
 
 For each converted stage (fusion last):
 
     x0 ─┬─ narrow(x0, 0, bypass) ────────────────────────────────┐
         └─ narrow(x0, bypass, through) ─ narrowed blocks ─ partial transition ─ cat ─▶
 
-The partial transition is the stage's own (narrowed) transition layer where the plan has
-one, else a new 1x1 conv followed by the norm and activation the stage itself uses.
-Fusion first concatenates before the transition instead. Nothing here knows any model
-family: the plan says which layers keep which channels, the channel registry narrows them.
+The partial transition is the stage's own (narrowed) transition layer where the plan
+reuses it, else a new 1x1 conv followed by copies of the norm and activation the plan
+names as templates. Fusion first concatenates before the transition instead. Every
+choice (widths, which layers keep which channels, whether a new transition is added and
+how wide) is the plan's; this module only carries it out, and knows no model family.
 
     gm, added = rewrite(traced, plans, seed=0)   # edits traced.gm in place and returns it
+    added["layer1"][-1]                          # the node that now carries layer1's output
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from cspify.trace import Traced
 def rewrite(traced: Traced, plans: list[StagePlan], seed: int = 0) -> tuple[fx.GraphModule, dict[str, tuple[str, ...]]]:
     """Apply every converted plan; return the GraphModule and the nodes each stage added.
 
-    New layers are initialised from ``seed`` so the same inputs give the same model.
+    ``added[stage name]`` lists the new nodes in the order they were made; its last node
+    is the one that now carries the stage's output (the concat for fusion last, the new
+    transition's last node for fusion first). New layers are initialised from ``seed`` so
+    the same inputs give the same model.
     """
     gm = traced.gm
     added, fused = {}, {}
@@ -52,12 +57,8 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
     stage = plan.stage
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
-    templates = tuple(nodes[n] if n else None for n in (plan.norm_template, plan.act_template))
     axis, slug = stage.channel_axis, stage.name.replace(".", "_").replace("#", "_")
-    home = _home(gm, stage.name, slug)
     base = fused_outputs.get(stage.base, nodes[stage.base])
-    fusion_last = plan.fusion == "last"
-    region = stage.nodes if fusion_last else tuple(n for b in stage.blocks for n in b)
     added = []
 
     def call(target, args, name):
@@ -65,53 +66,56 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
         added.append(node.name)
         return node
 
+    def transition(source):
+        templates = tuple(nodes[n] if n else None for n in (plan.norm_template, plan.act_template))
+        in_channels, out_channels = plan.new_transition
+        rank = len(shape(nodes[plan.through_output]))
+        return _partial_transition(gm, source, in_channels, out_channels, rank, templates, _home(gm, stage.name, slug), added)
+
     with graph.inserting_after(base):
         bypass = call(torch.narrow, (base, axis, 0, plan.bypass_channels), "bypass")
     with graph.inserting_after(bypass):
         through = call(torch.narrow, (base, axis, plan.bypass_channels, plan.through_channels), "through")
-    for name in region:
+    for name in plan.partial_stage:
         nodes[name].replace_input_with(base, through)
+    _narrow_layers(gm, plan, nodes)
 
-    for name, narrowing in plan.narrowings.items():
-        node = nodes[name]
-        owner, _, attr = node.target.rpartition(".")
-        if node.op == "get_attr":
-            module = gm.get_submodule(owner)
-            replace_tensor(module, attr, narrow_tensor(getattr(module, attr), narrowing.axis, narrowing.out_keep))
-            continue
-        narrowed = narrow_layer(rule_for(node, gm).narrow, gm.get_submodule(node.target), narrowing.in_keep, narrowing.out_keep)
-        setattr(gm.get_submodule(owner), attr, narrowed)
-
-    out = nodes[stage.transition[-1] if fusion_last and stage.transition else stage.output]
+    out = nodes[plan.through_output]
     users = list(out.users)
-    rank = len(shape(out))
     with graph.inserting_after(out):
-        if fusion_last:
-            if stage.transition:
-                fused = call(torch.cat, ([bypass, out], axis), "fuse")
-            else:
-                transition = _partial_transition(
-                    gm, graph, out, plan.through_output_channels, plan.output_channels - plan.bypass_channels,
-                    rank, templates, home, added,
-                )
-                with graph.inserting_after(transition):
-                    fused = call(torch.cat, ([bypass, transition], axis), "fuse")
+        if plan.fusion == "last":
+            last = transition(out) if plan.new_transition else out
+            with graph.inserting_after(last):
+                fused = call(torch.cat, ([bypass, last], axis), "fuse")
         else:
             fused = call(torch.cat, ([bypass, out], axis), "fuse")
-            width = plan.bypass_channels + plan.through_output_channels
-            if width != plan.output_channels or not stage.transition:
+            if plan.new_transition:
                 with graph.inserting_after(fused):
-                    fused = _partial_transition(
-                        gm, graph, fused, width, plan.output_channels, rank, templates, home, added
-                    )
+                    fused = transition(fused)
     for user in users:
         user.replace_input_with(out, fused)
     fused_outputs[out.name] = fused
     return tuple(added)
 
 
-def _partial_transition(gm, graph, source, in_channels, out_channels, rank, templates, home, added):
-    """A new 1x1 conv, then the stage's own norm and activation; returns the last node."""
+def _narrow_layers(gm: fx.GraphModule, plan: StagePlan, nodes: dict[str, fx.Node]) -> None:
+    """Put the narrowed copy of every layer and parameter the plan narrows in its place."""
+    for narrowing in plan.narrowings:
+        node = nodes[narrowing.node]
+        owner, _, attr = node.target.rpartition(".")
+        if node.op == "get_attr":
+            module = gm.get_submodule(owner)
+            replace_tensor(module, attr, narrow_tensor(getattr(module, attr), narrowing.axis, narrowing.out_keep))
+            continue
+        layer = gm.get_submodule(node.target)
+        narrowed = narrow_layer(rule_for(node, gm).narrow, layer, narrowing.in_keep, narrowing.out_keep)
+        setattr(gm.get_submodule(owner), attr, narrowed)
+
+
+def _partial_transition(gm, source, in_channels, out_channels, rank, templates, home, added):
+    """A new 1x1 conv after ``source``, then copies of the template norm and activation;
+    returns the last node."""
+    graph = gm.graph
     norm_node, act_node = templates
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)

@@ -1,8 +1,16 @@
-"""The records that flow down the pipeline: a found Stage, and its StagePlan."""
+"""The records that flow down the pipeline: a found Stage, and its StagePlan.
+
+    stage = rules.find_stages(traced)[0]    # Stage(name='layer1', kind='residual', base='layer1_0_relu_2', ...)
+    plan = plan_stage(traced, stage, config)
+    plan.bypass_channels, plan.new_transition, plan.narrowing("layer1_1_conv1")
+
+Both are frozen: a rule finds a Stage, the planner decides everything about its CSP
+version once, and the rewrite executes the StagePlan without deciding anything again.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -29,29 +37,54 @@ class Stage:
     transition: tuple[str, ...] = ()
 
     @property
+    def body(self) -> tuple[str, ...]:
+        """Every node of the blocks, in order."""
+        return tuple(n for block in self.blocks for n in block)
+
+    @property
     def nodes(self) -> tuple[str, ...]:
         """Every node of the body, blocks first, then the transition."""
-        body = tuple(n for block in self.blocks for n in block)
-        return body + self.transition
+        return self.body + self.transition
 
 
 @dataclass(frozen=True)
 class Narrowing:
-    """Which input and output channels a layer keeps (``None``: all of them).
+    """Which input and output channels the layer (or parameter) of ``node`` keeps
+    (``None``: all of them).
 
     For a parameter reached through ``get_attr``, ``out_keep`` applies along ``axis``.
     """
 
+    node: str
     in_keep: tuple[int, ...] | None
     out_keep: tuple[int, ...] | None
     axis: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class StagePlan:
-    """What the rewriter does to one stage: widths after rounding, layers to narrow.
+    """Every decision about one stage's CSP version; the rewrite executes it as it is.
 
-    ``converted`` is False (with a ``reason``) for a stage that is found but left alone.
+    ``converted`` is False (with a ``reason``) for a stage that is found but left alone;
+    the other fields then keep their defaults.
+
+    gamma, fusion:           the options it was planned with ("last": partial transition,
+                             then concat; "first": concat, then transition).
+    bypass_channels:         the first channels of the base output, which skip the stage.
+    through_channels:        the last channels, which run through the partial stage.
+    partial_stage:           the nodes that read the through part instead of the base
+                             (the blocks, and for fusion last the stage's own transition).
+    through_output:          the node whose output is the through part's result; its users
+                             read the fused output instead.
+    through_output_channels: that node's width after narrowing.
+    output_channels:         the stage's output width (the fused output keeps it).
+    new_transition:          (in, out) channels of the 1x1 conv the rewrite adds as the
+                             partial transition (fusion last: before the concat; fusion
+                             first: after it), or None where the stage's own serves.
+    norm_template,           the norm and activation nodes whose layers the new transition
+    act_template:            copies after its conv (None: no such layer).
+    narrowings:              the layers and parameters to narrow, with what each keeps.
+    notes:                   what a user should know about the plan (roundings, cost).
     """
 
     stage: Stage
@@ -61,13 +94,20 @@ class StagePlan:
     fusion: str = "last"
     bypass_channels: int = 0
     through_channels: int = 0
-    narrowings: dict[str, Narrowing] = field(default_factory=dict)
+    partial_stage: tuple[str, ...] = ()
+    through_output: str = ""
     through_output_channels: int = 0
     output_channels: int = 0
+    new_transition: tuple[int, int] | None = None
     norm_template: str | None = None
     act_template: str | None = None
-    notes: list[str] = field(default_factory=list)
+    narrowings: tuple[Narrowing, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.stage.name
+
+    def narrowing(self, node: str) -> Narrowing | None:
+        """What the layer or parameter of ``node`` keeps, or None where it stays whole."""
+        return next((n for n in self.narrowings if n.node == node), None)

@@ -18,7 +18,7 @@ from cspify.trace import as_inputs, propagate_shapes, trace
 from cspify import rules
 from cspify.record import conversion_of
 from dataclasses import asdict
-from tiny_models import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock, Shift
+from tiny_models import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock
 
 X = torch.randn(2, 3, 16, 16)
 MODELS = [TinyResNet, PreActNet, TinyDenseNet, IncrementalDense]
@@ -400,3 +400,29 @@ def test_prelu_on_stream(slopes):
     act = gm.get_submodule("acts.0")
     expected = model.acts[0].weight[4:] if slopes == 8 else model.acts[0].weight
     assert torch.equal(act.weight, expected)
+
+
+# --------------------------------------------------------------------------- the rewrite contract
+
+
+@pytest.mark.parametrize("cls", [TinyResNet, TinyDenseNet])
+@pytest.mark.parametrize("fusion", ["last", "first"])
+def test_last_added_node_carries_the_stage_output(cls, fusion):
+    """``added[stage][-1]`` is what every reader of the stage's output reads now, with the
+    original output's shape: api.py finds each converted stage's output by it."""
+    traced = trace(model_of(cls), X)
+    plans = [plan_stage(traced, s, CSPConfig(0.5, fusion, allow_costlier=True)) for s in rules.find_stages(traced)]
+    readers = {p.name: [u.name for u in traced.nodes[p.through_output].users] for p in plans}
+    shapes = {p.name: traced.nodes[p.through_output].meta["tensor_meta"].shape for p in plans}
+    gm, added = rewrite(traced, plans)
+    propagate_shapes(gm, as_inputs(X))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert set(added) == {p.name for p in plans if p.converted} and len(added) == 2
+    for plan in plans:
+        carrier = nodes[added[plan.name][-1]]
+        assert all(carrier in nodes[r].all_input_nodes for r in readers[plan.name]), plan.name
+        assert carrier.meta["tensor_meta"].shape == shapes[plan.name]
+        if fusion == "last" or plan.new_transition is None:
+            assert carrier.target is torch.cat  # the concat
+        else:
+            assert "csp_transition" in carrier.name  # the new transition's last node

@@ -1,0 +1,87 @@
+"""Planning (cspify/plan.py): every decision about a stage lands in one frozen StagePlan."""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from cspify import rules
+from cspify.config import CSPConfig
+from cspify.plan import per_block_keep, plan_stage, round_to
+from cspify.trace import trace
+from tiny_models import TinyDenseNet, TinyResNet, seeded
+
+X = torch.randn(2, 3, 16, 16)
+
+
+@functools.cache
+def plans(cls, fusion="last", **options):
+    traced = trace(seeded(cls), X)
+    config = CSPConfig(0.5, fusion, allow_costlier=True, **options)
+    return {s.name: plan_stage(traced, s, config) for s in rules.find_stages(traced)}
+
+
+def test_plan_is_frozen_and_hashable():
+    plan = plans(TinyResNet)["layer1"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.converted = False
+    assert isinstance(plan.narrowings, tuple) and isinstance(plan.notes, tuple)
+    assert hash(plan) == hash(dataclasses.replace(plan))
+
+
+def test_fusion_last_residual_adds_a_transition_before_the_concat():
+    plan = plans(TinyResNet)["layer1"]
+    assert (plan.bypass_channels, plan.through_channels) == (4, 4)
+    assert plan.partial_stage == plan.stage.nodes and plan.through_output == plan.stage.output == "relu_2"
+    assert (plan.through_output_channels, plan.output_channels) == (4, 8)
+    assert plan.new_transition == (4, 4)  # the through part's 4 channels to the 8 - 4 the bypass leaves
+    assert (plan.norm_template, plan.act_template) == ("layer1_0_reduce_1", "layer1_0_reduce_2")
+
+
+def test_fusion_first_residual_transitions_both_parts():
+    plan = plans(TinyResNet, "first")["layer1"]
+    assert plan.partial_stage == plan.stage.body
+    assert plan.new_transition == (8, 8)
+
+
+def test_dense_fusion_last_reuses_the_stage_transition():
+    plan = plans(TinyDenseNet)["block1"]
+    assert plan.stage.transition == ("trans1_norm", "trans1_relu", "trans1_conv")
+    assert plan.through_output == "trans1_conv" and plan.partial_stage[-3:] == plan.stage.transition
+    assert plan.new_transition is None
+    assert plan.narrowing("trans1_conv").out_keep == tuple(range(4, 10))
+
+
+def test_dense_fusion_first_keeps_the_stage_transition_after_the_concat():
+    plan = plans(TinyDenseNet, "first")["block1"]
+    assert plan.through_output == plan.stage.output == "cat_3"
+    assert not set(plan.stage.transition) & set(plan.partial_stage)
+    assert plan.new_transition is None  # bypass + through output fill the transition's input
+    assert plan.bypass_channels + plan.through_output_channels == plan.output_channels
+
+
+def test_narrowings_say_what_each_layer_keeps():
+    plan = plans(TinyResNet)["layer1"]
+    reduce = plan.narrowing("layer1_0_reduce_0")
+    assert reduce.node == "layer1_0_reduce_0"
+    assert reduce.in_keep == (4, 5, 6, 7) and reduce.out_keep is None
+    assert plan.narrowing("layer1_0_spatial_0") is None  # inner widths kept
+
+
+def test_refused_plans_say_why_and_decide_nothing():
+    traced = trace(seeded(TinyResNet), X)
+    stage = rules.find_stages(traced)[0]
+    plan = plan_stage(traced, stage, CSPConfig(0.5, stages=("layer2",)))
+    assert not plan.converted and plan.reason == "not selected by the stage filter"
+    assert (plan.bypass_channels, plan.narrowings, plan.new_transition, plan.partial_stage) == (0, (), None, ())
+
+
+def test_a_cost_note_where_allowed():
+    notes = plans(TinyDenseNet)["block2"].notes
+    assert any("would add" in note and "multiply-adds" in note for note in notes)
+
+
+def test_rounding_helpers():
+    assert round_to(5, 4, 1, 16) == 4 and round_to(6, 4, 1, 16) == 4 and round_to(7, 4, 1, 16) == 8 and round_to(3, 8, 1, 7) == 0
+    assert per_block_keep(8, 4, 2) == (0, 1, 4, 5)
