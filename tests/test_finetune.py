@@ -126,3 +126,97 @@ def test_bad_arguments(teacher, labels, tmp_path):
         finetune(model, TensorDataset(X, labels), resume=tmp_path / "other.pt", progress=False)
     with pytest.raises(ConfigError, match="not made by cspify.convert"):
         finetune(teacher, TensorDataset(X, labels), progress=False)
+
+
+# ---------------------------------------------------------------- the command line
+
+NET = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                               nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x))
+
+
+class Net(nn.Module):
+    def __init__(self, channels=CHANNELS, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+"""
+
+
+@pytest.fixture
+def cli_setup(tmp_path, monkeypatch):
+    from test_data import idx_folder
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    (tmp_path / "net.py").write_text(NET.replace("CHANNELS", "1"))
+    (tmp_path / "rgb.py").write_text(NET.replace("CHANNELS", "3"))
+    idx_folder(tmp_path / "data", n_train=24, n_val=12, classes=3)
+    idx_folder(tmp_path / "five", n_train=24, n_val=12, classes=5)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from cspify.cli import main
+
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args])
+
+
+def test_cli_finetune_then_resume(cli_setup):
+    common = ["net.py:Net", "--data", "data", "--batch-size", "8", "--calibration-images", "16", "-q"]
+    result = cli("finetune", *common, "-o", "csp.pt", "--json", "run.json")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert "top-1 (val)" in result.stdout and "flops" in result.stdout and "saved" in result.stdout
+    record = json.loads((cli_setup / "run.json").read_text())
+    assert set(record) >= {"data", "original", "converted", "calibration", "finetune"}
+    assert record["converted"]["flops"] < record["original"]["flops"] and len(record["finetune"]["epochs"]) == 1
+    assert (cli_setup / "csp.pt.ckpt").exists() and isinstance(torch.load("csp.pt", weights_only=False),
+                                                             torch.nn.Module)
+    result = cli("finetune", *common, "--epochs", "2", "--resume", "csp.pt.ckpt", "-o", "more.pt", "--json", "more.json")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert [e["epoch"] for e in json.loads((cli_setup / "more.json").read_text())["finetune"]["epochs"]] == [1, 2]
+
+
+@pytest.mark.parametrize("model, data, words", [
+    ("net.py:Net", "nowhere", ["does not exist"]),
+    ("net.py:Net", "five", ["5 classes", "only 3 outputs"]),
+    ("rgb.py:Net", "data", ["takes 3-channel images", "1-channel images"]),
+], ids=["missing-folder", "more-classes-than-outputs", "wrong-channels"])
+def test_cli_bad_data(cli_setup, model, data, words):
+    result = cli("finetune", model, "--data", data, "-o", "csp.pt", "-q")
+    assert result.exit_code == 7, result.stderr + repr(result.exception)
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: ") and len(lines) == 2, result.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not (cli_setup / "csp.pt").exists()
+
+
+def test_cli_convert_calibrate(cli_setup):
+    result = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--calibrate", "data", "-o", "csp.pt")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert "calibrating on 24 images" in result.stderr
+    assert cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "-o", "plain.pt").exit_code == 0
+    calibrated, plain = (torch.load(p, weights_only=False).state_dict() for p in ("csp.pt", "plain.pt"))
+    assert not all(torch.equal(v, plain[k]) for k, v in calibrated.items())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import click
 
-from cspify.cli import bench, convert, sweep
+from cspify.cli import bench, convert, finetune, sweep
 from cspify.cli.common import MODEL_HELP
 
 __all__ = ["main"]
@@ -32,3 +32,4 @@ main.add_command(convert.convert)
 main.add_command(convert.analyze)
 main.add_command(bench.bench)
 main.add_command(sweep.sweep)
+main.add_command(finetune.finetune_command)

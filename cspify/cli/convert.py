@@ -19,6 +19,7 @@ from cspify.cli.common import (
     plot_option,
     stage_reports,
 )
+from cspify.cli.finetune import calibrate_data
 from cspify.export import Outputs, write_onnx, write_source
 
 
@@ -28,9 +29,10 @@ from cspify.export import Outputs, write_onnx, write_source
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None, metavar="DIR", help="Write the converted model as readable Python (DIR/model.py) plus weights (DIR/weights.pt) that load with torch alone.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="PATH", help="Export the converted model to ONNX (torch.onnx.export with the example inputs).")
 @plot_option("Draw per-stage flops and memory traffic, before and after, as a PNG.")
-def convert(output, export_dir, onnx_path, **options) -> None:
+@click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it.")
+def convert(output, export_dir, onnx_path, calibrate_path, **options) -> None:
     with guard(options["debug"]):
-        _convert(options, output, export_dir, onnx_path)
+        _convert(options, output, export_dir, onnx_path, calibrate_path)
 
 
 @click.command(help=f"Show the stages found in MODEL and what converting each would save.\n\n{MODEL_HELP}")
@@ -41,10 +43,12 @@ def analyze(**options) -> None:
 
 
 def _convert(options: dict, output: str | None = None, export_dir: str | None = None,
-             onnx_path: str | None = None) -> None:
+             onnx_path: str | None = None, calibrate_path: str | None = None) -> None:
     check_options(options, output, export_dir, onnx_path)
     progress = Progress(options["quiet"])
     done = load_convert_measure(options, progress)
+    if calibrate_path:
+        calibrate_data(calibrate_path, done.model, done.csp, options["model"], progress)
     with Outputs(force=options["force"]) as out:  # all written, or none
         if output:
             out.file(output, lambda f: torch.save(done.csp, f), binary=True)
