@@ -19,6 +19,7 @@ import torch.nn as nn
 from cspify import rules
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
+from cspify.graph import shape
 from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.modes import trace_in_mode
@@ -33,7 +34,6 @@ from cspify.trace import (
     capture_inputs,
     eval_mode,
     propagate_shapes,
-    shape,
     trace,
 )
 
@@ -272,11 +272,10 @@ def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[st
     stages = []
     for p in plans:
         new = tuple(added.get(p.name, ()))
-        hands_on = p.stage.transition[-1] if p.fusion == "last" and p.stage.transition else p.stage.output
         stages.append(StageRecord(
             name=p.name, kind=p.stage.kind, channels=p.stage.channels, converted=p.converted, reason=p.reason,
             bypass_channels=p.bypass_channels, through_channels=p.through_channels, base=p.stage.base,
-            blocks=len(p.stage.blocks), nodes=tuple(p.stage.nodes), added=new, output=hands_on,
+            blocks=len(p.stage.blocks), nodes=tuple(p.stage.nodes), added=new, output=p.through_output,
             converted_output=new[-1] if p.converted and new else "", notes=tuple(p.notes),
         ))
     return Conversion(config, tuple(stages), seed=seed, leaf_modules=leaf_modules)
