@@ -74,3 +74,25 @@ def test_numbers_are_written_with_si_prefixes():
     assert scale_of(4.11e9) == (1e9, "G") and scale_of(12) == (1.0, "")
     assert human(4_110_000_000) == "4.11G" and human(999, "B") == "999B" and human(1500, "B") == "1.50KB"
     assert percent(200, 150) == "25.0%" and percent(100, 110) == "-10.0%" and percent(0, 5) == "-"
+
+
+def test_report_carries_the_new_figures_per_stage_and_in_total():
+    model = seeded(TinyResNet)
+    x = torch.randn(1, 3, 16, 16)
+    report = cspify.compare(model, cspify.convert(model, x), x)
+    data = report.to_dict()
+    for key in ("flops", "params", "activations", "memory_bytes", "cio_bytes", "peak_bytes", "max_layer_flops"):
+        assert data["figures"]["original"][key] > 0 and key in data["saved_percent"]
+    assert set(data["original"]) == {"flops", "params", "activations", "memory_bytes"}  # kept as they were
+    assert data["figures"]["original"]["measured_peak_bytes"] is None
+    for row in data["stages"]:
+        assert {"flops_before", "memory_bytes_after", "cio_bytes_before", "cio_bytes_after", "peak_bytes_after",
+                "max_layer_flops_before", "layer_balance_after"} <= set(row)
+        if row["converted"]:
+            assert row["cio_bytes_after"] < row["cio_bytes_before"]
+            assert row["layer_balance_before"] >= 1.0
+    text = str(report)
+    assert "CIO" in text and "peak activations" in text and "not measured" in text and "max/mean" in text
+    markdown = report.to_markdown()
+    assert markdown.count("```mermaid") == sum(r.converted for r in report.stages)
+    assert "partial transition" in markdown and "bypass 4 ch" in markdown
