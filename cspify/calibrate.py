@@ -542,10 +542,7 @@ def _inner_layers(gm, teacher_gm, stage: StageRecord, plan) -> list[_Layer]:
 
 def _narrowing(plan, name: str):
     """What the plan narrows the layer at node ``name`` to (None: nothing)."""
-    if plan is None:
-        return None
-    find = getattr(plan, "narrowing", None)  # StagePlan.narrowing(node); older plans keep a dict
-    return find(name) if callable(find) else plan.narrowings.get(name)
+    return plan.narrowing(name) if plan is not None else None
 
 
 def _readers(gm: fx.GraphModule, teacher_gm: fx.GraphModule, start: str) -> list[_Layer]:

@@ -195,9 +195,7 @@ def finetune(
         random.seed(seed)
     model = converted
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            converted, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True
-        )
+        model = nn.parallel.DistributedDataParallel(converted, device_ids=[device.index] if device.type == "cuda" else None)
     if run.val_top1_before is None and val_data is not None and start_epoch == 0:
         run.val_top1_before = evaluate(converted, val_data, device, batch_size=max(batch_size, 256))
     part.meta[META_KEY] = run

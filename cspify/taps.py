@@ -84,7 +84,12 @@ def tapping(gm: fx.GraphModule, names: Iterable[str], *, stop: bool = False, det
     tapped = fx.GraphModule(root, graph, gm.__class__.__name__)
     had_forward = "forward" in vars(gm)
     previous = vars(gm).get("forward")
-    gm.forward = tapped.forward
+
+    def forward(*args, **kwargs):
+        store.clear()  # a pass starts empty: ``stop`` waits for this pass's values, not the last one's
+        return tapped.forward(*args, **kwargs)
+
+    gm.forward = forward
     try:
         yield store
     finally:

@@ -151,7 +151,9 @@ def test_taps_record_values_as_computed():
         converted(X[:4])
         handle.remove()
         assert torch.equal(values[expand], seen[0])  # before the in-place add wrote into it, not after
-        with tapping(converted, ["layer1_fuse"], stop=True) as values:
+        with tapping(converted, ["layer1_fuse", expand], stop=True) as values:
             run_until_tapped(converted, X[:4])
-        assert values["layer1_fuse"].shape == (4, 8, 16, 16)
+            assert values["layer1_fuse"].shape == (4, 8, 16, 16)
+            run_until_tapped(converted, X[4:6])  # a second pass waits for its own values
+            assert values["layer1_fuse"].shape[0] == values[expand].shape[0] == 2
     assert "forward" not in vars(converted)  # the model's own forward is back
