@@ -130,12 +130,17 @@ def calibrate(
         with torch.no_grad():
             stages = sorted(record.converted, key=_position(part))
             for stage in stages:
+                found = _transition_of(part, stage, record) if transitions else None
+                if isinstance(found, str):
+                    result.skipped.append(f"{stage.name}: {found}")
+                    found = None
                 layers = _inner_layers(part, teacher_part, stage, plans.get(stage.name)) if inner else []
+                layers = [layer for layer in layers if found is None or layer.node is not found.conv]
                 refit = {layer.node.name for layer in layers}
                 names = [n for n in _stage_norms(part, stage) if not _follows(part, n, refit)] if norms else []
                 _fit_layers(converted, part, teacher, teacher_part, stage, layers, batches, ridge, result, names)
-                if transitions:
-                    _fit_transition(converted, part, teacher, teacher_part, stage, record, batches, ridge, result)
+                if found is not None:
+                    _fit_transition(converted, part, teacher, teacher_part, stage, found, batches, ridge, result)
                 if readers:
                     layers = _readers(part, teacher_part, stage.converted_output)
                     _fit_layers(converted, part, teacher, teacher_part, stage, layers, batches, ridge, result)
@@ -420,45 +425,58 @@ def _set_layer(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
 # ---------------------------------------------------------------- 2. partial transitions
 
 
-def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, record: Conversion, batches, ridge,
-                    result: Calibration) -> None:
+@dataclass
+class _Transition:
+    """A stage's partial transition as least squares sees it: the conv to fit, the
+    BatchNorm after it (None: none), and the first of the original output's channels it
+    produces (fusion last: the bypass width; fusion first: 0)."""
+
+    conv: fx.Node
+    norm: nn.Module | None
+    start: int
+
+
+def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -> _Transition | str | None:
+    """The partial transition to fit, a reason why it cannot be, or None where there is none
+    (fusion first without a new transition: the stage's own transition reads the concat)."""
     out = node_named(gm, stage.converted_output)
-    fusion_last = record.config.fusion == "last"
-    if fusion_last:
-        if out.op != "call_function" or out.target is not torch.cat:
-            result.skipped.append(f"{stage.name}: its output is not a concat")
-            return
-        tensors, axis = out.args[0], out.args[1] if len(out.args) > 1 else out.kwargs.get("dim", 0)
-        through = tensors[-1]
+    concat = out.op == "call_function" and out.target is torch.cat
+    if record.config.fusion == "last":
+        if not concat:
+            return "its output is not a concat"
+        axis = out.args[1] if len(out.args) > 1 else out.kwargs.get("dim", 0)
         if axis not in (1, 1 - len(out.meta["tensor_meta"].shape)):
-            result.skipped.append(f"{stage.name}: its channels are not on axis 1")
-            return
+            return "its channels are not on axis 1"
+        through, start = out.args[0][-1], stage.bypass_channels
+    elif concat:
+        return None
     else:
-        if out.op == "call_function" and out.target is torch.cat:
-            return  # no new transition: the stage's own transition reads the concat, a reader
-        through = out
-    chain, node = [], through
-    while node.op != "call_module" or not isinstance(gm.get_submodule(node.target), CONVS):
-        if _is_activation(gm, node) or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm)):
-            chain.append(node)
-            node = node.args[0]
-            if not isinstance(node, fx.Node):
-                break
-            continue
-        result.skipped.append(f"{stage.name}: its partial transition is not a conv, norm and activation ({node.name})")
-        return
-    conv_node = node
+        through, start = out, 0
+    chain, node = [], through  # from the transition's output back to its conv: norms and activations
+    while not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), CONVS)):
+        if not (_is_activation(gm, node) or _is_norm(gm, node)) or not isinstance(node.args[0], fx.Node):
+            return f"its partial transition is not a conv, norm and activation ({node.name})"
+        chain.append(node)
+        node = node.args[0]
+    norms = [n for n in chain if _is_norm(gm, n)]
+    if not _fits(gm.get_submodule(node.target)) or len(norms) > 1 or (norms and norms[0] is not chain[-1]):
+        return f"its partial transition {node.target} cannot be fitted by least squares"
+    return _Transition(node, gm.get_submodule(norms[0].target) if norms else None, start)
+
+
+def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm)
+
+
+def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, found: _Transition, batches, ridge,
+                    result: Calibration) -> None:
+    """Least squares from the conv's input to the original stage output's channels it
+    produces; the BatchNorm after it is set to pass the fitted values through."""
+    conv_node, norm, start = found.conv, found.norm, found.start
     conv = gm.get_submodule(conv_node.target)
-    norms = [n for n in chain if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _BatchNorm)]
-    if not _fits(conv) or len(norms) > 1 or (norms and chain.index(norms[0]) != len(chain) - 1):
-        result.skipped.append(f"{stage.name}: its partial transition {conv_node.target} cannot be fitted by least squares")
-        return
-    norm = gm.get_submodule(norms[0].target) if norms else None
     intercept = norm is not None or conv.bias is not None
-    start = stage.bypass_channels if fusion_last else 0
-    solver = LeastSquares(_rows(conv, torch.zeros(1, *conv_node.args[0].meta["tensor_meta"].shape[1:],
-                                                  device=conv.weight.device)).shape[1],
-                          conv.out_channels, intercept=True, device=conv.weight.device)
+    features = _rows(conv, torch.zeros(1, *conv_node.args[0].meta["tensor_meta"].shape[1:], device=conv.weight.device))
+    solver = LeastSquares(features.shape[1], conv.out_channels, intercept=True, device=conv.weight.device)
     generator = torch.Generator().manual_seed(0)
     cap = max(1, MAX_ROWS // len(batches))
     source = conv_node.args[0].name
@@ -471,15 +489,13 @@ def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, record: 
             target = _targets(conv, theirs[stage.output].narrow(1, start, conv.out_channels))
             pick = _sample(len(rows), cap, generator, rows.device)
             solver.add(rows if pick is None else rows[pick], target if pick is None else target[pick])
+    mean_x, second = solver.input_moments()  # before dropping the intercept column
     if not intercept:
         solver = _without_intercept(solver)
     weight, bias = solver.solve(ridge)
-    error = solver.error(weight, bias)
-    if norm is not None:
-        mean_x, second = solver.input_moments() if intercept else (None, None)
+    if norm is not None:  # norm(W x) = W x + b: statistics of W x, weight sqrt(var + eps), bias mean + b
         mean = weight @ mean_x
-        var = ((weight @ second) * weight).sum(1) - mean.square()
-        var = var.clamp_min(1e-6)
+        var = (((weight @ second) * weight).sum(1) - mean.square()).clamp_min(1e-6)
         _set_layer(conv, weight, None)
         norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
         norm.running_var.copy_(var.to(norm.running_var.dtype))
@@ -488,7 +504,8 @@ def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, record: 
             norm.bias.copy_((mean + bias).to(norm.bias.dtype))
     else:
         _set_layer(conv, weight, bias)
-    result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features, round(error, 5)))
+    result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features,
+                           round(solver.error(weight, bias), 5)))
 
 
 def _without_intercept(solver: LeastSquares) -> LeastSquares:
