@@ -32,6 +32,7 @@ place), so Ctrl-C leaves the last complete one; ``resume=PATH`` continues from i
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -141,6 +142,8 @@ def finetune(
 ) -> nn.Module:
     """Train ``converted`` (made by ``cspify.convert``) for ``epochs`` on ``train_data``, with
     distillation from ``teacher`` (the original model) where one is given; returns it.
+    Any other model trains too, with the same recipe, on cross-entropy and logit
+    distillation (it has no converted stage to distil).
 
     ``train_data`` is a Dataset or DataLoader of (inputs, labels) or of inputs alone, or
     any re-iterable of such batches. ``lr`` overrides the recipe's (already scaled) rate.
@@ -156,21 +159,26 @@ def finetune(
     device = _device(device)
     init_distributed(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    scope, record = find_conversion(converted)
+    try:
+        scope, record = find_conversion(converted)
+    except ConfigError:  # a model cspify did not make: cross-entropy and logit distillation only
+        scope, record = None, None
     part = converted.get_submodule(scope) if scope else converted
     converted.to(device)
     loader = _loader(train_data, batch_size, seed, rank, world, num_workers, shuffle=True)
     first = _inputs(next(iter(loader)))
     teacher_model = teacher_part = None
-    if teacher is not None:
+    if teacher is not None and record is not None:
         teacher_model, traced = traced_original(teacher, first[:1].to(_device_of(teacher)), record, scope, device)
         teacher_part = traced.gm
-    distil_features = teacher is not None and feature_weight > 0
+    elif teacher is not None:
+        teacher_model = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    distil_features = teacher_part is not None and feature_weight > 0
     stages = [s for s in record.converted if s.converted_output and s.output] if distil_features else []
     # Fusion last: the bypass channels carry x0' by construction, where the original has
     # its stage output; distilling them would pull the base layer away from what the
     # through part needs. The through channels are the partial transition's to match.
-    through_only = recipe.features == "through" and record.config.fusion == "last"
+    through_only = recipe.features == "through" and record is not None and record.config.fusion == "last"
     starts = [s.bypass_channels if through_only else 0 for s in stages]
 
     steps_per_epoch = _length(loader)
@@ -198,6 +206,8 @@ def finetune(
         model = nn.parallel.DistributedDataParallel(converted, device_ids=[device.index] if device.type == "cuda" else None)
     if run.val_top1_before is None and val_data is not None and start_epoch == 0:
         run.val_top1_before = evaluate(converted, val_data, device, batch_size=max(batch_size, 256))
+    if not isinstance(getattr(part, "meta", None), dict):
+        part.meta = {}
     part.meta[META_KEY] = run
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext

@@ -124,8 +124,19 @@ def test_bad_arguments(teacher, labels, tmp_path):
     finetune(other, TensorDataset(X, labels), epochs=1, checkpoint=tmp_path / "other.pt", progress=False)
     with pytest.raises(ConfigError, match="does not fit this model"):
         finetune(model, TensorDataset(X, labels), resume=tmp_path / "other.pt", progress=False)
-    with pytest.raises(ConfigError, match="not made by cspify.convert"):
-        finetune(teacher, TensorDataset(X, labels), progress=False)
+
+
+
+def test_any_model_trains_on_logits_alone(teacher, labels):
+    """A model cspify did not make (a pruned baseline, say) gets the same recipe without stages."""
+    import copy
+
+    student = copy.deepcopy(teacher)
+    before = copy.deepcopy(teacher.state_dict())
+    finetune(student, TensorDataset(X, labels), teacher=teacher, epochs=2, batch_size=16, lr=0.1, progress=False)
+    run = student.meta["cspify.finetune"]
+    assert run.settings["stages"] == [] and run.epochs[-1].feature is None and run.epochs[-1].kd is not None
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # the teacher is untouched
 
 
 # ---------------------------------------------------------------- the command line
