@@ -5,11 +5,13 @@ For each converted stage (fusion last):
     x0 ─┬─ narrow(x0, 0, bypass) ────────────────────────────────┐
         └─ narrow(x0, bypass, through) ─ narrowed blocks ─ partial transition ─ cat ─▶
 
-The partial transition is the stage's own (narrowed) transition layer where the plan
-reuses it, else a new 1x1 conv followed by copies of the norm and activation the plan
-names as templates. Fusion first concatenates before the transition instead. Every
-choice (widths, which layers keep which channels, whether a new transition is added and
-how wide) is the plan's; this module only carries it out, and knows no model family.
+The split and the concat work along the stage's channel axis. The partial transition is
+the stage's own (narrowed) transition layer where the plan reuses it, else a new pointwise
+layer over that axis (a 1x1 conv, or a linear layer where the channels are last) followed
+by the norm and activation the plan names as templates, sized to its width. Fusion first
+concatenates before the transition instead. Every choice (widths, which layers keep which
+channels, whether a new transition is added and how wide) is the plan's; this module only
+carries it out, and knows no model family.
 
     gm, added = rewrite(traced, plans, seed=0)   # edits traced.gm in place and returns it
     added["layer1"][-1]                          # the node that now carries layer1's output
@@ -17,14 +19,12 @@ how wide) is the plan's; this module only carries it out, and knows no model fam
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from cspify.graph import shape
-from cspify.narrow import fresh_conv, fresh_like, narrow_layer, narrow_tensor, replace_tensor
+from cspify.narrow import fresh_like, fresh_mix, narrow_layer, narrow_tensor, replace_tensor, sized_like
 from cspify.ops import rule_for
 from cspify.stage import StagePlan
 from cspify.trace import Traced
@@ -70,7 +70,8 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
         templates = tuple(nodes[n] if n else None for n in (plan.norm_template, plan.act_template))
         in_channels, out_channels = plan.new_transition
         rank = len(shape(nodes[plan.through_output]))
-        return _partial_transition(gm, source, in_channels, out_channels, rank, templates, _home(gm, stage.name, slug), added)
+        mix = fresh_mix(in_channels, out_channels, rank, axis, bias=plan.norm_template is None)
+        return _partial_transition(gm, source, mix, out_channels, templates, _home(gm, stage.name, slug), added)
 
     with graph.inserting_after(base):
         bypass = call(torch.narrow, (base, axis, 0, plan.bypass_channels), "bypass")
@@ -112,19 +113,20 @@ def _narrow_layers(gm: fx.GraphModule, plan: StagePlan, nodes: dict[str, fx.Node
         setattr(gm.get_submodule(owner), attr, narrowed)
 
 
-def _partial_transition(gm, source, in_channels, out_channels, rank, templates, home, added):
-    """A new 1x1 conv after ``source``, then copies of the template norm and activation;
-    returns the last node."""
+def _partial_transition(gm, source, mix, out_channels, templates, home, added):
+    """The new pointwise layer ``mix`` after ``source``, then the template norm (fresh) and
+    activation (fresh where it has parameters per channel, else copied), each
+    ``out_channels`` wide; returns the last node."""
     graph = gm.graph
     norm_node, act_node = templates
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
     container = nn.Module()
-    container.conv = fresh_conv(in_channels, out_channels, rank, bias=norm_node is None)
+    container.conv = mix
     if norm_node is not None:
         container.norm = fresh_like(gm.get_submodule(norm_node.target), out_channels)
     if act_node is not None and act_node.op == "call_module":
-        container.act = copy.deepcopy(gm.get_submodule(act_node.target))
+        container.act = sized_like(gm.get_submodule(act_node.target), out_channels)
     for module in container.modules():
         if getattr(module, "inplace", False):  # an in-place act would overwrite what autograd saved
             module.inplace = False

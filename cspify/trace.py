@@ -6,12 +6,15 @@
     traced.graph                   # networkx.DiGraph of node names, edges along data flow
 
 The model itself is never touched: tracing works on a deep copy, and shapes are
-propagated in eval mode without gradients so no BatchNorm statistic moves.
+propagated in eval mode without gradients so no BatchNorm statistic moves. A model that is
+not ready to trace (uninitialised lazy modules, or a tensor a hook computed that keeps
+``copy.deepcopy`` off it) is first made ready on a copy:
+
+    model = ready_to_trace(model, (torch.randn(1, 3, 224, 224),))   # the model itself, or a ready copy
 """
 
 from __future__ import annotations
 
-import copy
 import io
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, redirect_stderr
@@ -22,14 +25,16 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from cspify.errors import ConfigError, TraceError
 from cspify.graph import shape  # importable from here until api.py imports it from cspify.graph
+from cspify.narrow import clone_module, has_computed_tensors
 from cspify.ops import is_leaf
 
 __all__ = [
     "Traced", "Tracer", "trace", "symbolic_trace", "propagate_shapes", "networkx_view",
-    "as_inputs", "eval_mode", "capture_inputs", "shape",
+    "as_inputs", "eval_mode", "capture_inputs", "shape", "ready_to_trace",
 ]
 
 
@@ -102,8 +107,8 @@ def eval_mode(module: torch.nn.Module):
 def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
     """torch.fx tracing of a deep copy of ``model``; errors name the module that failed."""
     if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
-    model = copy.deepcopy(model)
+        return clone_module(model)
+    model = clone_module(model)
     tracer = Tracer(leaf_modules)
     try:
         graph = tracer.trace(model)
@@ -139,7 +144,7 @@ def capture_inputs(model: torch.nn.Module, example_inputs, scope: str) -> tuple[
     except AttributeError:
         children = ", ".join(name for name, _ in model.named_children())
         raise ConfigError(f"the model has no submodule {scope!r}.", f"its top-level submodules are: {children}") from None
-    runner = copy.deepcopy(model)
+    runner = clone_module(model)
     calls = []
     handle = runner.get_submodule(scope).register_forward_pre_hook(
         lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
@@ -164,6 +169,31 @@ def capture_inputs(model: torch.nn.Module, example_inputs, scope: str) -> tuple[
             "choose a submodule that takes its inputs as positional tensors",
         )
     return part, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def ready_to_trace(model: torch.nn.Module, example_inputs) -> torch.nn.Module:
+    """``model`` itself where it is ready to trace, else a copy that is: its lazy modules
+    (``nn.LazyConv2d`` before a first forward) initialised by one run of the example inputs
+    (eval mode, no grad), and tensors that hooks computed with gradients (the older
+    ``torch.nn.utils.weight_norm``'s ``weight``) detached, so that it can be copied.
+    The model itself is never touched."""
+    lazy = [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if not lazy and not has_computed_tensors(model):
+        return model
+    ready = clone_module(model)
+    if lazy:
+        try:
+            with eval_mode(ready):
+                ready(*as_inputs(example_inputs))
+        except Exception as exc:
+            shapes = ", ".join(_shape_of(x) for x in as_inputs(example_inputs))
+            raise TraceError(
+                f"the model's lazy modules ({', '.join(lazy[:3])}) cannot be initialised, as it does not run on "
+                f"example inputs of shape {shapes}: {_first_line(exc)}.",
+                "give the shape the model expects with --input-shape, or run the model once before converting it",
+            ) from exc
+    return ready
 
 
 def networkx_view(gm: fx.GraphModule) -> nx.DiGraph:
@@ -197,7 +227,7 @@ def _trace_hint(model: torch.nn.Module, where: str, leaf_modules: Iterable[str])
             traceable.append(f"{name} ({type(child).__name__})")
             continue
         try:
-            Tracer(leaf_modules).trace(copy.deepcopy(child))
+            Tracer(leaf_modules).trace(clone_module(child))
             traceable.append(f"{name} ({type(child).__name__})")
         except Exception:
             continue
