@@ -54,6 +54,7 @@ __all__ = ["calibrate", "Calibration", "Fit", "find_conversion", "image_batches"
 META_KEY = "cspify.calibrate"
 MAX_ROWS = 1 << 17  # rows (images x positions) a least-squares fit reads at most
 RIDGE = 1e-3  # ridge penalty, relative to the mean squared input feature
+READER_DEPTH = 3  # how deep after a stage output layers are refitted: its readers (1), theirs (2), ...
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
                nn.Hardtanh, nn.PReLU, nn.SELU, nn.CELU)
@@ -104,6 +105,7 @@ def calibrate(
     transitions: bool = True,
     readers: bool = True,
     stable: bool = True,
+    reader_depth: int = READER_DEPTH,
     ridge: float = RIDGE,
     seed: int = 0,
 ) -> nn.Module:
@@ -129,6 +131,7 @@ def calibrate(
     try:
         with torch.no_grad():
             stages = sorted(record.converted, key=_position(part))
+            elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
             for stage in stages:
                 found = _transition_of(part, stage, record) if transitions else None
                 if isinstance(found, str):
@@ -142,7 +145,8 @@ def calibrate(
                 if found is not None:
                     _fit_transition(converted, part, teacher, teacher_part, stage, found, batches, ridge, result)
                 if readers:
-                    layers = _readers(part, teacher_part, stage.converted_output)
+                    layers = _readers(part, teacher_part, stage.converted_output, reader_depth,
+                                      elsewhere - set(stage.nodes) - set(stage.added))
                     _fit_layers(converted, part, teacher, teacher_part, stage, layers, batches, ridge, result)
             if stable:
                 result.stabilised = stabilise_norms(converted, part, batches)
@@ -562,39 +566,29 @@ def _narrowing(plan, name: str):
     return plan.narrowing(name) if plan is not None else None
 
 
-def _readers(gm: fx.GraphModule, teacher_gm: fx.GraphModule, start: str) -> list[_Layer]:
-    """The conv/linear layers reading ``start``'s value through per-position ops and concats."""
+def _readers(gm: fx.GraphModule, teacher_gm: fx.GraphModule, start: str, depth: int,
+             stop: set[str]) -> list[_Layer]:
+    """The conv/linear layers downstream of node ``start``: those reading it (through any
+    op but another layer), then, up to ``depth`` layers deep, those reading their outputs;
+    never into the nodes ``stop`` (other converted stages, fitted with their own stage).
+    Only layers the original has under the same name and shape, called once, qualify."""
     mine, theirs = module_nodes(gm), module_nodes(teacher_gm)
-    found, seen, todo = [], set(), [node_named(gm, start)]
-    while todo:
-        node = todo.pop()
-        for user in node.users:
-            if user.name in seen:
-                continue
-            seen.add(user.name)
-            if user.op == "call_module" and isinstance(gm.get_submodule(user.target), (nn.Linear, *CONVS)):
-                module = gm.get_submodule(user.target)
-                if (_fits(module) and len(mine[user.target]) == 1 and len(theirs.get(user.target, ())) == 1
-                        and user.args[0] is node and _same_layer(module, teacher_gm.get_submodule(user.target))):
-                    found.append(_Layer(user, theirs[user.target][0].name, None, "reader"))
-                continue
-            if _passes_on(user):
-                todo.append(user)
+    found, level, after = [], {start: 0}, False
+    for node in gm.graph.nodes:
+        after = after or node.name == start
+        levels = [level[a.name] for a in node.all_input_nodes if a.name in level]
+        if not after or not levels or node.name in stop or node.op == "output":
+            continue
+        d = min(levels)
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, *CONVS)):
+            module = gm.get_submodule(node.target)
+            if (_fits(module) and len(mine[node.target]) == 1 and len(theirs.get(node.target, ())) == 1
+                    and _same_layer(module, teacher_gm.get_submodule(node.target))):
+                found.append(_Layer(node, theirs[node.target][0].name, None, "reader"))
+            d += 1
+        if d < depth:
+            level[node.name] = d
     return found
-
-
-def _passes_on(node: fx.Node) -> bool:
-    """Ops through which a reader still sees the stage output's channels: one tensor in
-    (activations, norms, pooling, flatten, views), or a concat; not narrow (the next
-    stage's split) nor adds."""
-    if node.op == "output":
-        return False
-    if node.op == "call_function" and node.target is torch.cat:
-        return True
-    if node.op == "call_function" and node.target is torch.narrow:
-        return False
-    tensors = [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
-    return len(tensors) == 1
 
 
 def _same_layer(a: nn.Module, b: nn.Module) -> bool:
