@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from cspify import rules
+from cspify.channels import stream_axis
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
 from cspify.graph import shape
@@ -33,7 +34,9 @@ from cspify.trace import (
     as_inputs,
     capture_inputs,
     eval_mode,
+    networkx_view,
     propagate_shapes,
+    ready_to_trace,
     trace,
 )
 
@@ -41,7 +44,7 @@ from cspify.trace import (
 def find_stages(model: nn.Module, example_inputs, *, leaf_modules: Iterable[str] = ()) -> list[Stage]:
     """The residual and dense stages of ``model``, found by graph structure; nothing changes."""
     _check_leaves(model, leaf_modules)
-    return rules.find_stages(trace(model, example_inputs, leaf_modules))
+    return rules.find_stages(trace(ready_to_trace(model, example_inputs), example_inputs, leaf_modules))
 
 
 def convert(
@@ -72,6 +75,7 @@ def convert(
     """
     config = _config(config, gamma, fusion, hidden, stages, allow_costlier)
     inputs = as_inputs(example_inputs)
+    model = ready_to_trace(model, inputs)  # lazy modules initialised, on a copy
     if scope:
         return _convert_scope(model, inputs, scope, config, leaf_modules, seed)
     _check_leaves(model, leaf_modules)
@@ -123,12 +127,29 @@ def _rewrite_checked(traced: Traced, plans: list[StagePlan], inputs: tuple, seed
         return gm, added, [f"the converted model does not run: {error.message}"]
     if _output_shapes(gm) != expected[0]:
         return gm, added, [f"its outputs changed from {expected[0]} to {_output_shapes(gm)}"]
+    split = _split_axis_problems(gm, plans, added)
+    if split:
+        return gm, added, split
     dtypes = _AutocastDtypes(gm).dtypes(inputs)
     got = _output_dtypes(gm, dtypes)
     if got != expected[1]:
         return gm, added, [f"its outputs under bf16 autocast changed dtype from {expected[1]} to {got}"]
     _restore_inplace_adds_keeping(gm, dtypes)
     return gm, added, []
+
+
+def _split_axis_problems(gm: fx.GraphModule, plans: list[StagePlan], added: dict) -> list[str]:
+    """Each converted stage's bypass must be the base's slice along the axis that the layers
+    reading its through part treat as channels (derived again on the converted graph)."""
+    traced = Traced(gm, networkx_view(gm))
+    for plan in (p for p in plans if p.converted):
+        bypass, through = (traced.nodes[n] for n in added[plan.name][:2])
+        partial = set(plan.partial_stage)
+        axis, why = stream_axis(traced, [n for n in traced.nodes if n in partial], through.name)
+        if axis != bypass.args[1] % len(shape(bypass)):
+            return [f"its bypass splits axis {bypass.args[1]} of '{plan.stage.base}', "
+                    f"but {f'its layers read axis {axis}' if axis is not None else why}"]
+    return []
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:
@@ -189,6 +210,7 @@ def compare(
     With ``scope``, both models are measured at that submodule (the part ``convert`` changed).
     """
     inputs = as_inputs(example_inputs)
+    original = ready_to_trace(original, inputs)
     if scope:
         original, inputs = capture_inputs(original, inputs, scope)
         converted = converted.get_submodule(scope)

@@ -28,6 +28,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cspify.graph import shape
+
 RETURNS = ("new", "view", "inplace", "none")
 
 
@@ -46,6 +48,9 @@ class Op:
                   "inplace", or "none" (no tensor: ``x.size()``). Views and "none" move no memory.
     fresh_output: its output is a new tensor its backward never reads, so an add may
                   write into it.
+    channel_dim:  the axis of its input it treats as channels (1 for convs and batch,
+                  instance and group norms, -1 for linear layers and LayerNorm), None for
+                  an op that treats every axis alike; ``channel_dim`` refines it per layer.
     """
 
     role: str | None = None
@@ -53,19 +58,20 @@ class Op:
     narrow: str | None = None
     returns: str = "new"
     fresh_output: bool = False
+    channel_dim: int | None = None
 
 
 OPS: dict[object, Op] = {}
 
 
 def register(*targets, role: str | None = None, couple: str | None = "same", narrow: str | None = None,
-             returns: str = "new", fresh_output: bool = False) -> None:
+             returns: str = "new", fresh_output: bool = False, channel_dim: int | None = None) -> None:
     """Enter module classes, functions or method names (strings) under one set of facts."""
     if returns not in RETURNS:
         raise ValueError(f"returns must be one of {RETURNS}, not {returns!r}")
     if (role is None) != (couple is None):
         raise ValueError("an op has a channel rule (a role and a coupling) or neither")
-    op = Op(role, couple, narrow, returns, fresh_output)
+    op = Op(role, couple, narrow, returns, fresh_output, channel_dim)
     for target in targets:
         if target in OPS:
             raise ValueError(f"{target!r} has an entry already: one entry per op")
@@ -122,22 +128,50 @@ def role_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
     return op.role if op else None
 
 
+def channel_dim(node: fx.Node, gm: fx.GraphModule) -> int | None:
+    """The axis of its input that ``node``'s op treats as channels, counted from 0 (None:
+    it treats every axis alike, or it is no tensor op).
+
+    The entry's ``channel_dim``, refined per layer where the layer's settings decide it:
+    a LayerNorm normalises its last axis (subclasses named ...2d, timm's and torchvision's
+    LayerNorm2d, permute inside and normalise axis 1) and over several axes has no one
+    channel axis; a layer with one parameter shared by every channel (``nn.PReLU()``)
+    treats no axis as channels.
+    """
+    op = rule_for(node, gm)
+    dim = op.channel_dim if op else None
+    dims = shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if dim is None or dims is None or len(dims) < 2:
+        return None
+    if node.op == "call_module":
+        layer = gm.get_submodule(node.target)
+        if getattr(layer, "num_parameters", None) == 1:
+            return None
+        if isinstance(layer, nn.LayerNorm):
+            if len(layer.normalized_shape) != 1:
+                return None
+            dim = 1 if type(layer).__name__.endswith("2d") else -1
+    return dim % len(dims)
+
+
 # ---------------------------------------------------------------------------------------
 # The entries
 
 # Layers with weights: the output is new, and their backward never reads it.
-register(nn.Conv1d, nn.Conv2d, nn.Conv3d, role="conv", couple="conv", narrow="conv", fresh_output=True)
-register(nn.Linear, role="linear", couple="linear", narrow="linear", fresh_output=True)
+register(
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, role="conv", couple="conv", narrow="conv", fresh_output=True, channel_dim=1,
+)
+register(nn.Linear, role="linear", couple="linear", narrow="linear", fresh_output=True, channel_dim=-1)
 register(
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    role="norm", narrow="per_channel", fresh_output=True,
+    role="norm", narrow="per_channel", fresh_output=True, channel_dim=1,
 )
-register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, role="norm", narrow="per_channel")
-register(nn.GroupNorm, role="norm", couple="group_norm", narrow="per_channel", fresh_output=True)
-register(nn.LayerNorm, role="norm", couple="layer_norm", narrow="per_channel", fresh_output=True)
+register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, role="norm", narrow="per_channel", channel_dim=1)
+register(nn.GroupNorm, role="norm", couple="group_norm", narrow="per_channel", fresh_output=True, channel_dim=1)
+register(nn.LayerNorm, role="norm", couple="layer_norm", narrow="per_channel", fresh_output=True, channel_dim=-1)
 
 # Activations, pooling, identities: output channels are the input's.
-register(nn.PReLU, role="act", narrow="per_channel")
+register(nn.PReLU, role="act", narrow="per_channel", channel_dim=1)
 register(
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,

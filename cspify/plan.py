@@ -11,8 +11,16 @@ layers need), what every channel space keeps, the narrowings that follow, the pa
 transition, and the cost check (is the converted stage cheaper?). A step that finds the
 stage cannot be converted raises ``_Skip`` with the reason the report shows.
 
-The through part is the *last* ``C - round(gamma * C)`` channels of the base output, so
-narrowed layers keep the weights of exactly the channels they still see.
+Widths are rounded by one rule, half up: the bypass takes ``floor(gamma * C + 0.5)`` of
+the stream's C channels (7 channels at gamma 0.5: a bypass of 4; 13: a bypass of 7), and
+with ``hidden="scale"`` an inner width W becomes ``floor((1 - gamma) * W + 0.5)``
+(``half_up``). Where the stream's layers need a multiple of their groups, the through part
+``C - bypass`` then goes to the nearest such multiple, the smaller one on a tie (so the
+bypass gets the extra channels, as the half-up rule gives them), with a note.
+
+The through part is the *last* ``C - bypass`` channels of the base output, along the axis
+the stream's layers read as channels (``Stage.channel_axis``), so narrowed layers keep the
+weights of exactly the channels they still see.
 """
 
 from __future__ import annotations
@@ -26,10 +34,17 @@ import torch.nn as nn
 from cspify.channels import Analysis, analyse
 from cspify.config import CSPConfig
 from cspify.graph import shape
-from cspify.narrow import layer_width
-from cspify.ops import role_of, rule_for
+from cspify.narrow import can_mix, layer_width, reparametrization_problem
+from cspify.ops import channel_dim, role_of, rule_for
 from cspify.stage import Narrowing, Stage, StagePlan
 from cspify.trace import Traced
+
+
+def half_up(x: float) -> int:
+    """``x`` rounded to the nearest integer, halves up: the one rounding rule for widths
+    (``round`` would round halves to even: a bypass of 6 for 13 channels at gamma 0.5).
+    Rounded to 9 places first so that 0.55 * 10 (5.500000000000001) counts as a half."""
+    return math.floor(round(x, 9) + 0.5)
 
 
 def round_to(width: float, multiple: int, low: int, high: int) -> int:
@@ -64,6 +79,8 @@ class _Skip(Exception):
 
 def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> StagePlan:
     """The plan of a stage the filter selected; adds to ``notes`` as it goes."""
+    if stage.channel_axis is None:
+        raise _Skip(stage.axis_problem)
     fusion_last = config.fusion == "last"
     partial = stage.nodes if fusion_last else stage.body  # fusion first keeps the stage's transition after the concat
     through_output = stage.transition[-1] if fusion_last and stage.transition else stage.output
@@ -83,6 +100,12 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
     out_keep = resolve(a.info[through_output].space)
     through_output_channels = len(out_keep) if out_keep is not None else output_channels
     new_transition = _new_transition(stage, config.fusion, bypass, through_output_channels, output_channels)
+    rank = len(shape(traced.nodes[through_output]))
+    if new_transition and not can_mix(rank, stage.channel_axis):
+        raise _Skip(
+            f"its channels are on axis {stage.channel_axis} of {rank}, where neither a 1x1 conv nor a linear layer "
+            "can be its partial transition"
+        )
     norm_template, act_template = _templates(a, partial, stage)
     norm = traced.gm.get_submodule(traced.nodes[norm_template].target) if norm_template else None
     notes.extend(_group_norm_note(norm, new_transition))
@@ -113,7 +136,7 @@ def _split(a: Analysis, stage: Stage, gamma: float, notes: list[str]) -> tuple[i
             f"grouped conv '{stream.grouped}' reads or writes its stream, and a contiguous "
             "through part would mix its groups"
         )
-    wanted = channels - round(gamma * channels)
+    wanted = channels - half_up(gamma * channels)
     through = round_to(wanted, stream.blocks, 1, channels - 1)
     if wanted < 1 or wanted > channels - 1 or through == 0:
         part = "through" if wanted < 1 else "bypass"
@@ -148,7 +171,7 @@ def _scale_inner(a: Analysis, region, gamma: float, keeps: dict[int, tuple[int, 
         space = spaces[root]
         if root in keeps or space.frozen or space.segments is not None:
             continue
-        wanted = round((1 - gamma) * space.width)
+        wanted = half_up((1 - gamma) * space.width)
         width = round_to(wanted, space.blocks, 1, space.width)
         if width == 0 or width == space.width:
             continue
@@ -214,10 +237,14 @@ def _narrowings(a: Analysis, region, resolve: _Resolver) -> dict[str, Narrowing]
         if node.op != "call_module":
             continue
         op = rule_for(node, a.traced.gm)
+        layer = a.traced.gm.get_submodule(node.target)
         if op is None or op.narrow is None:
-            if any(True for _ in a.traced.gm.get_submodule(node.target).parameters(recurse=True)):
+            if any(True for _ in layer.parameters(recurse=True)):
                 raise _Skip(f"'{name}' has parameters but no rule to narrow them")
             continue
+        problem = reparametrization_problem(layer)
+        if problem:
+            raise _Skip(f"'{name}' ({type(layer).__name__}): {problem}")
         narrowings[name] = Narrowing(name, in_keep, out_keep)
     return narrowings
 
@@ -248,13 +275,19 @@ def _new_transition(stage: Stage, fusion: str, bypass: int, through_out: int, ou
 def _templates(a: Analysis, region, stage: Stage) -> tuple[str | None, str | None]:
     """The norm and activation the partial transition copies: the stage's first norm layer
     on its channel axis and the activation that follows it (none where the norm layer has
-    its activation inside); without a norm, the first activation on the channel axis."""
+    its activation inside); without a norm, the first activation on the channel axis.
+    A template works on the stream's layout: its channels are on the stage's channel axis,
+    and so is the axis it treats as channels, if any (a BatchNorm2d fits no channels-last
+    stream, a LayerNorm over the last axis does)."""
     gm, nodes = a.traced.gm, a.traced.nodes
     rank = len(shape(nodes[stage.base]))
 
     def on_axis(name):
         info = a.info.get(name)
-        return info is not None and info.axis == stage.channel_axis and len(shape(nodes[name]) or ()) == rank
+        return (
+            info is not None and info.axis == stage.channel_axis and len(shape(nodes[name]) or ()) == rank
+            and channel_dim(nodes[name], gm) in (None, stage.channel_axis)
+        )
 
     norm = next((n for n in region if nodes[n].op == "call_module" and role_of(nodes[n], gm) == "norm" and on_axis(n)), None)
     if norm is not None:

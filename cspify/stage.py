@@ -22,6 +22,12 @@ class Stage:
     base:       the node whose output is the stage input x0 (the base layer's output).
     blocks:     the nodes of each block, in graph order; together they are the stage body.
     output:     the last block's output node (what the stage hands on).
+    channels:   the stream's width: the size of the base output along ``channel_axis``
+                (0 where that axis is not clear).
+    channel_axis: the axis of the base output that holds the stream's channels, as the
+                layers reading it treat it (``cspify.channels.stream_axis``: never assumed
+                to be 1); None where that is not clear, with the sentence why in
+                ``axis_problem`` (the planner then leaves the stage as it is).
     transition: for a dense stage, the existing transition layer after it (norm, act,
                 1x1 conv, ...) that fusion last turns into the partial transition; the
                 concat then goes after its last node. Empty when there is none.
@@ -33,8 +39,9 @@ class Stage:
     blocks: tuple[tuple[str, ...], ...]
     output: str
     channels: int
-    channel_axis: int = 1
+    channel_axis: int | None = 1
     transition: tuple[str, ...] = ()
+    axis_problem: str = ""
 
     @property
     def body(self) -> tuple[str, ...]:

@@ -7,38 +7,44 @@ stage is a family of concats sharing the first leaf x0 whose longest list ``M`` 
 by layers that each read a concat of a prefix of ``M`` (single entry). Its base is x0.
 A transition layer right after it (norms, activations, then a 1x1 conv, before any
 pooling) is recorded so fusion last can reuse it as the partial transition.
+
+The concats may join along any axis but the batch axis; a family is a dense stage where
+that axis is the one its layers read as channels (``cspify.channels.stream_axis``).
 """
 
 from __future__ import annotations
 
 import networkx as nx
 
+from cspify.channels import stream_axis
 from cspify.graph import cat_args, region_between, shape, single_entry
-from cspify.ops import role_of
+from cspify.ops import channel_dim, role_of
 from cspify.rules import register
 from cspify.stage import Stage
 from cspify.trace import Traced
 
-CHANNEL_AXIS = 1
 
-
-def _cat_parts(node) -> list | None:
-    """The inputs of a channel-axis torch.cat node, or None for any other node."""
+def _cat_parts(node) -> tuple[list, int] | None:
+    """The inputs of a torch.cat node along a non-batch axis, and that axis; None for any
+    other node."""
     if node.op != "call_function" or shape(node) is None or len(shape(node)) < 3:
         return None
     parts, dim = cat_args(node)
-    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int) or dim % len(shape(node)) == 0:
         return None
-    return list(parts) if dim % len(shape(node)) == CHANNEL_AXIS else None
+    return list(parts), dim % len(shape(node))
 
 
-def _transition(traced: Traced, output) -> tuple[str, ...]:
-    """Norm/act nodes, a 1x1 group-1 conv, then norm/act nodes: each the single user."""
+def _transition(traced: Traced, output, axis: int) -> tuple[str, ...]:
+    """Norm/act nodes, a 1x1 group-1 conv, then norm/act nodes: each the single user, each
+    reading the channels on ``axis`` where it has a channel axis."""
     gm = traced.gm
     tail, node, seen_conv = [], output, False
     while len(node.users) == 1:
         user = next(iter(node.users))
         role = role_of(user, gm)
+        if channel_dim(user, gm) not in (None, axis):
+            break
         if role in ("norm", "act") and user.args and user.args[0] is node:
             tail.append(user.name)
         elif role == "conv" and not seen_conv and user.args[0] is node:
@@ -57,18 +63,19 @@ def _transition(traced: Traced, output) -> tuple[str, ...]:
 def find(traced: Traced) -> list[Stage]:
     gm, graph, nodes = traced.gm, traced.graph, traced.nodes
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
-    cats = {node.name: parts for node in gm.graph.nodes if (parts := _cat_parts(node)) is not None}
+    cats = {node.name: found for node in gm.graph.nodes if (found := _cat_parts(node)) is not None}
 
     leaves: dict[str, tuple[str, ...]] = {}
-    for name, parts in cats.items():  # graph order: inner concats come first
-        leaves[name] = tuple(leaf for p in parts for leaf in leaves.get(p.name, (p.name,)))
+    for name, (parts, dim) in cats.items():  # graph order: inner concats come first
+        inner = {p.name for p in parts if p.name in cats and cats[p.name][1] == dim}
+        leaves[name] = tuple(leaf for p in parts for leaf in (leaves[p.name] if p.name in inner else (p.name,)))
 
-    families: dict[str, list[str]] = {}
+    families: dict[tuple[str, int], list[str]] = {}
     for name, leaf_list in leaves.items():
-        families.setdefault(leaf_list[0], []).append(name)
+        families.setdefault((leaf_list[0], cats[name][1]), []).append(name)
 
     stages = []
-    for x0, members in families.items():
+    for (x0, dim), members in families.items():
         longest = max(members, key=lambda m: len(leaves[m]))
         full = leaves[longest]
         members = [m for m in members if full[: len(leaves[m])] == leaves[m]]
@@ -98,15 +105,21 @@ def find(traced: Traced) -> list[Stage]:
         body = set().union(*blocks)
         if any(u.name not in body for n in body - {longest} for u in nodes[n].users):
             continue
+        blocks = tuple(tuple(sorted(b, key=order.__getitem__)) for b in blocks)
+        axis, problem = stream_axis(traced, [n for block in blocks for n in block], x0)
+        if axis is not None and axis != dim:
+            continue  # it concatenates along another axis than its layers' channels: no dense stage
         stages.append(
             Stage(
                 name="",
                 kind="dense",
                 base=x0,
-                blocks=tuple(tuple(sorted(b, key=order.__getitem__)) for b in blocks),
+                blocks=blocks,
                 output=longest,
-                channels=shape(nodes[x0])[CHANNEL_AXIS],
-                transition=_transition(traced, nodes[longest]),
+                channels=shape(nodes[x0])[axis] if axis is not None else 0,
+                channel_axis=axis,
+                transition=_transition(traced, nodes[longest], axis) if axis is not None else (),
+                axis_problem=problem,
             )
         )
     return stages

@@ -1,12 +1,14 @@
 """Residual stages: maximal chains of identity-shortcut blocks ``y = act?(x + f(x))``.
 
-A block is an add whose two inputs are a tensor x (possibly through identity ops such as
-an ``nn.Identity`` shortcut) and a branch f(x) computed from x alone (single entry,
-single exit), all three of one shape: same channels, same resolution.
+A block is an add whose two inputs are a tensor x (possibly through ops that act on every
+channel alike: an ``nn.Identity`` shortcut, a dropout, a scaling ``x * 0.5``) and a branch
+f(x) computed from x alone (single entry, single exit), all three of one shape: same
+channels, same resolution.
 An activation right after the add belongs to the block (post-activation, ResNet); without
 one the add is the block's last op (pre-activation). Blocks chain when one block's output
 feeds only the next block. The base layer is whatever produces the first block's input:
-the stage's projection/downsampling block, or the stem.
+the stage's projection/downsampling block, or the stem. Which axis of it holds the
+channels is what the blocks' layers read as channels (``cspify.channels.stream_axis``).
 """
 
 from __future__ import annotations
@@ -14,14 +16,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
+import torch.fx as fx
 
+from cspify.channels import stream_axis
 from cspify.graph import region_between, shape, single_entry, tensor_inputs, with_constants
-from cspify.ops import role_of
+from cspify.ops import role_of, rule_for
 from cspify.rules import register
 from cspify.stage import Stage
 from cspify.trace import Traced
 
 COMPUTE_ROLES = ("conv", "linear")
+
+
+def _alike_on_channels(node, gm) -> bool:
+    """An op on the shortcut that commutes with the channel split, as it acts on every
+    channel alike: an identity (``nn.Identity``, a dropout), or an elementwise op whose
+    other arguments are numbers (``x * 0.5``, ``x / 2``), not in place."""
+    op = rule_for(node, gm)
+    if op is None or len(tensor_inputs(node)) != 1:
+        return False
+    if op.role == "identity":
+        return True
+    others = [a for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
+    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in others)
+    return op.role in ("elementwise", "add") and op.returns != "inplace" and numbers
 
 
 @dataclass(frozen=True)
@@ -38,8 +56,8 @@ def _block_at(traced: Traced, add, order) -> Block | None:
     if len(inputs) != 2 or shape(add) is None or len(shape(add)) < 3:
         return None
     for x, branch in (inputs, inputs[::-1]):
-        skip = []  # identity ops on the shortcut (timm's nn.Identity shortcut, a dropout)
-        while role_of(x, gm) == "identity" and len(x.users) == 1 and len(tensor_inputs(x)) == 1:
+        skip = []  # ops on the shortcut that act on every channel alike (an nn.Identity shortcut, x * 0.5)
+        while _alike_on_channels(x, gm) and len(x.users) == 1:
             skip.append(x.name)
             x = tensor_inputs(x)[0]
         if shape(x) != shape(add) or shape(branch) != shape(add) or x is branch:
@@ -89,14 +107,18 @@ def find(traced: Traced) -> list[Stage]:
         while chain[-1].output in by_input and follows(chain[-1], by_input[chain[-1].output]):
             chain.append(by_input[chain[-1].output])
         base = nodes[start.input]
+        blocks = tuple(block.nodes for block in chain)
+        axis, problem = stream_axis(traced, [n for block in blocks for n in block], base.name)
         stages.append(
             Stage(
                 name="",
                 kind="residual",
                 base=base.name,
-                blocks=tuple(block.nodes for block in chain),
+                blocks=blocks,
                 output=chain[-1].output,
-                channels=shape(base)[1],
+                channels=shape(base)[axis] if axis is not None else 0,
+                channel_axis=axis,
+                axis_problem=problem,
             )
         )
     return stages
