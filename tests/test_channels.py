@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 
 from cspify import rules
-from cspify.channels import COUPLINGS, analyse
+from cspify.channels import COUPLINGS, analyse, stream_axis
 from cspify.ops import OPS
 from cspify.trace import trace
-from tiny_models import RollBlock, TinyResNet, cbr, seeded
+from tiny_models import ChannelsLastNet, MlpBlock, RollBlock, TinyDenseNet, TinyResNet, cbr, seeded
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -116,3 +116,92 @@ def test_analyse_input_from_outside_region_is_frozen():
 def test_every_coupling_the_op_table_names_exists():
     named = {op.couple for op in OPS.values() if op.couple is not None}
     assert named <= set(COUPLINGS), named - set(COUPLINGS)
+
+
+# --------------------------------------------------------------------------- stream_axis
+
+
+def axis_of(cls, index=0, **kwargs):
+    traced, stages = analysed(cls, **kwargs)
+    stage = stages[index]
+    return stream_axis(traced, stage.nodes, stage.base)
+
+
+def test_stream_axis_of_channels_first_streams_is_1():
+    assert axis_of(TinyResNet) == axis_of(TinyResNet, 1) == (1, "")
+    assert axis_of(TinyDenseNet) == (1, "")
+
+
+def test_stream_axis_follows_permutes_to_the_convs():
+    assert axis_of(ChannelsLastNet) == (3, "")  # not 1, the height
+
+
+def test_stream_axis_of_layer_norm_and_linear_blocks_is_the_last():
+    assert axis_of(ChannelsLastNet, block=MlpBlock) == (3, "")
+
+
+class ConvAndLinear(nn.Module):
+    """A block that reads its N,C,H,W stream with a conv, and its last axis with a linear."""
+
+    def __init__(self, c=8, w=16):
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(c, c, 3, padding=1), nn.Linear(w, w)
+
+    def forward(self, x):
+        return x + self.conv(x) * self.mix(x)
+
+
+class Disagreeing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8, 3)
+        self.layer1 = nn.Sequential(ConvAndLinear(), ConvAndLinear())
+
+    def forward(self, x):
+        return self.layer1(self.stem(x))
+
+
+def test_stream_axis_is_not_clear_where_two_layers_disagree():
+    axis, why = axis_of(Disagreeing)
+    assert axis is None
+    assert why == (
+        "'layer1_0_conv' treats axis 1 of its stream as channels but 'layer1_0_mix' treats axis 3 as channels, "
+        "so which axis holds its channels is not clear"
+    )
+
+
+def test_stream_axis_names_the_op_it_cannot_follow():
+    axis, why = axis_of(RollNet)
+    assert axis is None and why == (
+        "op 'roll' (node 'roll') has no channel rule, and before it no conv, norm or linear layer reads its stream, "
+        "so which axis holds its channels is not clear"
+    )
+
+
+class NormOverHeight(nn.Module):
+    """Writes N,C,H,W, then normalises the N,H,W,C view with a BatchNorm over H."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.norm, self.out = nn.Conv2d(c, c, 1), nn.BatchNorm2d(16), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.out(y)
+
+
+class NormOverHeightNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8, 3)
+        self.layer1 = nn.Sequential(NormOverHeight(), NormOverHeight())
+
+    def forward(self, x):
+        return self.layer1(self.stem(x))
+
+
+def test_analyse_freezes_channels_a_norm_reads_on_another_axis():
+    stage, a = stage_analysis(NormOverHeightNet)
+    inner = a.spaces[a.info["layer1_0_conv"].space]
+    assert inner.frozen == "'layer1_0_norm' treats axis 1 as channels while they are on axis 3"
+    assert a.spaces[a.info[stage.base].space].frozen == ""

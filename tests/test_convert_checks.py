@@ -4,15 +4,18 @@ adds that would change an output's dtype under autocast are left out of place.""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 
 import cspify
 import cspify.api
+import cspify.rules.residual
 from cspify.errors import NoStageError, TraceError
 
-from tiny_models import TinyResNet, cbr, seeded
+from tiny_models import ChannelsLastNet, LastBlock, TinyResNet, cbr, seeded
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -70,3 +73,27 @@ def test_residual_adds_stay_in_place_where_dtypes_agree():
     model = nn.Sequential(cbr(3, 8, 3), seeded(TinyResNet).layer1)
     csp = cspify.convert(model.eval(), X)
     assert sum(n.target == "add_" for n in csp.graph.nodes) >= 2
+
+
+def test_a_stream_split_along_another_axis_than_its_channels_is_refused(monkeypatch):
+    """The old assumption replayed: a channels-last stream taken as channels-first would be
+    split along its height, with every shape kept; the check refuses that stage."""
+    monkeypatch.setattr(cspify.rules.residual, "stream_axis", lambda traced, region, seed: (1, ""))
+    with pytest.raises(NoStageError) as refused:
+        cspify.convert(seeded(ChannelsLastNet, block=functools.partial(LastBlock, norm=False)), X, allow_costlier=True)
+    assert "its bypass splits axis 1 of 'permute', but its layers read axis 3" in refused.value.message
+    with pytest.raises(NoStageError) as refused:  # with a norm, planning finds it already
+        cspify.convert(seeded(ChannelsLastNet), X)
+    assert "'layer1_0_norm' treats axis 1 as channels while they are on axis 2" in refused.value.message
+
+
+def test_the_split_check_refuses_only_the_stage_that_fails_it(monkeypatch):
+    real = cspify.api.stream_axis
+
+    def wrong_for_layer1(traced, region, seed):
+        return (2, "") if seed.startswith("layer1") else real(traced, region, seed)
+
+    monkeypatch.setattr(cspify.api, "stream_axis", wrong_for_layer1)
+    stages = {s.name: s for s in cspify.conversion_of(cspify.convert(seeded(TinyResNet), X)).stages}
+    assert stages["layer2"].converted and not stages["layer1"].converted
+    assert "its bypass splits axis 1 of 'stem_2', but its layers read axis 2" in stages["layer1"].reason

@@ -1,9 +1,17 @@
 """Narrowed and fresh layers (cspify/narrow.py): each narrow function on its own."""
 
+import copy
+import warnings
+
+import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrizations
 
-from cspify.narrow import NARROWERS, fresh_conv, fresh_like, narrow_conv, narrow_layer, narrow_linear, narrow_per_channel
+from cspify.narrow import (
+    NARROWERS, can_mix, clone_module, fresh_conv, fresh_like, fresh_mix, narrow_conv, narrow_layer, narrow_linear,
+    narrow_per_channel, reparametrization_problem, sized_like,
+)
 
 
 def zero_others(x, keep):
@@ -223,3 +231,97 @@ def test_fresh_conv_is_a_1x1_conv_for_the_rank():
     assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
     assert (conv.in_channels, conv.out_channels) == (4, 6)
     assert isinstance(fresh_conv(2, 2, rank=3, bias=True), nn.Conv1d)
+
+
+# --------------------------------------------------------------------------- sized_like, fresh_mix
+
+
+def test_sized_like_makes_per_channel_activations_fresh_and_copies_the_others():
+    prelu = nn.PReLU(8)
+    with torch.no_grad():
+        prelu.weight.uniform_()
+    new = sized_like(prelu, 4)
+    assert new.num_parameters == 4 and torch.equal(new.weight, torch.full((4,), 0.25))
+    shared = nn.PReLU(init=0.1)
+    assert sized_like(shared, 4).num_parameters == 1 and sized_like(shared, 4).weight.item() == pytest.approx(0.1)
+    leaky = sized_like(nn.LeakyReLU(0.3), 4)
+    assert isinstance(leaky, nn.LeakyReLU) and leaky.negative_slope == 0.3
+    assert prelu.num_parameters == 8  # the template is untouched
+
+
+def test_fresh_mix_is_a_1x1_conv_over_axis_1_and_a_linear_over_the_last():
+    torch.manual_seed(0)
+    conv = fresh_mix(4, 6, rank=4, axis=1, bias=True)
+    linear = fresh_mix(4, 6, rank=4, axis=3, bias=True)
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and isinstance(linear, nn.Linear)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.view(6, 4))
+        linear.bias.copy_(conv.bias)
+    x = torch.randn(2, 4, 3, 5)
+    torch.testing.assert_close(linear(x.permute(0, 2, 3, 1)), conv(x).permute(0, 2, 3, 1))
+    assert can_mix(4, 1) and can_mix(4, 3) and can_mix(3, 2) and not can_mix(4, 2)
+    with pytest.raises(ValueError):
+        fresh_mix(4, 6, rank=4, axis=2, bias=True)
+
+
+# --------------------------------------------------------------------------- reparametrized layers
+
+
+def old_style(kind, layer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return getattr(nn.utils, kind)(layer)
+
+
+def reparametrized(kind, seed=0):
+    layer = conv(6, 8, seed=seed)
+    if kind.startswith("old "):
+        return old_style(kind[4:], layer)
+    return getattr(parametrizations, kind)(layer)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "old weight_norm"])
+def test_narrow_under_weight_norm_keeps_the_narrowed_effective_weight(kind):
+    old = reparametrized(kind)
+    old(torch.randn(1, 6, 5, 5))  # the old hook leaves a computed weight that deepcopy refuses
+    weight = old.weight.detach().clone()
+    new = narrow_layer("conv", old, (1, 3, 5), (0, 2, 7))
+    torch.testing.assert_close(new.weight, weight[[0, 2, 7]][:, [1, 3, 5]])
+    assert reparametrization_problem(new) == "" and (new.in_channels, new.out_channels) == (3, 3)
+    names = {name for name, _ in new.named_parameters()}
+    assert names == ({"weight_g", "weight_v", "bias"} if kind.startswith("old") else
+                     {"parametrizations.weight.original0", "parametrizations.weight.original1", "bias"})
+    # the original is untouched and still runs
+    torch.testing.assert_close(old.weight, weight)
+    assert old(torch.randn(1, 6, 5, 5)).shape == (1, 8, 5, 5)
+
+
+@pytest.mark.parametrize("kind", ["spectral_norm", "old spectral_norm"])
+def test_narrow_under_spectral_norm_normalises_the_narrowed_weight_again(kind):
+    old = reparametrized(kind)
+    new = narrow_layer("conv", old, (1, 3, 5), (0, 2, 7))
+    for training in (True, False):
+        new.train(training)
+        assert new(torch.randn(2, 3, 5, 5)).shape == (2, 3, 5, 5)
+    sigma = torch.linalg.matrix_norm(new.weight.detach().flatten(1), ord=2)
+    assert sigma.item() == pytest.approx(1, abs=0.05)
+    buffers = {name: tuple(b.shape) for name, b in new.named_buffers()}
+    assert buffers == ({"weight_u": (3,), "weight_v": (27,)} if kind.startswith("old") else
+                       {"parametrizations.weight.0._u": (3,), "parametrizations.weight.0._v": (27,)})
+    assert old(torch.randn(1, 6, 5, 5)).shape == (1, 8, 5, 5)
+
+
+def test_an_unknown_parametrization_is_named():
+    layer = parametrizations.orthogonal(conv(8, 8, k=1))
+    assert reparametrization_problem(layer) == "its 'weight' is parametrized by _Orthogonal, which cspify cannot narrow"
+    assert reparametrization_problem(conv(8, 8)) == ""
+
+
+def test_clone_module_copies_a_layer_whose_hook_computed_its_weight():
+    layer = old_style("weight_norm", conv(4, 4))
+    layer(torch.randn(1, 4, 3, 3))
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(layer)
+    twin = clone_module(layer)
+    torch.testing.assert_close(twin(torch.ones(1, 4, 3, 3)), layer(torch.ones(1, 4, 3, 3)))
+    assert twin.weight_v is not layer.weight_v

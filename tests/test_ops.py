@@ -9,12 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cspify.narrow import NARROWERS
-from cspify.ops import OPS, Op, exact_op, is_leaf, module_rule, register, role_of, rule_for
+from cspify.ops import OPS, Op, channel_dim, exact_op, is_leaf, module_rule, register, role_of, rule_for
 from cspify.trace import trace
 
 
 def test_table_maps_layers_to_their_facts():
-    assert OPS[nn.Conv2d] == Op("conv", "conv", "conv", "new", fresh_output=True)
+    assert OPS[nn.Conv2d] == Op("conv", "conv", "conv", "new", fresh_output=True, channel_dim=1)
+    assert OPS[nn.Linear].channel_dim == OPS[nn.LayerNorm].channel_dim == -1 and OPS[nn.ReLU].channel_dim is None
     assert OPS[nn.Linear].narrow == "linear" and OPS[nn.Linear].fresh_output
     assert OPS[nn.BatchNorm2d].role == "norm" and OPS[nn.BatchNorm2d].narrow == "per_channel"
     assert OPS[nn.GroupNorm].couple == "group_norm" and OPS[nn.LayerNorm].couple == "layer_norm"
@@ -83,3 +84,30 @@ def test_subclasses_inherit_channel_facts_but_not_memory_facts():
 def test_leaves_are_modules_with_a_channel_rule():
     assert is_leaf(nn.BatchNorm2d(4)) and is_leaf(MyConv(1, 1, 1)) and is_leaf(nn.Identity())
     assert not is_leaf(nn.Sequential()) and not is_leaf(nn.Unflatten(1, (2, 2)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """As timm's and torchvision's: normalises axis 1 of N,C,H,W."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Layers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.prelu_c, self.prelu_1 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.PReLU(4), nn.PReLU()
+        self.ln, self.ln2d, self.ln_chw = nn.LayerNorm(5), LayerNorm2d(4), nn.LayerNorm([4, 5, 5])
+        self.linear = nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.prelu_1(self.prelu_c(self.bn(self.conv(x))))
+        return self.linear(self.ln(y)) + self.ln2d(y).sum() + self.ln_chw(y).sum() + torch.relu(y).sum()
+
+
+def test_channel_dim_is_the_axis_each_layer_reads_as_channels():
+    traced = trace(Layers(), torch.randn(2, 4, 5, 5))
+    dims = {name: channel_dim(traced.nodes[name], traced.gm) for name in
+            ("conv", "bn", "prelu_c", "prelu_1", "ln", "ln2d", "ln_chw", "linear", "relu")}
+    assert dims == {"conv": 1, "bn": 1, "prelu_c": 1, "prelu_1": None, "ln": 3, "ln2d": 1, "ln_chw": None,
+                    "linear": 3, "relu": None}

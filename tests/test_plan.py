@@ -8,9 +8,11 @@ import torch
 
 from cspify import rules
 from cspify.config import CSPConfig
-from cspify.plan import per_block_keep, plan_stage, round_to
+import torch.nn as nn
+
+from cspify.plan import half_up, per_block_keep, plan_stage, round_to
 from cspify.trace import trace
-from tiny_models import TinyDenseNet, TinyResNet, seeded
+from tiny_models import ChannelsLastNet, MlpBlock, TinyDenseNet, TinyResNet, cbr, seeded
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -85,3 +87,55 @@ def test_a_cost_note_where_allowed():
 def test_rounding_helpers():
     assert round_to(5, 4, 1, 16) == 4 and round_to(6, 4, 1, 16) == 4 and round_to(7, 4, 1, 16) == 8 and round_to(3, 8, 1, 7) == 0
     assert per_block_keep(8, 4, 2) == (0, 1, 4, 5)
+
+
+def plans_of(model, gamma=0.5, **options):
+    traced = trace(model, X)
+    config = CSPConfig(gamma, allow_costlier=True, **options)
+    return {s.name: plan_stage(traced, s, config) for s in rules.find_stages(traced)}
+
+
+def test_one_rounding_rule_half_up():
+    assert [half_up(x) for x in (3.5, 6.5, 2.5, 0.55 * 10, 2.49, 0.5, 7.0)] == [4, 7, 3, 6, 2, 1, 7]
+    for c, bypass in ((7, 4), (13, 7), (8, 4)):  # round() would give 4, 6, 4
+        plan = plans_of(seeded(TinyResNet, c=c))["layer1"]
+        assert (plan.bypass_channels, plan.through_channels) == (bypass, c - bypass)
+    plan = plans_of(seeded(TinyResNet, c=13), gamma=0.25)["layer1"]  # 3.25 -> 3
+    assert plan.bypass_channels == 3
+
+
+def test_hidden_scale_rounds_inner_widths_half_up():
+    plan = plans_of(seeded(TinyResNet, c=7), hidden="scale")["layer1"]  # (1 - 0.5) * 7 = 3.5 -> 4
+    assert len(plan.narrowing("layer1_0_reduce_0").out_keep) == 4
+
+
+def test_a_stage_whose_channel_axis_is_not_clear_is_refused_with_why():
+    class ConvAndLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mix = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.conv(x) * self.mix(x)
+
+    (plan,) = plans_of(nn.Sequential(cbr(3, 8, 3), ConvAndLinear(), ConvAndLinear()).eval()).values()
+    assert not plan.converted and plan.reason == plan.stage.axis_problem
+    assert "treats axis 3 as channels, so which axis holds its channels is not clear" in plan.reason
+
+
+def test_channels_last_plans_split_the_last_axis_and_pick_templates_that_fit_it():
+    plan = plans_of(seeded(ChannelsLastNet))["layer1"]
+    assert plan.converted and plan.stage.channel_axis == 3
+    assert (plan.bypass_channels, plan.through_channels, plan.new_transition) == (4, 4, (4, 4))
+    assert (plan.norm_template, plan.act_template) == (None, None)  # the BatchNorm2d reads N,C,H,W, not the stream
+    plan = plans_of(seeded(ChannelsLastNet, block=MlpBlock))["layer1"]
+    assert plan.converted and plan.norm_template == "layer1_0_norm"  # a LayerNorm over the last axis fits
+
+
+def test_a_layer_under_an_unknown_parametrization_is_refused_with_why():
+    model = seeded(TinyResNet)
+    nn.utils.parametrizations.orthogonal(model.layer1[0].reduce[0])
+    plan = plans_of(model)["layer1"]
+    assert not plan.converted
+    assert plan.reason == "'layer1_0_reduce_0' (ParametrizedConv2d): its 'weight' is parametrized by _Orthogonal, which cspify cannot narrow"
+    assert plans_of(model)["layer2"].converted

@@ -15,10 +15,13 @@ from cspify.plan import plan_stage
 from cspify.rewrite import rewrite
 from cspify.inplace import restore_inplace_adds
 from cspify.trace import as_inputs, propagate_shapes, trace
-from cspify import rules
+from cspify import rules, verify
 from cspify.record import conversion_of
 from dataclasses import asdict
-from tiny_models import Bottleneck, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded, RollBlock
+from tiny_models import (
+    Bottleneck, ChannelsLastNet, IncrementalDense, LastBlock, LastDense, MlpBlock, PreActNet, TinyDenseNet, TinyResNet, cbr,
+    randomize_norms, seeded, RollBlock,
+)
 
 X = torch.randn(2, 3, 16, 16)
 MODELS = [TinyResNet, PreActNet, TinyDenseNet, IncrementalDense]
@@ -426,3 +429,91 @@ def test_last_added_node_carries_the_stage_output(cls, fusion):
             assert carrier.target is torch.cat  # the concat
         else:
             assert "csp_transition" in carrier.name  # the new transition's last node
+
+
+# --------------------------------------------------------------------------- layouts, layers, lazy modules
+
+
+def split_of(gm, stage):
+    """(axis, bypass width) of a converted stage's split, read from its bypass node."""
+    record = next(s for s in conversion_of(gm).converted if s.name == stage)
+    bypass = next(n for n in gm.graph.nodes if n.name == record.added[0])
+    assert bypass.target is torch.narrow and bypass.args[2] == 0
+    return bypass.args[1], bypass.args[3]
+
+
+@pytest.mark.parametrize("block", [LastBlock, MlpBlock])
+def test_a_channels_last_stream_is_split_along_its_channels(block):
+    model = seeded(ChannelsLastNet, block=block)
+    gm = cspify.convert(model, X)
+    assert split_of(gm, "layer1") == (3, 4)
+    transition = gm.get_submodule("layer1.csp_transition")
+    assert isinstance(transition.conv, nn.Linear) and (transition.conv.in_features, transition.conv.out_features) == (4, 4)
+    if block is MlpBlock:  # a LayerNorm over the last axis fits the layout: the transition copies it
+        assert isinstance(transition.norm, nn.LayerNorm) and transition.norm.normalized_shape == (4,)
+        assert gm.get_submodule("layer1.0.fc1").in_features == 4
+    else:  # the block's BatchNorm2d reads N,C,H,W: no template for an N,H,W,C transition
+        assert not hasattr(transition, "norm")
+        assert gm.get_submodule("layer1.0.a").in_channels == 4
+    assert verify.drop_in_problems(model, gm, X) == []
+
+
+def test_a_channels_last_dense_block_converts():
+    model = seeded(LastDense)
+    gm = cspify.convert(model, X, allow_costlier=True)
+    assert split_of(gm, conversion_of(gm).converted[0].name) == (3, 4)
+    assert verify.drop_in_problems(model, gm, X) == []
+
+
+class PReLUBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.norm, self.act = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.PReLU(c)
+
+    def forward(self, x):
+        return x + self.act(self.norm(self.conv(x)))
+
+
+def test_a_per_channel_activation_template_is_sized_to_the_transition():
+    model = nn.Sequential(cbr(3, 8, 3), PReLUBlock(8), PReLUBlock(8)).eval()
+    gm = cspify.convert(model, X)
+    act = next(m for name, m in gm.named_modules() if "csp_transition" in name and isinstance(m, nn.PReLU))
+    assert act.num_parameters == 4 and torch.equal(act.weight, torch.full((4,), 0.25))
+    assert verify.drop_in_problems(model, gm, X) == []
+
+
+def reparametrized_block(kind):
+    block = LastBlock(8)
+    if kind.startswith("old"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            block.a = getattr(nn.utils, kind[4:])(block.a)
+    else:
+        block.a = getattr(nn.utils.parametrizations, kind)(block.a)
+    return block
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old weight_norm", "old spectral_norm"])
+def test_reparametrized_convs_are_narrowed_under_their_reparametrization(kind):
+    model = seeded(ChannelsLastNet)
+    model.layer1 = nn.Sequential(*[reparametrized_block(kind) for _ in range(3)])
+    model.train()(X).sum().backward()  # the older hooks now hold weights deepcopy refuses
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gm = cspify.convert(model.eval(), X)
+    narrowed = gm.get_submodule("layer1.1.a")
+    assert narrowed.in_channels == 4 and narrowed.weight.shape == (8, 4, 3, 3)
+    assert narrowed.weight.shape == model.layer1[1].a.weight[:, 4:].shape
+    if kind in ("weight_norm", "old weight_norm"):
+        torch.testing.assert_close(narrowed.weight, model.layer1[1].a.weight[:, 4:])
+    assert verify.drop_in_problems(model, gm, X) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "_u" not in k and "_v" not in k)
+
+
+def test_lazy_modules_are_initialised_on_a_copy():
+    model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.ReLU(), *[PReLUBlock(8) for _ in range(2)]).eval()
+    gm = cspify.convert(model, X)
+    assert model[0].has_uninitialized_params()  # the user's model is untouched
+    assert split_of(gm, conversion_of(gm).converted[0].name) == (1, 4)
+    assert gm(X).shape == model(X).shape

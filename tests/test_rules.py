@@ -11,7 +11,7 @@ from cspify import rules
 from cspify.errors import NoStageError
 from cspify.trace import trace
 from tiny_models import (
-    flat_renamed,
+    flat_renamed, ChannelsLastNet, LastDense, MlpBlock,
     Bottleneck, DenseBlock, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, seeded,
 )
 
@@ -105,6 +105,10 @@ class AddForms(nn.Module):
                 y = torch.add(x, f(x))
             elif self.form == "method":
                 y = x.add(f(x))
+            elif self.form == "scaled":
+                y = x * 0.5 + f(x)
+            elif self.form == "scaled left, divided":
+                y = f(x) + 0.5 * x / 2
             else:
                 y = f(x)
                 y += x
@@ -112,11 +116,44 @@ class AddForms(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("form", ["op", "torch.add", "method", "iadd"])
+@pytest.mark.parametrize("form", ["op", "torch.add", "method", "iadd", "scaled", "scaled left, divided"])
 def test_add_spellings_are_all_residual_blocks(form):
     (stage,) = stages_of(seeded(AddForms, form))
     assert (stage.kind, stage.channels, len(stage.blocks), stage.base) == ("residual", 8, 3, "stem_2")
     assert stage.output == "act_2"  # the nn.ReLU module after the last add
+
+
+def test_a_shortcut_scaled_by_a_number_belongs_to_its_block():
+    """x * 0.5 acts on every channel alike, so it commutes with the channel split: it is an
+    op of the block, which reads the through part."""
+    (stage,) = stages_of(seeded(AddForms, "scaled"))
+    assert [n for n in stage.blocks[0] if n.startswith("mul")] == ["mul"]
+    csp = cspify.convert(seeded(AddForms, "scaled"), X)
+    mul = next(n for n in csp.graph.nodes if n.name == "mul")
+    assert mul.args[0].name.endswith("_through")
+
+
+class ScaledShortcut(nn.Module):
+    """Shortcuts scaled in place, or by a learned tensor: not identity-like."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.stem = cbr(3, 8, 3)
+        self.fs = nn.ModuleList(nn.Sequential(cbr(8, 8, 3), cbr(8, 8, 3, act=False)) for _ in range(2))
+        self.scale = nn.Parameter(torch.ones(8, 1, 1))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for f in self.fs:
+            y = f(x)
+            x = torch.relu((x.mul_(0.5) if self.form == "in place" else x * self.scale) + y)
+        return x
+
+
+@pytest.mark.parametrize("form", ["in place", "learned"])
+def test_a_shortcut_scaled_in_place_or_by_a_tensor_is_no_identity(form):
+    assert stages_of(seeded(ScaledShortcut, form)) == []
 
 
 class NoStem(nn.Module):
@@ -285,3 +322,34 @@ def test_flat_renamed_modules_give_the_same_stages(cls):
 
 def test_find_stages_pipeline_matches_public_api():
     assert cspify.find_stages(seeded(TinyDenseNet), X) == found(TinyDenseNet)
+
+
+# --------------------------------------------------------------------------- channel axis
+
+
+def test_a_channels_last_stream_is_split_along_its_channels_not_its_height():
+    (stage,) = stages_of(seeded(ChannelsLastNet))
+    assert (stage.channel_axis, stage.channels, stage.axis_problem) == (3, 8, "")
+    (stage,) = stages_of(seeded(ChannelsLastNet, block=MlpBlock))
+    assert (stage.channel_axis, stage.channels) == (3, 8)
+
+
+class ConvAndLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.conv(x) * self.mix(x)
+
+
+def test_a_stage_whose_channel_axis_is_not_clear_says_why():
+    (stage,) = stages_of(nn.Sequential(cbr(3, 8, 3), ConvAndLinear(), ConvAndLinear()).eval())
+    assert (stage.channel_axis, stage.channels) == (None, 0)
+    assert "'_1_conv' treats axis 1 of its stream as channels but '_1_mix' treats axis 3" in stage.axis_problem
+
+
+def test_dense_blocks_concatenate_along_their_channel_axis():
+    (stage,) = stages_of(seeded(LastDense))
+    assert (stage.kind, stage.channel_axis, stage.channels, len(stage.blocks)) == ("dense", 3, 8, 3)
+    assert [s for s in stages_of(seeded(LastDense, "height")) if s.kind == "dense"] == []

@@ -190,3 +190,70 @@ class RollBlock(nn.Module):
 
     def forward(self, x):
         return torch.relu(x + self.f(self.shift(x)))
+
+
+class LastBlock(nn.Module):
+    """A residual block on a channels-last (N,H,W,C) stream: it permutes to N,C,H,W around
+    its convs (and its norm, unless ``norm=False``, and activation, ``act``: a module class)."""
+
+    def __init__(self, c, act=nn.ReLU, norm=True):
+        super().__init__()
+        self.a, self.act = nn.Conv2d(c, c, 3, 1, 1, bias=False), act()
+        self.norm = nn.BatchNorm2d(c) if norm else nn.Identity()
+        self.b = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.b(self.act(self.norm(self.a(x.permute(0, 3, 1, 2)))))
+        return x + y.permute(0, 2, 3, 1)
+
+
+class MlpBlock(nn.Module):
+    """A block written channels-last with no permute: LayerNorm and linear layers over C."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ChannelsLastNet(nn.Module):
+    """A stem, then a channels-last stream of C = 8 channels on 16x16 inputs (its height,
+    16, is not its width), blocks of ``block`` (LastBlock or MlpBlock), a linear head."""
+
+    def __init__(self, c=8, depth=3, block=LastBlock):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.layer1 = nn.Sequential(*[block(c) for _ in range(depth)])
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.layer1(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(x.mean((1, 2)))
+
+
+class LastDense(nn.Module):
+    """A dense block on a channels-last stream: x = cat([x, f(x)], -1), f permuting around a
+    conv; for ``along="height"``, a block that grows its height instead: x = cat([x, f(x)], 2),
+    f a conv that halves it (a concat along an axis that is not the channels')."""
+
+    def __init__(self, along="channels"):
+        super().__init__()
+        self.along = along
+        self.stem = cbr(3, 8, 3)
+        if along == "height":
+            self.fs = nn.ModuleList(nn.Conv2d(8, 8, 3, (2, 1), 1) for _ in range(3))
+        else:
+            self.fs = nn.ModuleList(cbr(8 + 4 * i, 4, 3) for i in range(3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.along == "height":
+            for f in self.fs:
+                x = torch.cat([x, f(x)], 2)
+            return x
+        x = x.permute(0, 2, 3, 1)
+        for f in self.fs:
+            x = torch.cat([x, f(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)], -1)
+        return x
