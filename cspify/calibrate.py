@@ -4,36 +4,43 @@
     cspify.calibrate(model, csp, images)           # images: a tensor N,C,H,W, a DataLoader, a Dataset
     csp.meta["cspify.calibrate"].to_dict()         # what was fitted, and how well
 
-Conversion keeps the weights of every channel the narrowed blocks still see, but the new
-partial transitions start from a random initialisation, the narrowed blocks' norm
-statistics describe inputs they no longer get, and the layers reading a stage output see
-the untouched bypass part x0' where the original's stage output was. Each converted stage,
-in graph order and seeing the already calibrated stages before it:
+Conversion keeps the weights of every channel the narrowed blocks still see, but those
+blocks now miss the bypass part's channels, the new partial transitions start from a
+random initialisation, and the layers reading a stage output see the untouched bypass part
+x0' where the original had its stage output. Each converted stage, in graph order and
+seeing the already calibrated stages before it:
 
-1. **norm statistics**: every BatchNorm inside the stage re-estimates its running mean and
-   variance on the images (train-mode forward without gradients, a cumulative average);
-2. **partial transition**: its conv is fitted by ridge least squares so that the stage
-   output's through part matches the original's stage output on the same images (fusion
-   last: channels ``[bypass:]``; fusion first: all of them); the BatchNorm after it is set
-   to pass the fitted values through (running statistics those of the fitted output,
-   weight ``sqrt(var + eps)``, bias the mean), so it is the same map in train and eval mode;
-3. **readers**: the conv or linear layers that read the stage output (through norms,
-   activations, pooling, flattening and concatenation, not through adds) are refitted by
-   least squares to reproduce the original's output of the same layer, convs through
-   ``F.unfold``. This is what corrects for the bypass part, which carries x0' where the
-   original had its stage output; the classifier refitted to the original's logits is one
-   case of it. Readers that read other readers' outputs are fitted after them.
+1. **partial stage**: every conv and linear layer inside it is refitted by ridge least
+   squares to reproduce the original's output of the same layer (on the channels it keeps)
+   from the inputs it now gets, in order, each after those it reads; the BatchNorms after
+   them keep the original's statistics, every other BatchNorm of the stage re-estimates its
+   own (train-mode forward without gradients, a cumulative average);
+2. **partial transition**: its conv is fitted so that the stage output's through part
+   matches the original's stage output (fusion last: channels ``[bypass:]``; fusion first:
+   all of them); the BatchNorm after it passes the fitted values through (running
+   statistics those of the fitted output, weight ``sqrt(var + eps)``, bias the mean);
+3. **readers**: the conv and linear layers after the stage output (those reading it, and
+   up to ``reader_depth`` layers deep those reading theirs; never inside another converted
+   stage) are refitted to reproduce the original's output of the same layer. This is what
+   makes up for the bypass part; the classifier refitted to the original's logits is one
+   case of it.
 
-The original model is traced as ``convert`` traced it (same leaf modules), so the record's
-node names find the stage outputs in both graphs. With a ``scope`` conversion the images are
-the whole model's inputs and the stages live in the scoped submodule.
+Last, every BatchNorm takes the statistics of the activations it now gets, its weight and
+bias rescaled so that eval mode computes the same (``stabilise_norms``): in train mode,
+as fine-tuning runs it, the calibrated model then computes what it does in eval mode.
+
+A least-squares fit is ridge-regularised toward the layer's current weights (the
+original's, where it had them) and is kept only where it lowers the layer's error. Convs
+are fitted through ``F.unfold`` (im2col); grouped convs are left as they are. The original
+is traced as ``convert`` traced it (same leaf modules), so the record's node names find
+the stage outputs in both graphs; with a ``scope`` conversion the images are the whole
+model's inputs and the stages live in the scoped submodule.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -49,7 +56,7 @@ from cspify.record import Conversion, StageRecord, conversion_of
 from cspify.taps import module_nodes, node_named, run_until_tapped, tapping
 from cspify.trace import Traced, capture_inputs, trace
 
-__all__ = ["calibrate", "Calibration", "Fit", "find_conversion", "image_batches", "reestimate_norms", "traced_original"]
+__all__ = ["calibrate", "Calibration", "Fit", "find_conversion", "image_batches", "stabilise_norms", "traced_original"]
 
 META_KEY = "cspify.calibrate"
 MAX_ROWS = 1 << 17  # rows (images x positions) a least-squares fit reads at most
@@ -71,7 +78,7 @@ class Fit:
 
     stage: str
     layer: str
-    role: str  # "partial transition" or "reader"
+    role: str  # "inner", "partial transition" or "reader"
     rows: int
     features: int
     error_after: float
@@ -114,8 +121,14 @@ def calibrate(
 
     ``images`` is a tensor (N, C, H, W), a Dataset (a seeded random subset is read), or an
     iterable of batches: tensors, or tuples/lists whose first item is the input. At most
-    ``max_images`` are used, ``batch_size`` at a time. ``norms``, ``transitions`` and
-    ``readers`` switch the three steps (see the module docstring) on or off.
+    ``max_images`` are used, ``batch_size`` at a time, on the device ``converted`` is on.
+
+    The steps (see the module docstring) can be switched off one by one: ``inner`` (the
+    partial stage's layers), ``norms`` (its other BatchNorms), ``transitions``, ``readers``
+    (``reader_depth`` layers deep) and ``stable`` (the last, function-preserving step).
+    ``ridge`` scales the penalty toward the current weights (relative to the mean squared
+    input feature). The record of what was done is left at
+    ``meta["cspify.calibrate"]`` of the converted GraphModule (the scoped one with a scope).
     """
     start = time.perf_counter()
     scope, record = find_conversion(converted)
@@ -239,7 +252,7 @@ def _position(gm: fx.GraphModule):
     return lambda stage: order.get(stage.converted_output, len(order))
 
 
-# ---------------------------------------------------------------- 1. norm statistics
+# ---------------------------------------------------------------- norm statistics
 
 
 def _stage_norms(gm: fx.GraphModule, stage: StageRecord) -> list[str]:
@@ -253,33 +266,6 @@ def _follows(gm: fx.GraphModule, name: str, layers: set[str]) -> bool:
     """True when the node ``name`` reads the output of one of ``layers`` directly: a norm
     after a layer refitted to the original's output keeps the original's statistics."""
     return any(arg.name in layers for arg in node_named(gm, name).all_input_nodes)
-
-
-def reestimate_norms(model: nn.Module, gm: fx.GraphModule, names: list[str], batches) -> None:
-    """Re-estimate the running statistics of the BatchNorms at nodes ``names`` of ``gm``
-    (``model`` or a submodule of it) on ``batches``: train mode for them alone, a
-    cumulative average, no gradient; their modes and momenta are restored."""
-    if not names:
-        return
-    modules = [gm.get_submodule(node_named(gm, n).target) for n in names]
-    saved = [(m.momentum, m.training) for m in modules]
-    last = max(names, key=_position_of(gm))
-    try:
-        for m in modules:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        with torch.no_grad(), tapping(gm, [last], stop=True, detach=True):
-            for x in batches:
-                run_until_tapped(model, x)
-    finally:
-        for m, (momentum, training) in zip(modules, saved):
-            m.momentum, m.training = momentum, training
-
-
-def _position_of(gm: fx.GraphModule):
-    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
-    return lambda name: order[name]
 
 
 def stabilise_norms(model: nn.Module, gm: nn.Module, batches) -> int:
@@ -389,7 +375,8 @@ def _fits(module: nn.Module) -> bool:
     (any kernel in 2-d, 1x1 kernels in 1-d and 3-d)."""
     if isinstance(module, nn.Linear):
         return True
-    if not isinstance(module, CONVS) or module.groups != 1 or module.padding_mode != "zeros":
+    if not isinstance(module, CONVS) or module.groups != 1 or module.padding_mode != "zeros" \
+            or isinstance(module.padding, str):
         return False
     return isinstance(module, nn.Conv2d) or all(k == 1 for k in module.kernel_size)
 
@@ -426,7 +413,7 @@ def _set_layer(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
         module.bias.copy_(bias.to(module.bias.dtype) if bias is not None else torch.zeros_like(module.bias))
 
 
-# ---------------------------------------------------------------- 2. partial transitions
+# ---------------------------------------------------------------- partial transitions
 
 
 @dataclass
@@ -469,7 +456,11 @@ def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -
 
 
 def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm)
+    """A BatchNorm that can be set to pass values through: affine, with running statistics."""
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    return isinstance(module, _BatchNorm) and module.affine and module.track_running_stats
 
 
 def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, found: _Transition, batches, ridge,
@@ -503,9 +494,8 @@ def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, found: _
         _set_layer(conv, weight, None)
         norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
         norm.running_var.copy_(var.to(norm.running_var.dtype))
-        if norm.affine:
-            norm.weight.copy_((var + norm.eps).sqrt().to(norm.weight.dtype))
-            norm.bias.copy_((mean + bias).to(norm.bias.dtype))
+        norm.weight.copy_((var + norm.eps).sqrt().to(norm.weight.dtype))
+        norm.bias.copy_((mean + bias).to(norm.bias.dtype))
     else:
         _set_layer(conv, weight, bias)
     result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features,
@@ -529,7 +519,7 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ACTIVATION_METHODS
 
 
-# ---------------------------------------------------------------- 3. layers refitted to the original's outputs
+# ---------------------------------------------------------------- layers refitted to the original's outputs
 
 
 @dataclass
@@ -669,7 +659,7 @@ def _fit_wave(model, gm, teacher, teacher_gm, stage, wave: list[_Layer], norms: 
         module, solver, norm = modules[a.node.name], solvers[a.node.name], follow[a.node.name]
         current = module.weight.reshape(module.weight.shape[0], -1).double()
         before = solver.error(current, module.bias.double() if module.bias is not None else None)
-        weight, bias = solver.solve(ridge, prior=current if a.role != "partial transition" else None)
+        weight, bias = solver.solve(ridge, prior=current)
         after = solver.error(weight, bias)
         if not after < before:  # the fit would only lose: keep the layer as it is
             result.skipped.append(f"{stage.name}: refitting {a.node.target} would not lower its error ({before:.4f})")
