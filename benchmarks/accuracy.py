@@ -1,0 +1,854 @@
+"""Does a converted model recover the original's accuracy? Fashion-MNIST, three small models,
+several seeds; writes ACCURACY.md.
+
+    python benchmarks/accuracy.py                       # the full run: 26 minutes on 2 shared cores
+    python benchmarks/accuracy.py --quick               # a smoke run in about a minute (numbers meaningless)
+    python benchmarks/accuracy.py --models resnet --seeds 0,1 --epochs 3 --train-subset 20000
+
+Per model and seed, each row from the same trained original (the teacher):
+
+    1  original, trained E epochs from scratch (cached in benchmarks/.cache/, so reruns skip it)
+    2  converted at gamma 0.5, as is
+    3  calibrated: cspify.calibrate on 2,048 unlabeled training images, no gradient step
+    4  calibrated + 1 epoch cspify.finetune, cross-entropy only
+    5  calibrated + 1 epoch cspify.finetune, cross-entropy + logit distillation
+    6  calibrated + 1 epoch cspify.finetune, its defaults (CE + logits + every stage's output)
+    7  calibrated + 1 epoch cspify.finetune without labels (logits + stages)
+    8  the original with every width scaled down to the converted model's flops, trained E
+       epochs from scratch (cached too)
+    9  Torch-Pruning (L1 magnitude, uniform channel pruning) of the original to the converted
+       model's flops + 1 epoch cspify.finetune with cross-entropy only (and, row 9b, with
+       logit distillation from the original)
+
+and row 6 again under ``torchrun --nproc_per_node 2`` (gloo, CPU) at the same global batch,
+for the models and seeds that ``--ddp-models`` and ``--ddp-seeds`` name. All fine-tunes run
+cspify.finetune's defaults; only the loss switches differ from row to row. Accuracy is top-1
+on the full 10k test set. Flops are fvcore's (one multiply-add is one flop), as in
+``cspify.compare``. A row that fails writes its reason into the table; the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import cspify  # noqa: E402
+from accuracy_models import MODELS, build  # noqa: E402
+from cspify.calibrate import calibrate  # noqa: E402
+from cspify.data import DataError, open_data  # noqa: E402
+from cspify.config import CSPConfig  # noqa: E402
+from cspify.finetune import finetune  # noqa: E402
+from cspify.record import Conversion, attach  # noqa: E402
+from cspify.measure import fvcore_counts  # noqa: E402
+
+DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+CACHE = HERE / ".cache"
+RECIPE = "sgd-nesterov-0.1-cosine-wd5e-4-v1"  # the from-scratch recipe: part of the cache key
+GAMMA = 0.5
+CALIBRATION_IMAGES = 2048
+
+ROWS = [
+    ("original", "1. original, trained E epochs (the teacher)"),
+    ("converted", "2. converted (gamma 0.5), as is"),
+    ("calibrated", "3. calibrated (2,048 unlabeled images, no gradient)"),
+    ("ft_ce", "4. calibrated + 1 epoch fine-tune, cross-entropy only"),
+    ("kd_logits", "5. calibrated + 1 epoch distillation: CE + logits"),
+    ("kd_stages", "6. calibrated + 1 epoch distillation: CE + logits + stages (the defaults)"),
+    ("kd_nolabels", "7. calibrated + 1 epoch distillation without labels: logits + stages"),
+    ("narrow", "8. baseline: original at the same flops (widths scaled), E epochs from scratch"),
+    ("pruned", "9. baseline: Torch-Pruning to the same flops + 1 epoch fine-tune, CE only"),
+    ("pruned_kd", "9b. Torch-Pruning to the same flops + 1 epoch, CE + logit distillation"),
+    ("ddp", "6 under torchrun, 2 processes (gloo), same global batch"),
+]
+LABELS = dict(ROWS)
+
+# Loss switches per row; everything else is cspify.finetune's defaults.
+FINETUNE_ROWS = {
+    "ft_ce": dict(teacher=False, kd_weight=0.0, feature_weight=0.0),
+    "kd_logits": dict(teacher=True, feature_weight=0.0),
+    "kd_stages": dict(teacher=True),
+    "kd_nolabels": dict(teacher=True, use_labels=False),
+}
+
+
+# ---------------------------------------------------------------- data
+
+
+class Data:
+    """The training subset and the test set as normalised tensors, plus what ImageData knows."""
+
+    def __init__(self, path: str, train_subset: int, test_subset: int | None = None) -> None:
+        data = open_data(path)
+        self.image_data = data
+        self.num_classes, self.channels, self.size = data.num_classes, data.channels, tuple(data.size)
+        total = len(data.train)
+        n = min(train_subset, total) if train_subset else total
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(0))
+        self.train_indices = order[:n].sort().values
+        self.train_x, self.train_y = data.train.batch(self.train_indices)
+        val_n = min(test_subset, len(data.val)) if test_subset else len(data.val)
+        self.val_x, self.val_y = data.val.batch(torch.arange(val_n))
+        self.train_total, self.val_total = total, len(data.val)
+        digest = hashlib.sha1()
+        digest.update(data.train.images[self.train_indices].numpy().tobytes())
+        digest.update(data.train.labels[self.train_indices].numpy().tobytes())
+        self.fingerprint = digest.hexdigest()[:12]
+
+    def train_set(self) -> torch.utils.data.Dataset:
+        return torch.utils.data.TensorDataset(self.train_x, self.train_y)
+
+    def calibration_images(self, seed: int, count: int = CALIBRATION_IMAGES) -> torch.Tensor:
+        pick = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(1000 + seed))[:count]
+        return self.train_x[pick]
+
+    def example(self) -> torch.Tensor:
+        return self.train_x[:1]
+
+
+def open_benchmark_data(path: str, train_subset: int, test_subset: int | None) -> Data:
+    if not Path(path).is_dir():
+        sys.exit(f"accuracy.py: no Fashion-MNIST at {path}: install it with `apt-get install dataset-fashion-mnist` "
+                 "(the four IDX files land in /usr/share/datasets/fashion-mnist/) or pass --data DIR.")
+    try:
+        return Data(path, train_subset, test_subset)
+    except DataError as exc:
+        sys.exit(f"accuracy.py: {exc}")
+
+
+# ---------------------------------------------------------------- training and measuring
+
+
+def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    model.train(was)
+    return 100.0 * correct / len(x)
+
+
+def train_scratch(model: nn.Module, data: Data, epochs: int, batch_size: int, seed: int) -> nn.Module:
+    """The from-scratch recipe of the original and the narrow baseline: SGD (Nesterov, momentum
+    0.9, weight decay 5e-4), lr 0.1 x batch/128, 3% linear warm-up then cosine to zero."""
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(data.train_x) / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, int(0.03 * total))
+    base_lr = 0.1 * batch_size / 128
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    plain = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": plain, "weight_decay": 0.0}],
+                          lr=base_lr, momentum=0.9, nesterov=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+    )
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(data.train_x), generator=generator)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    model.eval()
+    return model
+
+
+def flops(model: nn.Module, example: torch.Tensor) -> int:
+    """fvcore flops of one image, counted as cspify.compare counts them."""
+    was = model.training
+    model.eval()
+    try:
+        return int(fvcore_counts(model, (example[:1],))[0][""])
+    finally:
+        model.train(was)
+
+
+def narrow_width(kind: str, data: Data, target: int) -> tuple[float, int]:
+    """The largest width multiplier whose model has at most ``target`` flops (bisection)."""
+    def cost(w):
+        return flops(build(kind, channels=data.channels, num_classes=data.num_classes, width=w), data.example())
+
+    low, high = 0.05, 1.0
+    for _ in range(20):
+        mid = (low + high) / 2
+        if cost(mid) <= target:
+            low = mid
+        else:
+            high = mid
+    return low, cost(low)
+
+
+def prune_to(model: nn.Module, data: Data, target: int) -> tuple[nn.Module, float, int]:
+    """Torch-Pruning of ``model``: L1 magnitude importance, uniform channel pruning (its default,
+    not global), the classifier kept whole; the smallest ratio with at most ``target`` flops."""
+    import torch_pruning as tp
+
+    example = data.example()
+
+    def pruned(ratio):
+        m = copy.deepcopy(model).eval()
+        classifier = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+        pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=[classifier], global_pruning=False)
+        pruner.step()
+        return m
+
+    low, high = 0.0, 0.95
+    best = None
+    for _ in range(12):
+        mid = (low + high) / 2
+        m = pruned(mid)
+        cost = flops(m, example)
+        if cost <= target:
+            high, best = mid, (m, cost)
+        else:
+            low = mid
+    if best is None:
+        m = pruned(high)
+        best = (m, flops(m, example))
+    return best[0], high, best[1]
+
+
+# ---------------------------------------------------------------- cache
+
+
+def cache_path(model: nn.Module, kind: str, what: str, seed: int, epochs: int, batch_size: int, data: Data) -> Path:
+    """Keyed by model (its architecture, widths included), seed, E, batch, the data subset and the recipe."""
+    arch = hashlib.sha1(repr(model).encode()).hexdigest()[:8]
+    key = f"{kind}-{what}-{arch}-seed{seed}-e{epochs}-b{batch_size}-n{len(data.train_x)}-{data.fingerprint}-{RECIPE}"
+    return CACHE / f"{key}.pt"
+
+
+def trained(kind: str, what: str, seed: int, width: float, args, data: Data) -> tuple[nn.Module, dict]:
+    """A model trained from scratch (``what`` is "original" or "narrow"), from the cache when there."""
+    model = build(kind, channels=data.channels, num_classes=data.num_classes, width=width)
+    path = cache_path(model, kind, what, seed, args.epochs, args.batch_size, data)
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        model.eval()
+        return model, {"seconds": saved["seconds"], "cached": True}
+    torch.manual_seed(seed)
+    model = build(kind, channels=data.channels, num_classes=data.num_classes, width=width)
+    start = time.perf_counter()
+    train_scratch(model, data, args.epochs, args.batch_size, seed)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "seconds": seconds, "width": width}, tmp)
+    os.replace(tmp, path)
+    return model, {"seconds": seconds, "cached": False}
+
+
+# ---------------------------------------------------------------- one model, one seed
+
+
+def run_finetune(model: nn.Module, data: Data, teacher: nn.Module | None, switches: dict, seed: int,
+                 batch_size: int = 128) -> nn.Module:
+    """cspify.finetune for 1 epoch with its defaults; only the loss switches change (and the
+    seed of the data order, and ``batch_size`` per process under DDP: 128 // processes)."""
+    kwargs = {k: v for k, v in switches.items() if k != "teacher"}
+    torch.manual_seed(seed)
+    return finetune(model, data.train_set(), teacher=teacher if switches.get("teacher") else None, epochs=1,
+                    batch_size=batch_size, seed=seed, progress=False, **kwargs)
+
+
+def as_finetunable(model: nn.Module) -> nn.Module:
+    """A plain model (the pruned baseline) with an empty conversion record attached, so that
+    cspify.finetune, which trains only models cspify made, runs on it with the very same recipe
+    (no stage to distil: cross-entropy, and logit distillation where a teacher is given)."""
+    if not hasattr(model, "meta"):
+        model.meta = {}
+    attach(model, Conversion(config=CSPConfig(), stages=()))
+    return model
+
+
+def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
+    """Every row for one model and seed: {row: {top1, seconds, note} or {error}}."""
+    rows, figures = {}, {}
+    example = data.example()
+
+    def row(name, fn):
+        start = time.perf_counter()
+        try:
+            out = fn() or {}
+            out.setdefault("seconds", time.perf_counter() - start)
+            rows[name] = out
+            log(f"{kind} seed {seed} {name}: {out.get('top1', float('nan')):.2f}% in {out['seconds']:.0f}s "
+                f"{out.get('note', '')}")
+        except Exception as exc:  # a failed row writes its reason; the run goes on
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200],
+                          "seconds": time.perf_counter() - start}
+            log(f"{kind} seed {seed} {name} FAILED: {rows[name]['error']}")
+            if args.debug:
+                traceback.print_exc()
+
+    state = {}
+
+    def original():
+        model, info = trained(kind, "original", seed, 1.0, args, data)
+        state["teacher"] = model.eval()
+        figures["original"] = flops(model, example)
+        return {"top1": top1(model, data.val_x, data.val_y), "seconds": info["seconds"],
+                "note": "cached" if info["cached"] else ""}
+
+    row("original", original)
+    if "teacher" not in state:
+        return {"rows": rows, "flops": figures}
+    teacher = state["teacher"]
+
+    def converted():
+        csp = cspify.convert(teacher, example, gamma=GAMMA, seed=seed)
+        state["converted"] = csp
+        figures["converted"] = flops(csp, example)
+        record = cspify.conversion_of(csp)
+        figures["stages"] = f"{len(record.converted)} of {len(record.stages)}"
+        return {"top1": top1(csp, data.val_x, data.val_y)}
+
+    row("converted", converted)
+
+    def calibrated():
+        csp = copy.deepcopy(state["converted"])
+        start = time.perf_counter()
+        calibrate(teacher, csp, data.calibration_images(seed), max_images=CALIBRATION_IMAGES)
+        seconds = time.perf_counter() - start
+        state["calibrated"] = csp
+        return {"top1": top1(csp, data.val_x, data.val_y), "seconds": seconds}
+
+    if "converted" in state:
+        row("calibrated", calibrated)
+    for name, switches in FINETUNE_ROWS.items():
+        if "calibrated" not in state:
+            break
+
+        def tuned(switches=switches):
+            model = copy.deepcopy(state["calibrated"])
+            start = time.perf_counter()
+            model = run_finetune(model, data, teacher, switches, seed)
+            seconds = time.perf_counter() - start
+            return {"top1": top1(model, data.val_x, data.val_y), "seconds": seconds}
+
+        row(name, tuned)
+
+    target = figures.get("converted")
+
+    def narrow():
+        if target is None:
+            raise RuntimeError("no converted model to match the flops of")
+        width, cost = narrow_width(kind, data, target)
+        figures["narrow"], figures["narrow_width"] = cost, round(width, 3)
+        model, info = trained(kind, "narrow", seed, width, args, data)
+        return {"top1": top1(model, data.val_x, data.val_y), "seconds": info["seconds"],
+                "note": f"width x{width:.3f}" + (", cached" if info["cached"] else "")}
+
+    row("narrow", narrow)
+
+    def pruned():
+        if target is None:
+            raise RuntimeError("no converted model to match the flops of")
+        start = time.perf_counter()
+        model, ratio, cost = prune_to(teacher, data, target)
+        prune_seconds = time.perf_counter() - start
+        figures["pruned"], figures["pruned_ratio"] = cost, round(ratio, 3)
+        state["pruned"] = model
+        state["pruned_top1"] = top1(model, data.val_x, data.val_y)
+        state["prune_seconds"] = prune_seconds
+        tuned = run_finetune(as_finetunable(copy.deepcopy(model)), data, None, FINETUNE_ROWS["ft_ce"], seed)
+        return {"top1": top1(tuned, data.val_x, data.val_y), "seconds": time.perf_counter() - start,
+                "before": state["pruned_top1"], "note": f"ratio {ratio:.3f}, pruning {prune_seconds:.0f}s"}
+
+    row("pruned", pruned)
+
+    def pruned_kd():
+        if "pruned" not in state:
+            raise RuntimeError("no pruned model")
+        start = time.perf_counter()
+        tuned = run_finetune(as_finetunable(copy.deepcopy(state["pruned"])), data, teacher, FINETUNE_ROWS["kd_logits"],
+                             seed)
+        return {"top1": top1(tuned, data.val_x, data.val_y),
+                "seconds": time.perf_counter() - start + state["prune_seconds"]}
+
+    if args.pruned_kd:
+        row("pruned_kd", pruned_kd)
+    return {"rows": rows, "flops": figures}
+
+
+# ---------------------------------------------------------------- DDP
+
+
+def run_ddp(kind: str, seed: int, args, log) -> dict:
+    """Row 6 under torchrun with 2 processes; the teacher comes from the cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ddp.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                   str(Path(__file__).resolve()), "--ddp-worker", "--models", kind, "--seeds", str(seed),
+                   "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
+                   "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--data", args.data,
+                   "--ddp-result", str(out)]
+        if args.test_subset:
+            command += ["--test-subset", str(args.test_subset)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        start = time.perf_counter()
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0 or not out.exists():
+            lines = (proc.stderr + proc.stdout).splitlines()
+            errors = [line.split(":", 1)[1].strip() for line in lines
+                      if line.startswith("[rank0]:") and ("Error" in line or "Exit" in line)]
+            error = f"torchrun exited {proc.returncode}: " + (errors[-1] if errors else " / ".join(lines[-3:]))
+            error = error[:300]
+            log(f"{kind} seed {seed} ddp FAILED: {error}")
+            return {"error": error, "seconds": seconds}
+        result = json.loads(out.read_text())
+        result["seconds"] = result.get("seconds", seconds)
+        result["note"] = f"{seconds:.0f}s with start-up"
+        log(f"{kind} seed {seed} ddp: {result['top1']:.2f}% in {result['seconds']:.0f}s")
+        return result
+
+
+def ddp_worker(args) -> None:
+    """One rank of the DDP row. Rank 0 converts and calibrates (DDP hands its weights and
+    buffers to the other ranks when it wraps the model); all ranks fine-tune as row 6 at the
+    same global batch (128 // processes each). Then rank 0 runs the same fine-tune in one
+    process from the same calibrated model: the reference the DDP result is compared with,
+    made by the same library code (the 1-process rows may have run before a library change)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kind, seed = args.models[0], args.seeds[0]
+    data = Data(args.data, args.train_subset, args.test_subset)
+    teacher, info = trained(kind, "original", seed, 1.0, args, data)
+    if not info["cached"]:
+        raise SystemExit("the DDP row needs the cached original: run the 1-process rows first")
+    csp = cspify.convert(teacher, data.example(), gamma=GAMMA, seed=seed)
+    reference = None
+    if rank == 0:
+        calibrate(teacher, csp, data.calibration_images(seed), max_images=CALIBRATION_IMAGES)
+        reference = copy.deepcopy(csp)
+    dist.barrier()
+    start = time.perf_counter()
+    csp = run_finetune(csp, data, teacher, FINETUNE_ROWS["kd_stages"], seed, batch_size=128 // world)
+    seconds = time.perf_counter() - start
+    result = {"top1": top1(csp, data.val_x, data.val_y), "seconds": seconds, "world_size": world} if rank == 0 else None
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        os.environ["WORLD_SIZE"] = "1"  # the reference runs alone: finetune must not join a process group
+        torch.set_num_threads(args.threads)
+        start = time.perf_counter()
+        reference = run_finetune(reference, data, teacher, FINETUNE_ROWS["kd_stages"], seed, batch_size=128)
+        result["reference_seconds"] = time.perf_counter() - start
+        result["reference_top1"] = top1(reference, data.val_x, data.val_y)
+        Path(args.ddp_result).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the note
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def human(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def row_values(results: dict, kind: str, name: str) -> list[float]:
+    return [r["rows"][name]["top1"] for r in results.get(kind, {}).values()
+            if name in r.get("rows", {}) and "top1" in r["rows"][name]]
+
+
+def mean_of(results, kind, name) -> float | None:
+    values = row_values(results, kind, name)
+    return statistics.mean(values) if values else None
+
+
+def diff(value: float) -> str:
+    """A signed difference; three decimals where two would print a tie as -0.00 or +0.00."""
+    return f"{value:+.2f}" if round(value, 2) != 0 else f"{value:+.3f}"
+
+
+def targets(results: dict, ddp: dict, kind: str) -> list[str]:
+    """The issue's five targets for one model: reached / missed, with the numbers."""
+    m = {name: mean_of(results, kind, name) for name, _ in ROWS}
+    lines = []
+
+    def check(text, ok):
+        lines.append(f"- {'reached' if ok else 'MISSED'}: {text}")
+
+    def missing(text, *names):
+        lines.append(f"- not measured: {text} (no result for {', '.join(n for n in names if m[n] is None)})")
+
+    orig = m["original"]
+    if orig is not None and m["calibrated"] is not None:
+        ratio = m["calibrated"] / orig
+        check(f"calibrated ≥ 90% of the original's top-1: {m['calibrated']:.2f} / {orig:.2f} = {100 * ratio:.1f}%",
+              ratio >= 0.9)
+    else:
+        missing("calibrated ≥ 90% of the original", "original", "calibrated")
+    if orig is not None and m["kd_stages"] is not None:
+        gap = orig - m["kd_stages"]
+        check(f"1 epoch of distillation (row 6) within 1.0 point of the original: {m['kd_stages']:.2f} vs "
+              f"{orig:.2f} ({diff(-gap)})", gap <= 1.0)
+    else:
+        missing("1 epoch of distillation within 1.0 point", "original", "kd_stages")
+    for base, what in (("narrow", "the same-flops narrow model trained E epochs (row 8)"),
+                       ("pruned", "Torch-Pruning at the same flops and budget (row 9)")):
+        if m["kd_stages"] is not None and m[base] is not None:
+            check(f"row 6 (1 epoch after E) ≥ {what}: {m['kd_stages']:.2f} vs {m[base]:.2f} "
+                  f"({diff(m['kd_stages'] - m[base])})", m["kd_stages"] >= m[base])
+        else:
+            missing(f"row 6 ≥ {what}", "kd_stages", base)
+    if m["kd_stages"] is not None and m["kd_nolabels"] is not None:
+        gap = m["kd_stages"] - m["kd_nolabels"]
+        check(f"labels withheld (row 7) within 2 points of the labelled result (row 6): {m['kd_nolabels']:.2f} vs "
+              f"{m['kd_stages']:.2f} ({diff(-gap)})", gap <= 2.0)
+    else:
+        missing("labels withheld within 2 points", "kd_stages", "kd_nolabels")
+    runs = ddp.get(kind, {})
+    if runs:
+        # The reference: the same fine-tune in 1 process from the same calibrated model, run by
+        # the DDP job itself (same library code); row 6 where an older job did not run one.
+        pairs = [(s, r["top1"], r.get("reference_top1", results[kind].get(s, {}).get("rows", {})
+                                      .get("kd_stages", {}).get("top1")))
+                 for s, r in runs.items() if "top1" in r]
+        pairs = [p for p in pairs if p[2] is not None]
+        if pairs:
+            diffs = [a - b for _, a, b in pairs]
+            mean_diff = statistics.mean(diffs)
+            worst = max(abs(d) for d in diffs)
+            detail = ", ".join(f"seed {s}: {a:.2f} vs {b:.2f}" for s, a, b in pairs)
+            check(f"2 processes agree with 1 process within ±0.3 on the mean over seeds: {mean_diff:+.2f} "
+                  f"({detail}; largest single-seed difference {worst:.2f})", abs(mean_diff) <= 0.3)
+        else:
+            lines.append("- not measured: 2 processes vs 1 (" + "; ".join(
+                f"seed {s}: {r.get('error', 'no result')}" for s, r in runs.items()) + ")")
+    return lines
+
+
+def write_note(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: float, done: bool) -> None:
+    lines = ["# Accuracy: does a converted model recover the original's?", ""]
+    if args.quick:
+        lines += ["**Smoke run (`--quick`): tiny data, one epoch; the numbers mean nothing.**", ""]
+    if not done:
+        lines += [f"**Run in progress ({elapsed / 60:.0f} min so far): the table holds what has finished.**", ""]
+    lines += [
+        "Written by `benchmarks/accuracy.py`; rerun with:", "", "```bash", args.command, "```", "",
+        f"- machine: {os.cpu_count()} CPU cores shared with other jobs, "
+        + (f"one process per model side by side, each with `torch.set_num_threads(1)`, "
+           if getattr(args, "parallel", False) else f"`torch.set_num_threads({args.threads})`, ")
+        + f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}; "
+        f"whole run {elapsed / 60:.1f} min wall time"
+        + (" (originals and narrow baselines read from the cache where marked)" if any(
+            r["rows"].get("original", {}).get("note") == "cached" for k in results.values() for r in k.values()) else ""),
+        f"- data: Fashion-MNIST (`{args.data}`, {data.channels}x{data.size[0]}x{data.size[1]}, {data.num_classes} classes); "
+        f"training on {len(data.train_x):,} of the {data.train_total:,} training images (a fixed random subset); "
+        f"accuracy is top-1 on {len(data.val_x):,} of the {data.val_total:,} test images; calibration reads "
+        f"{min(CALIBRATION_IMAGES, len(data.train_x)):,} of the training images without their labels",
+        f"- E = {args.epochs} epochs for the original (row 1) and the narrow baseline (row 8), batch {args.batch_size}, "
+        "SGD with Nesterov momentum 0.9, lr 0.1, 3% warm-up then cosine, weight decay 5e-4, no augmentation",
+        f"- seeds: {', '.join(map(str, args.seeds))} (model init, data order, conversion, calibration sample); "
+        "mean ± sample standard deviation over seeds; time is the mean wall time of one seed's row",
+        "- rows 4-7 start from the calibrated model (row 3) and run `cspify.finetune` for 1 epoch with its untuned "
+        "defaults; only the loss switches differ: row 4 `teacher=None, kd_weight=0, feature_weight=0`, "
+        "row 5 `teacher=original, feature_weight=0`, row 6 `teacher=original`, row 7 `teacher=original, use_labels=False`",
+        "- row 9: Torch-Pruning's `MetaPruner`, L1 magnitude importance, uniform (not global) channel pruning, "
+        "the classifier kept, ratio bisected to the smallest with at most the converted model's flops; then "
+        "`cspify.finetune` for 1 epoch as row 4 (CE only; an empty conversion record is attached to the pruned model, "
+        "since `finetune` trains only models cspify made)"
+        + ("; row 9b as row 5 (CE + logit distillation from the original)" if args.pruned_kd else ""),
+        "- row 8: the largest width multiplier (bisected) whose model has at most the converted model's flops",
+        "- flops: fvcore (one multiply-add is one flop) for one image, as `cspify.compare` counts them",
+        f"- cspify: {getattr(args, 'library', 'not recorded')}",
+        "",
+    ]
+    for kind in args.models:
+        if kind not in results:
+            continue
+        runs = results[kind]
+        seeds = len(runs)
+        fl = next(iter(runs.values()))["flops"]
+        lines += [f"## {kind}", ""]
+        o = fl.get("original")
+        parts = []
+        for key, label in (("original", "original"), ("converted", "converted"), ("narrow", "narrow"),
+                           ("pruned", "pruned")):
+            values = [r["flops"][key] for r in runs.values() if key in r["flops"]]
+            if values:
+                value = statistics.mean(values)
+                share = f" ({value / o:.2f}x)" if o and key != "original" else ""
+                parts.append(f"{label} {human(value)}{share}")
+        extra = []
+        if "stages" in fl:
+            extra.append(f"{fl['stages']} stages converted")
+        if "narrow_width" in fl:
+            extra.append(f"narrow width x{fl['narrow_width']}")
+        ratios = [r["flops"]["pruned_ratio"] for r in runs.values() if "pruned_ratio" in r["flops"]]
+        if ratios:
+            extra.append(f"pruning ratio {min(ratios):.3g}" + (f"-{max(ratios):.3g}" if max(ratios) != min(ratios) else ""))
+        lines += [f"flops per image: {', '.join(parts)}" + (f"; {', '.join(extra)}" if extra else "") + ".", ""]
+        lines += ["| row | top-1 % | vs original | time (s) | seeds | notes |", "|---|---|---|---|---|---|"]
+        orig = mean_of(results, kind, "original")
+        for name, label in ROWS:
+            if name == "ddp":
+                runs_ddp = ddp.get(kind, {})
+                if not runs_ddp:
+                    continue
+                values = [r["top1"] for r in runs_ddp.values() if "top1" in r]
+                errors = [f"seed {s}: {r['error']}" for s, r in runs_ddp.items() if "error" in r]
+                times = [r["seconds"] for r in runs_ddp.values()]
+                refs = [r["reference_top1"] for r in runs_ddp.values() if "reference_top1" in r]
+                notes = "; ".join(errors) or "seeds " + ", ".join(map(str, runs_ddp))
+                if refs:
+                    notes += (f"; the same job's 1-process reference (same code, same calibrated start): "
+                              f"{mean_std(refs)}")
+            else:
+                present = [r["rows"][name] for r in runs.values() if name in r["rows"]]
+                if not present:
+                    continue
+                values = [p["top1"] for p in present if "top1" in p]
+                errors = sorted({p["error"] for p in present if "error" in p})
+                times = [p["seconds"] for p in present]
+                notes = sorted({p["note"] for p in present if p.get("note")}) + errors
+                before = [p["before"] for p in present if "before" in p]
+                if before:
+                    notes = [f"{mean_std(before)} before fine-tuning"] + [n for n in notes if not n.startswith("ratio")]
+                notes = "; ".join(notes)
+            delta = f"{statistics.mean(values) - orig:+.2f}" if values and orig is not None and name != "original" else ""
+            lines.append(f"| {label} | {mean_std(values)} | {delta} | {statistics.mean(times):.0f} | "
+                         f"{len(values)}/{len(times) if name == 'ddp' else seeds} | {notes.replace('|', '/')} |")
+        lines += ["", "Targets (issue 10), on the means:", ""] + targets(results, ddp, kind) + [""]
+        names = [n for n, _ in ROWS if any(n in r["rows"] for r in runs.values())]
+        lines += ["Per seed (top-1 %):", "", "| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for seed, r in runs.items():
+            cells = [f"{r['rows'][n]['top1']:.2f}" if "top1" in r["rows"].get(n, {}) else
+                     ("failed" if n in r["rows"] else "-") for n in names]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help="folder of the four Fashion-MNIST IDX files")
+    p.add_argument("--models", default="resnet,densenet,mobilenet", type=lambda s: [m for m in s.split(",") if m])
+    p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",") if x])
+    p.add_argument("--epochs", type=int, default=3, help="E: epochs of the original and the narrow baseline")
+    p.add_argument("--train-subset", type=int, default=20000, help="training images used (0: all 60,000)")
+    p.add_argument("--test-subset", type=int, default=0, help="test images used (0: all 10,000; --quick uses 1,000)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch of the from-scratch training (rows 1 and 8)")
+    p.add_argument("--ddp-models", default="resnet", type=lambda s: [m for m in s.split(",") if m],
+                   help="models whose row 6 also runs under torchrun with 2 processes ('' for none)")
+    p.add_argument("--ddp-seeds", default=None, type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="seeds of the DDP row (default: all --seeds)")
+    p.add_argument("--pruned-kd", action="store_true", help="also row 9b: the pruned model with logit distillation")
+    p.add_argument("--jobs", type=int, default=3,
+                   help="processes side by side, one per model, each with 1 thread (default 3; 1: one process)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of a single-process run (--jobs 1)")
+    p.add_argument("--out", default=None, help="the note to write (default ACCURACY.md; --quick: a temporary file)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of the whole script in about a minute")
+    p.add_argument("--debug", action="store_true", help="print tracebacks of failed rows")
+    p.add_argument("--note-only", action="store_true",
+                   help="write the note again from the last run's saved results (benchmarks/.cache/results-*.json)")
+    p.add_argument("--results", default=None,
+                   help="with --note-only: the saved results to read, comma-separated (runs of different models "
+                        "in parallel processes merge into one note)")
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ddp-result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = [m for m in args.models + args.ddp_models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}")
+    if args.quick:
+        args.epochs, args.train_subset = 1, 1024
+        args.test_subset = args.test_subset or 1000
+        args.seeds = args.seeds[:1]
+    if args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if args.ddp_seeds is None:
+        args.ddp_seeds = list(args.seeds)
+    if args.out is None:
+        args.out = str(Path(tempfile.gettempdir()) / "ACCURACY.quick.md") if args.quick else str(ROOT / "ACCURACY.md")
+    return args
+
+
+def library_state() -> str:
+    """Which cspify the run measured: its commit, and whether the working tree differed."""
+    def git(*argv):
+        try:
+            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD").strip()
+    if not head:
+        return f"version {cspify.__version__} (not a git checkout)"
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "cspify", "rules").splitlines()]
+    return f"commit {head}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+SETTINGS = ("data", "seeds", "epochs", "train_subset", "test_subset", "batch_size", "threads", "pruned_kd", "quick",
+            "ddp_models", "ddp_seeds")
+
+
+def save_results(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: float) -> None:
+    """The raw results and the run's settings beside the cache: the note can be written again
+    from them (--note-only), and a parallel run merges its workers' files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts = {k: getattr(data, k) for k in ("channels", "size", "num_classes", "train_total", "val_total")}
+    counts |= {"train_count": len(data.train_x), "val_count": len(data.val_x)}
+    path.write_text(json.dumps({
+        "command": args.command, "elapsed": elapsed, "library": getattr(args, "library", None),
+        "settings": {k: getattr(args, k) for k in SETTINGS}, "counts": counts, "results": results, "ddp": ddp,
+    }, indent=1))
+
+
+def merge_results(paths: list[Path]) -> tuple[dict, dict, dict]:
+    """Results, DDP results and the first file's other fields, from one or more saved files."""
+    results, ddp, first = {}, {}, None
+    for path in paths:
+        saved = json.loads(path.read_text())
+        for kind, runs in saved["results"].items():
+            results[kind] = {int(seed): value for seed, value in runs.items()}
+        for kind, runs in saved["ddp"].items():
+            ddp[kind] = {int(seed): value for seed, value in runs.items()}
+        first = first or saved
+    return results, ddp, first
+
+
+def note_from_saved(args, paths: list[Path], elapsed: float | None = None, command: str | None = None) -> None:
+    results, ddp, saved = merge_results(paths)
+    for key, value in saved.get("settings", {}).items():
+        setattr(args, key, value)
+    args.models = [m for m in MODELS if m in results]
+    args.library = saved.get("library") or "not recorded"
+    args.command = command or saved["command"]
+    args.parallel = len(paths) > 1 or saved.get("parallel", False)
+    counts = saved["counts"]
+    data = argparse.Namespace(channels=counts["channels"], size=counts["size"], num_classes=counts["num_classes"],
+                              train_total=counts["train_total"], val_total=counts["val_total"],
+                              train_x=range(counts["train_count"]), val_x=range(counts["val_count"]))
+    write_note(Path(args.out), results, ddp, args, data, elapsed if elapsed is not None else saved["elapsed"], done=True)
+
+
+def results_path(out: str, quick: bool) -> Path:
+    return CACHE / f"results-{Path(out).stem}{'-quick' if quick else ''}.json"
+
+
+def run_parallel(args) -> None:
+    """One worker process per model (1 thread each), side by side; then one note from all.
+    On a small shared machine this beats one process with 2 threads, whose threads wait for
+    each other whenever another job holds a core."""
+    start = time.perf_counter()
+    print(f"[  0.0 min] {len(args.models)} processes, one per model: logs in {CACHE}/accuracy-<model>.log", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    procs, paths = {}, []
+    for kind in args.models:
+        out = CACHE / f"ACCURACY-{kind}.md"
+        child = [sys.executable, str(Path(__file__).resolve()), "--models", kind, "--jobs", "1", "--threads", "1",
+                 "--seeds", ",".join(map(str, args.seeds)), "--epochs", str(args.epochs),
+                 "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset or 0),
+                 "--batch-size", str(args.batch_size), "--data", args.data, "--out", str(out),
+                 "--ddp-models", ",".join(m for m in args.ddp_models if m == kind),
+                 "--ddp-seeds", ",".join(map(str, args.ddp_seeds))]
+        child += ["--pruned-kd"] * args.pruned_kd + ["--quick"] * args.quick + ["--debug"] * args.debug
+        log = open(CACHE / f"accuracy-{kind}.log", "w")
+        procs[kind] = (subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
+        paths.append(results_path(str(out), args.quick))
+    for kind, (proc, log) in procs.items():
+        proc.wait()
+        log.close()
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {kind} finished (exit {proc.returncode})", flush=True)
+    found = [p for p in paths if p.exists()]
+    if not found:
+        sys.exit("accuracy.py: no worker left results; see the logs in " + str(CACHE))
+    elapsed = time.perf_counter() - start
+    results, ddp, saved = merge_results(found)
+    merged = {**saved, "command": args.command, "elapsed": elapsed, "parallel": True, "results": results, "ddp": ddp}
+    results_path(args.out, args.quick).write_text(json.dumps(merged, indent=1))
+    note_from_saved(args, [results_path(args.out, args.quick)])
+    print(f"[{(time.perf_counter() - start) / 60:5.1f} min] wrote {args.out}", flush=True)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.ddp_worker:
+        ddp_worker(args)
+        return
+    args.command = " ".join(["python benchmarks/accuracy.py"] + [shlex.quote(a) for a in argv if a != "--note-only"])
+    if args.note_only:
+        paths = [Path(p) for p in args.results.split(",")] if args.results else [results_path(args.out, args.quick)]
+        note_from_saved(args, paths)
+        print(f"wrote {args.out} from {', '.join(map(str, paths))}")
+        return
+    if args.jobs > 1 and len(args.models) > 1:
+        run_parallel(args)
+        return
+    torch.set_num_threads(args.threads)
+    raw = results_path(args.out, args.quick)
+    args.library = library_state()
+    start = time.perf_counter()
+
+    def log(message):
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
+
+    data = open_benchmark_data(args.data, args.train_subset, args.test_subset)
+    log(f"data: {len(data.train_x)} training, {len(data.val_x)} test images; models {args.models}, "
+        f"seeds {args.seeds}, E={args.epochs}")
+    results, ddp = {}, {}
+    out = Path(args.out)
+    for kind in args.models:
+        for seed in args.seeds:
+            results.setdefault(kind, {})[seed] = run_one(kind, seed, args, data, log)
+            save_results(raw, results, ddp, args, data, time.perf_counter() - start)
+            write_note(out, results, ddp, args, data, time.perf_counter() - start, done=False)
+        if kind in args.ddp_models:
+            for seed in args.ddp_seeds:
+                ddp.setdefault(kind, {})[seed] = run_ddp(kind, seed, args, log)
+                save_results(raw, results, ddp, args, data, time.perf_counter() - start)
+                write_note(out, results, ddp, args, data, time.perf_counter() - start, done=False)
+    save_results(raw, results, ddp, args, data, time.perf_counter() - start)
+    write_note(out, results, ddp, args, data, time.perf_counter() - start, done=True)
+    log(f"wrote {out} in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
