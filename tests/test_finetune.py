@@ -231,3 +231,11 @@ def test_cli_convert_calibrate(cli_setup):
     assert cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "-o", "plain.pt").exit_code == 0
     calibrated, plain = (torch.load(p, weights_only=False).state_dict() for p in ("csp.pt", "plain.pt"))
     assert not all(torch.equal(v, plain[k]) for k, v in calibrated.items())
+
+
+def test_cli_calibrate_only(cli_setup):
+    result = cli("finetune", "net.py:Net", "--data", "data", "--epochs", "0", "-o", "csp.pt", "--json", "run.json", "-q")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    record = json.loads((cli_setup / "run.json").read_text())
+    assert record["finetune"] is None and record["calibration"]["fits"]
+    assert record["converted"]["top1"] == record["converted"]["top1_before_finetune"] is not None

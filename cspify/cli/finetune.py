@@ -47,14 +47,15 @@ from cspify.finetune import Recipe, evaluate, finetune, init_distributed
 @click.option("--data", "data_path", required=True, metavar="DATA", help="The images: an ImageFolder tree or IDX files.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None,
               help="Read the images with this many channels (grey as RGB repeats the channel).")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs of fine-tuning.")
+@click.option("--epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Epochs of fine-tuning (0: calibrate only, and score that).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per step (per process under torchrun).")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 0.02 per 128 images of global batch, SGD with Nesterov momentum].")
 @click.option("--no-labels", is_flag=True, help="Distil only: do not use the labels.")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Training images calibration reads (no labels); 0 epochs of fine-tuning need only these.")
+              help="Training images calibration reads (no labels).")
 @click.option("--no-calibrate", is_flag=True, help="Fine-tune from the converted model as it is.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to train.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast while training.")
@@ -100,20 +101,23 @@ def _finetune(options: dict) -> None:
         original_top1 = evaluate(model, data.val, device)
     if not options["no_calibrate"] and options["resume"] is None:
         calibrate_step(model, csp, data, options["calibration_images"], progress)
-    with progress("scoring the converted model"):
-        before = evaluate(csp, data.val, device)
     try:
-        finetune(csp, data.train, teacher=model, epochs=options["epochs"], val_data=data.val, lr=options["lr"],
-                 batch_size=options["batch_size"], use_labels=not options["no_labels"], recipe=Recipe(),
-                 device=device, bf16=options["bf16"], checkpoint=checkpoint, resume=options["resume"],
-                 progress=lead and not options["quiet"], seed=options["seed"], num_workers=options["workers"])
+        if options["epochs"]:
+            finetune(csp, data.train, teacher=model, epochs=options["epochs"], val_data=data.val, lr=options["lr"],
+                     batch_size=options["batch_size"], use_labels=not options["no_labels"], recipe=Recipe(),
+                     device=device, bf16=options["bf16"], checkpoint=checkpoint, resume=options["resume"],
+                     progress=lead and not options["quiet"], seed=options["seed"], num_workers=options["workers"])
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as guard() turns it into one
         if lead:
             click.echo(f"cspify: epochs completed before the stop are in {checkpoint}; "
                        f"continue with --resume {checkpoint}", err=True)
         raise
     run = _run_record(csp, options["scope"])
-    after = run.epochs[-1].val_top1 if run.epochs else before
+    if run is None:  # --epochs 0
+        with progress("scoring the converted model"):
+            before = after = evaluate(csp, data.val, device)
+    else:  # finetune scored it before its first epoch (a resumed run kept that score)
+        before, after = run.val_top1_before, run.epochs[-1].val_top1 if run.epochs else None
     record = {
         "data": data.summary(),
         "original": {"top1": original_top1, "flops": report.original.flops, "params": report.original.params},
@@ -121,7 +125,7 @@ def _finetune(options: dict) -> None:
                       "params": report.converted.params},
         "conversion": report.to_dict(),
         "calibration": _calibration_record(csp, options["scope"]),
-        "finetune": run.to_dict(),
+        "finetune": run.to_dict() if run is not None else None,
     }
     if lead:
         with Outputs(force=options["force"]) as out:  # all written, or none
@@ -196,18 +200,23 @@ def side_by_side(record: dict) -> str:
 
     o, c = record["original"], record["converted"]
     rows = [
-        ["top-1 (val)", f"{100 * o['top1']:.2f}%", f"{100 * c['top1']:.2f}%", f"{100 * (c['top1'] - o['top1']):+.2f} pts"],
-        ["  before fine-tuning", "", f"{100 * c['top1_before_finetune']:.2f}%", ""],
+        ["top-1 (val)", _percent(o["top1"]), _percent(c["top1"]),
+         f"{100 * (c['top1'] - o['top1']):+.2f} pts" if c["top1"] is not None else ""],
+        ["  before fine-tuning", "", _percent(c["top1_before_finetune"]), ""],
         ["flops", human(o["flops"]), human(c["flops"]), f"{100 * (1 - c['flops'] / o['flops']):.1f}% saved"],
         ["params", human(o["params"]), human(c["params"]), f"{100 * (1 - c['params'] / o['params']):.1f}% saved"],
     ]
     return tabulate(rows, headers=["", "original", "converted", "change"], disable_numparse=True)
 
 
+def _percent(value: float | None) -> str:
+    return f"{100 * value:.2f}%" if value is not None else "-"
+
+
 def _run_record(csp: nn.Module, scope: str | None):
     from cspify.finetune import META_KEY
 
-    return (csp.get_submodule(scope) if scope else csp).meta[META_KEY]
+    return (csp.get_submodule(scope) if scope else csp).meta.get(META_KEY)
 
 
 def _calibration_record(csp: nn.Module, scope: str | None):
