@@ -53,7 +53,7 @@ from cspify import rules
 from cspify.errors import ConfigError
 from cspify.plan import plan_stage
 from cspify.record import Conversion, StageRecord, conversion_of
-from cspify.taps import module_nodes, node_named, run_until_tapped, tapping
+from cspify.taps import Taps, module_nodes, node_named, run_until_tapped
 from cspify.trace import Traced, capture_inputs, trace
 
 __all__ = ["calibrate", "Calibration", "Fit", "find_conversion", "image_batches", "stabilise_norms", "traced_original"]
@@ -139,6 +139,7 @@ def calibrate(
     teacher_part = traced.gm
     plans = _plans(traced, record) if inner else {}
     result = Calibration(images=sum(len(b) for b in batches), seconds=0.0)
+    job = _Job(converted, part, teacher, teacher_part, batches, ridge, result)
     modes = {m: m.training for m in converted.modules()}
     converted.eval()
     try:
@@ -154,13 +155,13 @@ def calibrate(
                 layers = [layer for layer in layers if found is None or layer.node is not found.conv]
                 refit = {layer.node.name for layer in layers}
                 names = [n for n in _stage_norms(part, stage) if not _follows(part, n, refit)] if norms else []
-                _fit_layers(converted, part, teacher, teacher_part, stage, layers, batches, ridge, result, names)
+                _fit_layers(job, stage, layers, names)
                 if found is not None:
-                    _fit_transition(converted, part, teacher, teacher_part, stage, found, batches, ridge, result)
+                    _fit_transition(job, stage, found)
                 if readers:
                     layers = _readers(part, teacher_part, stage.converted_output, reader_depth,
                                       elsewhere - set(stage.nodes) - set(stage.added))
-                    _fit_layers(converted, part, teacher, teacher_part, stage, layers, batches, ridge, result)
+                    _fit_layers(job, stage, layers)
             if stable:
                 result.stabilised = stabilise_norms(converted, part, batches)
     finally:
@@ -169,6 +170,23 @@ def calibrate(
     result.seconds = round(time.perf_counter() - start, 3)
     part.meta[META_KEY] = result
     return converted
+
+
+@dataclass
+class _Job:
+    """Both models as calibration runs them: the whole model to call, the GraphModule whose
+    nodes the record names (the scoped part with a scope), each instrumented once."""
+
+    student: nn.Module
+    part: fx.GraphModule
+    teacher: nn.Module
+    teacher_part: fx.GraphModule
+    batches: list[torch.Tensor]
+    ridge: float
+    result: Calibration
+
+    def __post_init__(self) -> None:
+        self.taps, self.teacher_taps = Taps(self.part), Taps(self.teacher_part)
 
 
 # ---------------------------------------------------------------- inputs and models
@@ -463,23 +481,22 @@ def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(module, _BatchNorm) and module.affine and module.track_running_stats
 
 
-def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, found: _Transition, batches, ridge,
-                    result: Calibration) -> None:
+def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
     """Least squares from the conv's input to the original stage output's channels it
     produces; the BatchNorm after it is set to pass the fitted values through."""
     conv_node, norm, start = found.conv, found.norm, found.start
-    conv = gm.get_submodule(conv_node.target)
+    conv = job.part.get_submodule(conv_node.target)
     intercept = norm is not None or conv.bias is not None
     features = _rows(conv, torch.zeros(1, *conv_node.args[0].meta["tensor_meta"].shape[1:], device=conv.weight.device))
     solver = LeastSquares(features.shape[1], conv.out_channels, intercept=True, device=conv.weight.device)
     generator = torch.Generator().manual_seed(0)
-    cap = max(1, MAX_ROWS // len(batches))
+    cap = max(1, MAX_ROWS // len(job.batches))
     source = conv_node.args[0].name
-    with tapping(gm, [source], stop=True, detach=True) as mine, \
-            tapping(teacher_gm, [stage.output], stop=True, detach=True) as theirs:
-        for x in batches:
-            run_until_tapped(model, x)
-            run_until_tapped(teacher, x)
+    with job.taps.values([source], stop=True, detach=True) as mine, \
+            job.teacher_taps.values([stage.output], stop=True, detach=True) as theirs:
+        for x in job.batches:
+            run_until_tapped(job.student, x)
+            run_until_tapped(job.teacher, x)
             rows = _rows(conv, mine[source])
             target = _targets(conv, theirs[stage.output].narrow(1, start, conv.out_channels))
             pick = _sample(len(rows), cap, generator, rows.device)
@@ -487,7 +504,7 @@ def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, found: _
     mean_x, second = solver.input_moments()  # before dropping the intercept column
     if not intercept:
         solver = _without_intercept(solver)
-    weight, bias = solver.solve(ridge)
+    weight, bias = solver.solve(job.ridge)
     if norm is not None:  # norm(W x) = W x + b: statistics of W x, weight sqrt(var + eps), bias mean + b
         mean = weight @ mean_x
         var = (((weight @ second) * weight).sum(1) - mean.square()).clamp_min(1e-6)
@@ -498,8 +515,8 @@ def _fit_transition(model, gm, teacher, teacher_gm, stage: StageRecord, found: _
         norm.bias.copy_((mean + bias).to(norm.bias.dtype))
     else:
         _set_layer(conv, weight, bias)
-    result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features,
-                           round(solver.error(weight, bias), 5)))
+    job.result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features,
+                               round(solver.error(weight, bias), 5)))
 
 
 def _without_intercept(solver: LeastSquares) -> LeastSquares:
@@ -589,19 +606,18 @@ def _outputs(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def _fit_layers(model, gm, teacher, teacher_gm, stage, layers: list[_Layer], batches, ridge, result,
-                norms: list[str] = ()) -> None:
+def _fit_layers(job: _Job, stage: StageRecord, layers: list[_Layer], norms: list[str] = ()) -> None:
     """Refit ``layers`` and re-estimate the BatchNorms at nodes ``norms``, each once all of
     those it reads from are done: one pass over the images per wave."""
-    items = [layer.node for layer in layers] + [node_named(gm, n) for n in norms]
+    items = [layer.node for layer in layers] + [node_named(job.part, n) for n in norms]
     ancestors = {node.name: _ancestors(node) for node in items}
     by_node = {layer.node.name: layer for layer in layers}
     waiting = list(items)
     while waiting:
         wave = [a for a in waiting if not any(b.name in ancestors[a.name] for b in waiting if b is not a)]
         waiting = [a for a in waiting if a not in wave]
-        _fit_wave(model, gm, teacher, teacher_gm, stage, [by_node[n.name] for n in wave if n.name in by_node],
-                  [n.name for n in wave if n.name not in by_node], batches, ridge, result)
+        _fit_wave(job, stage, [by_node[n.name] for n in wave if n.name in by_node],
+                  [n.name for n in wave if n.name not in by_node])
 
 
 def _ancestors(node: fx.Node) -> set[str]:
@@ -614,8 +630,10 @@ def _ancestors(node: fx.Node) -> set[str]:
     return found
 
 
-def _fit_wave(model, gm, teacher, teacher_gm, stage, wave: list[_Layer], norms: list[str], batches, ridge,
-              result) -> None:
+def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str]) -> None:
+    """One pass over the images: the wave's layers' inputs and the original's outputs of
+    them feed their least squares, and the BatchNorms ``norms`` estimate their statistics."""
+    gm, result = job.part, job.result
     modules = {a.node.name: gm.get_submodule(a.node.target) for a in wave}
     follow = {a.node.name: _norm_after(gm, a.node) for a in wave}
     solvers = {}
@@ -625,9 +643,9 @@ def _fit_wave(model, gm, teacher, teacher_gm, stage, wave: list[_Layer], norms: 
         features = module.in_features if isinstance(module, nn.Linear) else module.in_channels * _prod(module.kernel_size)
         solvers[a.node.name] = LeastSquares(features, _outputs(module), intercept, module.weight.device)
     sources = {a.node.name: a.node.args[0].name for a in wave}
-    keeps = {a.node.name: torch.tensor(a.keep, device=_device(model)) if a.keep is not None else None for a in wave}
+    keeps = {a.node.name: torch.tensor(a.keep, device=_device(gm)) if a.keep is not None else None for a in wave}
     generator = torch.Generator().manual_seed(0)
-    cap = max(1, MAX_ROWS // len(batches))
+    cap = max(1, MAX_ROWS // len(job.batches))
     estimating = [gm.get_submodule(node_named(gm, n).target) for n in norms]
     saved = [(m.momentum, m.training) for m in estimating]
     try:
@@ -635,13 +653,13 @@ def _fit_wave(model, gm, teacher, teacher_gm, stage, wave: list[_Layer], norms: 
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        with tapping(gm, [*sources.values(), *norms], stop=True, detach=True) as mine, \
-                tapping(teacher_gm, [a.target for a in wave], stop=True, detach=True) as theirs:
-            for x in batches:
-                run_until_tapped(model, x)
+        with job.taps.values([*sources.values(), *norms], stop=True, detach=True) as mine, \
+                job.teacher_taps.values([a.target for a in wave], stop=True, detach=True) as theirs:
+            for x in job.batches:
+                run_until_tapped(job.student, x)
                 if not wave:
                     continue
-                run_until_tapped(teacher, x)
+                run_until_tapped(job.teacher, x)
                 for a in wave:
                     module, keep = modules[a.node.name], keeps[a.node.name]
                     rows = _rows(module, mine[sources[a.node.name]])
@@ -659,7 +677,7 @@ def _fit_wave(model, gm, teacher, teacher_gm, stage, wave: list[_Layer], norms: 
         module, solver, norm = modules[a.node.name], solvers[a.node.name], follow[a.node.name]
         current = module.weight.reshape(module.weight.shape[0], -1).double()
         before = solver.error(current, module.bias.double() if module.bias is not None else None)
-        weight, bias = solver.solve(ridge, prior=current)
+        weight, bias = solver.solve(job.ridge, prior=current)
         after = solver.error(weight, bias)
         if not after < before:  # the fit would only lose: keep the layer as it is
             result.skipped.append(f"{stage.name}: refitting {a.node.target} would not lower its error ({before:.4f})")

@@ -4,15 +4,16 @@
         logits = model(x)               # gm is model itself, or a submodule of it (a scope)
     values["layer1_fuse"]               # the node's value in that forward pass
 
-    with tapping(gm, ["relu_2"], stop=True) as values:
+    taps = Taps(gm)                     # instrument once, tap different nodes many times
+    with taps.values(["relu_2"], stop=True) as values:
         run_until_tapped(model, x)      # stops the forward once every value is in: a prefix only
 
 Calibration and fine-tuning read the stage outputs the conversion record names this way.
-The GraphModule itself is not edited: a copy of its graph with one small recording module
-after each tapped node runs instead of its own, sharing every module and parameter, so
-gradients reach the model's parameters as usual. A recorded value is a clone of the node's
-value when it was computed, so a later in-place op (``out += identity``, ``ReLU(inplace=True)``)
-cannot change it.
+The GraphModule itself is not edited: a copy of its graph with a recording call after each
+node that may be tapped runs instead of its own (an instance attribute ``forward`` for the
+duration of the block), sharing every module and parameter, so gradients reach the model's
+parameters as usual. A recorded value is a clone of the node's value when it was computed,
+so a later in-place op (``out += identity``, ``ReLU(inplace=True)``) cannot change it.
 """
 
 from __future__ import annotations
@@ -24,83 +25,106 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["tapping", "run_until_tapped", "StopForward", "node_named", "module_nodes"]
+__all__ = ["Taps", "tapping", "run_until_tapped", "StopForward", "node_named", "module_nodes"]
+
+RECORDER = "cspify_taps"  # the recording module's name inside the instrumented copy
 
 
 class StopForward(Exception):
     """Raised inside a forward pass once every tapped value is recorded (``stop=True``)."""
 
 
-class _Record(nn.Module):
-    """Records its input under ``name`` in ``store`` and passes it on unchanged."""
+class _Recorder(nn.Module):
+    """Called as ``recorder(name, value)`` after each instrumented node: keeps the values
+    asked for, passes nothing on, and ends the pass once all are in when told to stop."""
 
-    def __init__(self, store: dict, name: str, wanted: int, stop: bool, detach: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.store, self.name, self.wanted, self.stop, self.detach = store, name, wanted, stop, detach
+        self.wanted: frozenset[str] = frozenset()
+        self.store: dict[str, object] = {}
+        self.stop = self.detach = False
 
-    def forward(self, x):
-        self.store[self.name] = x.detach().clone() if self.detach else x.clone()
-        if self.stop and len(self.store) >= self.wanted:
+    def forward(self, name: str, value) -> None:
+        if name not in self.wanted:
+            return
+        if isinstance(value, torch.Tensor):
+            value = value.detach().clone() if self.detach else value.clone()
+        self.store[name] = value
+        if self.stop and len(self.store) == len(self.wanted):
             raise StopForward
-        return x
+
+
+class Taps:
+    """``gm`` instrumented once (every node, or only ``names``) so that ``values`` can
+    record any of those nodes in later forward passes."""
+
+    def __init__(self, gm: fx.GraphModule, names: Iterable[str] | None = None) -> None:
+        self.gm = gm
+        self.recorder = _Recorder()
+        only = set(names) if names is not None else None
+        known = {node.name for node in gm.graph.nodes}
+        missing = sorted((only or set()) - known)
+        if missing:
+            raise KeyError(f"the model has no node named {missing[0]!r}")
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        graph.output(graph.graph_copy(gm.graph, env))
+        root = nn.Module()
+        root.add_module(RECORDER, self.recorder)
+        for node, copied in env.items():
+            if node.op in ("placeholder", "output", "get_attr") or (only is not None and node.name not in only):
+                continue
+            with graph.inserting_after(copied):
+                graph.call_module(RECORDER, (node.name, copied))
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr") and node.target != RECORDER:
+                owner = node.target.split(".")[0]
+                if not hasattr(root, owner):
+                    setattr(root, owner, getattr(gm, owner))
+        self.instrumented = fx.GraphModule(root, graph, gm.__class__.__name__)
+        self.names = only if only is not None else known
+
+    @contextmanager
+    def values(self, names: Iterable[str], *, stop: bool = False, detach: bool = False):
+        """Within the block, each forward of ``gm`` fills the yielded dict with the values of
+        the nodes ``names`` (each pass starts it empty). ``stop`` ends the pass once all are
+        in (see ``run_until_tapped``); ``detach`` records them without autograd history."""
+        wanted = frozenset(names)
+        unknown = sorted(wanted - self.names)
+        if unknown:
+            raise KeyError(f"node {unknown[0]!r} is not instrumented (or not in the model)")
+        recorder, gm = self.recorder, self.gm
+        store: dict[str, object] = {}
+        recorder.wanted, recorder.store, recorder.stop, recorder.detach = wanted, store, stop, detach
+        had_forward = "forward" in vars(gm)
+        previous = vars(gm).get("forward")
+        instrumented = self.instrumented
+
+        def forward(*args, **kwargs):
+            store.clear()  # a pass starts empty: ``stop`` waits for this pass's values, not the last one's
+            return instrumented.forward(*args, **kwargs)
+
+        gm.forward = forward
+        try:
+            yield store
+        finally:
+            recorder.wanted = frozenset()
+            if had_forward:
+                gm.forward = previous
+            else:
+                del gm.forward
 
 
 @contextmanager
 def tapping(gm: fx.GraphModule, names: Iterable[str], *, stop: bool = False, detach: bool = False):
-    """Within the block, each forward of ``gm`` fills the yielded dict with the values of
-    the nodes ``names`` (a fresh pass overwrites them). ``stop`` ends the pass early once
-    all are in (see ``run_until_tapped``); ``detach`` records them without autograd history."""
-    names = list(dict.fromkeys(names))
-    store: dict[str, torch.Tensor] = {}
-    known = {node.name for node in gm.graph.nodes}
-    for name in names:
-        if name not in known:
-            raise KeyError(f"the model has no node named {name!r}")
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    if stop:  # the nodes up to the last tapped one, in order: nothing after it would run
-        left = set(names)
-        for node in gm.graph.nodes:
-            if not left and node.op != "placeholder":
-                break
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            left.discard(node.name)
-        graph.output(None)
-    else:
-        graph.output(graph.graph_copy(gm.graph, env))
-    copied = {node.name: new for node, new in env.items()}
-    root = nn.Module()
-    for i, name in enumerate(names):
-        node = copied[name]
-        target = f"cspify_tap_{i}"
-        root.add_module(target, _Record(store, name, len(names), stop, detach))
-        with graph.inserting_after(node):
-            graph.call_module(target, (node,))
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            owner = node.target.split(".")[0]
-            if not hasattr(root, owner):
-                setattr(root, owner, getattr(gm, owner))
-    tapped = fx.GraphModule(root, graph, gm.__class__.__name__)
-    had_forward = "forward" in vars(gm)
-    previous = vars(gm).get("forward")
-
-    def forward(*args, **kwargs):
-        store.clear()  # a pass starts empty: ``stop`` waits for this pass's values, not the last one's
-        return tapped.forward(*args, **kwargs)
-
-    gm.forward = forward
-    try:
+    """``Taps(gm, names).values(names, ...)`` in one step: for a single use."""
+    names = list(names)
+    with Taps(gm, names).values(names, stop=stop, detach=detach) as store:
         yield store
-    finally:
-        if had_forward:
-            gm.forward = previous
-        else:
-            del gm.forward
 
 
 def run_until_tapped(model: nn.Module, *inputs) -> None:
-    """Run ``model`` until a ``tapping(..., stop=True)`` block has every value it asked for."""
+    """Run ``model`` until a ``stop=True`` block has every value it asked for."""
     try:
         model(*inputs)
     except StopForward:
