@@ -7,7 +7,9 @@ and print both models' accuracy and flops side by side.
 
 A checkpoint is written after every epoch (``--checkpoint``, by default OUT.ckpt beside
 ``-o``); Ctrl-C or SIGTERM leaves the last complete one, and ``--resume CKPT`` continues from
-it. ``calibrate_step`` is also what ``cspify convert --calibrate DATA`` runs.
+it. Bad data (a missing folder, no images, more classes than the model has outputs, a
+channel count the model does not take) is one ``error:`` line and exit code 7.
+``calibrate_data`` is what ``cspify convert --calibrate DATA`` runs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from cspify import api
 from cspify.calibrate import calibrate
 from cspify.cli.common import (
     MODEL_HELP,
@@ -32,7 +35,6 @@ from cspify.cli.common import (
     point_options,
     stage_options,
 )
-from cspify import api
 from cspify.data import DataError, ImageData, open_data
 from cspify.export import Outputs
 from cspify.finetune import Recipe, evaluate, finetune, init_distributed
