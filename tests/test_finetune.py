@@ -239,3 +239,14 @@ def test_cli_calibrate_only(cli_setup):
     record = json.loads((cli_setup / "run.json").read_text())
     assert record["finetune"] is None and record["calibration"]["fits"]
     assert record["converted"]["top1"] == record["converted"]["top1_before_finetune"] is not None
+
+
+def test_scope_conversion_distils_its_stages():
+    from test_calibrate import Wrapped
+
+    model = randomize_norms(seeded(Wrapped))
+    converted = cspify.convert(model, X[:2], scope="backbone")
+    labels = torch.randint(0, 4, (len(X),), generator=torch.Generator().manual_seed(2))
+    finetune(converted, TensorDataset(X, labels), teacher=model, epochs=1, batch_size=16, progress=False)
+    run = converted.backbone.meta["cspify.finetune"]
+    assert run.settings["stages"] == ["stage1"] and run.epochs[0].feature is not None
