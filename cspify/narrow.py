@@ -42,19 +42,21 @@ def clone_module(module: nn.Module) -> nn.Module:
     gradients on it (the older ``torch.nn.utils.weight_norm`` sets ``weight`` so at every
     forward, and deepcopy refuses such tensors): that tensor is copied detached, and its
     hook computes it again at the next forward."""
-    memo = {}
-    for m in module.modules():
-        for value in vars(m).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
+    memo = {id(t): t.detach().clone() for t in _computed_tensors(module)}
     return copy.deepcopy(module, memo)
 
 
 def has_computed_tensors(module: nn.Module) -> bool:
     """Does a hook's computed tensor (see ``clone_module``) keep ``copy.deepcopy`` off it?"""
-    return any(
-        isinstance(value, torch.Tensor) and not value.is_leaf for m in module.modules() for value in vars(m).values()
-    )
+    return any(True for _ in _computed_tensors(module))
+
+
+def _computed_tensors(module: nn.Module):
+    """Tensors with a history kept as plain attributes of ``module`` or its submodules."""
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                yield value
 
 
 def narrow_tensor(t: torch.Tensor, dim: int, keep: Keep) -> torch.Tensor:

@@ -103,8 +103,8 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
     rank = len(shape(traced.nodes[through_output]))
     if new_transition and not can_mix(rank, stage.channel_axis):
         raise _Skip(
-            f"its channels are on axis {stage.channel_axis} of {rank}, where neither a 1x1 conv nor a linear layer "
-            "can be its partial transition"
+            f"its channels are on axis {stage.channel_axis} of the {rank}-dim '{through_output}', where neither "
+            "a 1x1 conv nor a linear layer can be its partial transition"
         )
     norm_template, act_template = _templates(a, partial, stage)
     norm = traced.gm.get_submodule(traced.nodes[norm_template].target) if norm_template else None

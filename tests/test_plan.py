@@ -139,3 +139,31 @@ def test_a_layer_under_an_unknown_parametrization_is_refused_with_why():
     assert not plan.converted
     assert plan.reason == "'layer1_0_reduce_0' (ParametrizedConv2d): its 'weight' is parametrized by _Orthogonal, which cspify cannot narrow"
     assert plans_of(model)["layer2"].converted
+
+
+class MiddleBlock(nn.Module):
+    """A stream kept N,H,C,W: its channels on axis 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_stream_no_pointwise_layer_can_transition_is_refused_with_why():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.layer1 = cbr(3, 8, 3), nn.Sequential(MiddleBlock(), MiddleBlock())
+
+        def forward(self, x):
+            return self.layer1(self.stem(x).transpose(1, 2))
+
+    plan = plans_of(seeded(Net))["layer1"]
+    assert plan.stage.channel_axis == 2 and not plan.converted
+    assert plan.reason == (
+        "its channels are on axis 2 of the 4-dim 'add_1', where neither a 1x1 conv nor a linear layer can be its "
+        "partial transition"
+    )
