@@ -436,12 +436,14 @@ def _set_layer(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @dataclass
 class _Transition:
-    """A stage's partial transition as least squares sees it: the conv to fit, the
-    BatchNorm after it (None: none), and the first of the original output's channels it
-    produces (fusion last: the bypass width; fusion first: 0)."""
+    """A stage's partial transition as least squares sees it: the conv (or, on a
+    channels-last stream, linear) layer to fit, the BatchNorm after it (None: none), and
+    where its channels lie in the original's stage output: the axis, and the first of them
+    (fusion last: the bypass width; fusion first: 0)."""
 
     conv: fx.Node
     norm: nn.Module | None
+    axis: int
     start: int
 
 
@@ -449,28 +451,31 @@ def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -
     """The partial transition to fit, a reason why it cannot be, or None where there is none
     (fusion first without a new transition: the stage's own transition reads the concat)."""
     out = node_named(gm, stage.converted_output)
+    rank = len(out.meta["tensor_meta"].shape)
     concat = out.op == "call_function" and out.target is torch.cat
     if record.config.fusion == "last":
         if not concat:
             return "its output is not a concat"
-        axis = out.args[1] if len(out.args) > 1 else out.kwargs.get("dim", 0)
-        if axis not in (1, 1 - len(out.meta["tensor_meta"].shape)):
-            return "its channels are not on axis 1"
+        axis = (out.args[1] if len(out.args) > 1 else out.kwargs.get("dim", 0)) % rank
         through, start = out.args[0][-1], stage.bypass_channels
     elif concat:
         return None
     else:
-        through, start = out, 0
-    chain, node = [], through  # from the transition's output back to its conv: norms and activations
-    while not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), CONVS)):
+        through, axis, start = out, None, 0
+    chain, node = [], through  # from the transition's output back to its layer: norms and activations
+    while not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, *CONVS))):
         if not (_is_activation(gm, node) or _is_norm(gm, node)) or not isinstance(node.args[0], fx.Node):
             return f"its partial transition is not a conv, norm and activation ({node.name})"
         chain.append(node)
         node = node.args[0]
+    layer = gm.get_submodule(node.target)
+    own_axis = rank - 1 if isinstance(layer, nn.Linear) else 1
+    if axis is not None and axis != own_axis:
+        return f"its partial transition {node.target} does not act on the axis of its channels"
     norms = [n for n in chain if _is_norm(gm, n)]
-    if not _fits(gm.get_submodule(node.target)) or len(norms) > 1 or (norms and norms[0] is not chain[-1]):
+    if not _fits(layer) or len(norms) > 1 or (norms and (norms[0] is not chain[-1] or own_axis != 1)):
         return f"its partial transition {node.target} cannot be fitted by least squares"
-    return _Transition(node, gm.get_submodule(norms[0].target) if norms else None, start)
+    return _Transition(node, gm.get_submodule(norms[0].target) if norms else None, own_axis, start)
 
 
 def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -486,9 +491,10 @@ def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
     produces; the BatchNorm after it is set to pass the fitted values through."""
     conv_node, norm, start = found.conv, found.norm, found.start
     conv = job.part.get_submodule(conv_node.target)
+    width = _outputs(conv)
     intercept = norm is not None or conv.bias is not None
     features = _rows(conv, torch.zeros(1, *conv_node.args[0].meta["tensor_meta"].shape[1:], device=conv.weight.device))
-    solver = LeastSquares(features.shape[1], conv.out_channels, intercept=True, device=conv.weight.device)
+    solver = LeastSquares(features.shape[1], width, intercept=True, device=conv.weight.device)
     generator = torch.Generator().manual_seed(0)
     cap = max(1, MAX_ROWS // len(job.batches))
     source = conv_node.args[0].name
@@ -498,7 +504,7 @@ def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
             run_until_tapped(job.student, x)
             run_until_tapped(job.teacher, x)
             rows = _rows(conv, mine[source])
-            target = _targets(conv, theirs[stage.output].narrow(1, start, conv.out_channels))
+            target = _targets(conv, theirs[stage.output].narrow(found.axis, start, width))
             pick = _sample(len(rows), cap, generator, rows.device)
             solver.add(rows if pick is None else rows[pick], target if pick is None else target[pick])
     mean_x, second = solver.input_moments()  # before dropping the intercept column

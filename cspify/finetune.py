@@ -193,7 +193,7 @@ def finetune(
     # its stage output; distilling them would pull the base layer away from what the
     # through part needs. The through channels are the partial transition's to match.
     through_only = recipe.features == "through" and record is not None and record.config.fusion == "last"
-    starts = [s.bypass_channels if through_only else 0 for s in stages]
+    starts = [_through_part(part, s) if through_only else None for s in stages]
 
     steps_per_epoch = _length(loader)
     global_batch = batch_size * world if not isinstance(train_data, DataLoader) else (train_data.batch_size or 1) * world
@@ -352,11 +352,23 @@ def _kd_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> 
                     log_target=True) * t * t
 
 
-def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor, start: int = 0) -> torch.Tensor:
+def _through_part(gm, stage) -> tuple[int, int] | None:
+    """(channel axis, bypass width) of a fusion-last stage output: the concat's axis, which
+    is not 1 for a channels-last stream; None where the output is no concat."""
+    node = next((n for n in gm.graph.nodes if n.name == stage.converted_output), None)
+    if node is None or node.op != "call_function" or node.target is not torch.cat:
+        return None
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return axis, stage.bypass_channels
+
+
+def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor, through: tuple[int, int] | None = None) -> torch.Tensor:
     """Mean squared error over the teacher feature's variance (scale-free across stages),
-    on the channels from ``start`` on."""
-    if start:
-        mine, theirs = mine[:, start:], theirs[:, start:]
+    on the through part ``(axis, bypass width)`` where given."""
+    if through is not None:
+        axis, start = through
+        width = mine.shape[axis] - start
+        mine, theirs = mine.narrow(axis, start, width), theirs.narrow(axis, start, width)
     theirs = theirs.float()
     return F.mse_loss(mine.float(), theirs) / theirs.var().clamp_min(1e-6)
 

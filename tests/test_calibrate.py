@@ -16,7 +16,8 @@ import cspify
 from cspify.calibrate import calibrate
 from cspify.errors import ConfigError
 from cspify.taps import run_until_tapped, tapping
-from tiny_models import Bottleneck, TinyDenseNet, TinyResNet, cbr, randomize_norms, seeded
+from tiny_models import (Bottleneck, ChannelsLastNet, LastDense, TinyDenseNet, TinyResNet, cbr, randomize_norms,
+                         seeded)
 
 X = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 TEST = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -31,8 +32,8 @@ def distance(model, converted, x=TEST) -> float:
 
 @pytest.mark.parametrize("family, options", [
     (TinyResNet, {}), (TinyResNet, {"fusion": "first"}), (TinyResNet, {"hidden": "scale"}),
-    (TinyDenseNet, {}), (TinyDenseNet, {"fusion": "first"}),
-], ids=["resnet", "resnet-first", "resnet-scale", "dense", "dense-first"])
+    (TinyDenseNet, {}), (TinyDenseNet, {"fusion": "first"}), (ChannelsLastNet, {}), (LastDense, {}),
+], ids=["resnet", "resnet-first", "resnet-scale", "dense", "dense-first", "channels-last", "channels-last-dense"])
 def test_calibrated_outputs_are_closer(family, options):
     model = randomize_norms(seeded(family))
     converted = cspify.convert(model, X[:2], **options)
@@ -41,7 +42,7 @@ def test_calibrated_outputs_are_closer(family, options):
     after = distance(model, converted)
     assert after < 0.5 * before, (before, after)
     record = converted.meta["cspify.calibrate"]
-    assert record.images == len(X) and record.fits
+    assert record.images == len(X) and record.fits and not record.skipped
     json.dumps(record.to_dict())
 
 
