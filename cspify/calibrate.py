@@ -15,7 +15,8 @@ seeing the already calibrated stages before it:
    from the inputs it now gets, in order, each after those it reads; the BatchNorms after
    them keep the original's statistics, every other BatchNorm of the stage re-estimates its
    own (train-mode forward without gradients, a cumulative average);
-2. **partial transition**: its conv is fitted so that the stage output's through part
+2. **partial transition**: its conv (a linear layer on a channels-last stream) is fitted
+   so that the stage output's through part
    matches the original's stage output (fusion last: channels ``[bypass:]``; fusion first:
    all of them); the BatchNorm after it passes the fitted values through (running
    statistics those of the fitted output, weight ``sqrt(var + eps)``, bias the mean);
