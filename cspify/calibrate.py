@@ -16,10 +16,10 @@ seeing the already calibrated stages before it:
    them keep the original's statistics, every other BatchNorm of the stage re-estimates its
    own (train-mode forward without gradients, a cumulative average);
 2. **partial transition**: its conv (a linear layer on a channels-last stream) is fitted
-   so that the stage output's through part
-   matches the original's stage output (fusion last: channels ``[bypass:]``; fusion first:
-   all of them); the BatchNorm after it passes the fitted values through (running
-   statistics those of the fitted output, weight ``sqrt(var + eps)``, bias the mean);
+   so that the stage output's through part matches the original's stage output (fusion
+   last: channels ``[bypass:]``; fusion first: all of them); the BatchNorm after it passes
+   the fitted values through (running statistics those of the fitted output, weight
+   ``sqrt(var + eps)``, bias the mean);
 3. **readers**: the conv and linear layers after the stage output (those reading it, and
    up to ``reader_depth`` layers deep those reading theirs; never inside another converted
    stage) are refitted to reproduce the original's output of the same layer. This is what
