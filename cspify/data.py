@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cspify.errors import CspifyError
+from cspify.errors import DataError
 
 __all__ = ["DataError", "ImageData", "open_data", "IMAGE_SUFFIXES"]
 
@@ -33,12 +33,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 SPLITS = {"train": ("train",), "val": ("val", "t10k")}  # IDX files call the validation split t10k
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 STAT_SAMPLE = 4096  # images of a folder read to estimate its mean and std
-
-
-class DataError(CspifyError):
-    """The data cannot be used: missing folder, no images, unreadable file, counts that differ."""
-
-    exit_code = 7
 
 
 @dataclass

@@ -49,3 +49,10 @@ class OutputError(CspifyError):
     """An output file cannot be written."""
 
     exit_code = 6
+
+
+class DataError(CspifyError):
+    """Training or calibration data cannot be used: missing folder, no images, unreadable
+    file, counts that differ, more classes than the model has outputs, wrong channel count."""
+
+    exit_code = 7

@@ -4,12 +4,13 @@
     convert.py   cspify convert, cspify analyze
     bench.py     cspify bench
     sweep.py     cspify sweep
+    finetune.py  cspify finetune
 
 Loading MODEL runs the Python code in that file, as ``python model.py`` would: only
 convert files you trust. Exit codes: 0 done, 1 internal error, 2 bad option, 3 model not
 loadable, 4 not traceable, 5 no convertible stage, 6 output not writable (or already
-there, or the model cannot be written in the format asked for), 130 stopped by Ctrl-C
-(SIGINT), 143 stopped by SIGTERM.
+there, or the model cannot be written in the format asked for), 7 bad training data,
+130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
