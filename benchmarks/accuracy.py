@@ -18,7 +18,7 @@ Per model and seed, each row from the same trained original (the teacher):
        epochs from scratch (cached too)
     9  Torch-Pruning (L1 magnitude, uniform channel pruning) of the original to the converted
        model's flops + 1 epoch cspify.finetune with cross-entropy only (and, row 9b, with
-       logit distillation from the original)
+       logit distillation from the original, as row 5; --no-pruned-kd skips it)
 
 and row 6 again under ``torchrun --nproc_per_node 2`` (gloo, CPU) at the same global batch,
 for the models and seeds that ``--ddp-models`` and ``--ddp-seeds`` name. All fine-tunes run
@@ -560,6 +560,20 @@ def targets(results: dict, ddp: dict, kind: str) -> list[str]:
     return lines
 
 
+def cached_note(results: dict) -> str:
+    """What the cache saved this run: the training time of the models it read instead."""
+    per_model = {kind: [row["seconds"] for r in runs.values() for name in ("original", "narrow")
+                        for row in [r["rows"].get(name, {})] if "cached" in row.get("note", "")]
+                 for kind, runs in results.items()}
+    count = sum(len(v) for v in per_model.values())
+    if not count:
+        return ""
+    return (f"; {count} originals and narrow baselines came from the cache (marked \"cached\"): training them had "
+            f"taken {sum(map(sum, per_model.values())) / 60:.1f} min in all, "
+            f"{max(map(sum, per_model.values())) / 60:.1f} min for the model that took longest, which a run from "
+            "an empty cache adds")
+
+
 def write_note(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: float, done: bool) -> None:
     lines = ["# Accuracy: does a converted model recover the original's?", ""]
     if args.quick:
@@ -573,8 +587,7 @@ def write_note(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: 
            if getattr(args, "parallel", False) else f"`torch.set_num_threads({args.threads})`, ")
         + f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}; "
         f"whole run {elapsed / 60:.1f} min wall time"
-        + (" (originals and narrow baselines read from the cache where marked)" if any(
-            r["rows"].get("original", {}).get("note") == "cached" for k in results.values() for r in k.values()) else ""),
+        + cached_note(results),
         f"- data: Fashion-MNIST (`{args.data}`, {data.channels}x{data.size[0]}x{data.size[1]}, {data.num_classes} classes); "
         f"training on {len(data.train_x):,} of the {data.train_total:,} training images (a fixed random subset); "
         f"accuracy is top-1 on {len(data.val_x):,} of the {data.val_total:,} test images; calibration reads "
@@ -678,7 +691,8 @@ def parse(argv=None):
                    help="models whose row 6 also runs under torchrun with 2 processes ('' for none)")
     p.add_argument("--ddp-seeds", default=None, type=lambda s: [int(x) for x in s.split(",") if x],
                    help="seeds of the DDP row (default: all --seeds)")
-    p.add_argument("--pruned-kd", action="store_true", help="also row 9b: the pruned model with logit distillation")
+    p.add_argument("--no-pruned-kd", dest="pruned_kd", action="store_false",
+                   help="skip row 9b (the pruned model fine-tuned with logit distillation)")
     p.add_argument("--jobs", type=int, default=3,
                    help="processes side by side, one per model, each with 1 thread (default 3; 1: one process)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of a single-process run (--jobs 1)")
@@ -788,7 +802,7 @@ def run_parallel(args) -> None:
                  "--batch-size", str(args.batch_size), "--data", args.data, "--out", str(out),
                  "--ddp-models", ",".join(m for m in args.ddp_models if m == kind),
                  "--ddp-seeds", ",".join(map(str, args.ddp_seeds))]
-        child += ["--pruned-kd"] * args.pruned_kd + ["--quick"] * args.quick + ["--debug"] * args.debug
+        child += ["--no-pruned-kd"] * (not args.pruned_kd) + ["--quick"] * args.quick + ["--debug"] * args.debug
         log = open(CACHE / f"accuracy-{kind}.log", "w")
         procs[kind] = (subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
         paths.append(results_path(str(out), args.quick))
