@@ -1,6 +1,6 @@
 """The ``cspify`` command: a click group over one file per command.
 
-    common.py    options, load-convert-measure, errors and stops, progress, output files
+    common.py    options, load-convert-measure, errors and stops, progress, output files, training data
     convert.py   cspify convert, cspify analyze
     bench.py     cspify bench
     sweep.py     cspify sweep

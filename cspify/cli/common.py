@@ -1,5 +1,6 @@
 """What every command shares: its options, the load-convert-measure step, errors, stops
-from outside, progress lines and the output files. A command file parses its own few
+from outside, progress lines, the output files, and the training-data steps (open DATA,
+check the model takes it, calibrate) that ``finetune`` and ``convert --calibrate`` share. A command file parses its own few
 options and calls these:
 
     @click.command()
@@ -30,11 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import torch
 import torch.nn as nn
 
 from cspify import api
+from cspify.calibrate import calibrate
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
-from cspify.errors import ConfigError, CspifyError, OutputError
+from cspify.data import ImageData, open_data
+from cspify.errors import ConfigError, CspifyError, DataError, OutputError
 from cspify.export import Outputs
 from cspify.load import Loaded, check_weights_file, load_model, parse_shape
 from cspify.report import Report
@@ -317,3 +321,60 @@ def guard(debug: bool):
         click.echo(f"error: internal error ({type(error).__name__}: {error}).", err=True)
         click.echo("hint: rerun with --debug and report the traceback", err=True)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------- training data (finetune, convert --calibrate)
+
+
+def data_step(path: str, progress: Progress, channels: int | None = None) -> ImageData:
+    """DATA opened, with its progress line."""
+    with progress(f"reading {path}"):
+        return open_data(path, channels=channels)
+
+
+def calibrate_data(path: str, model: nn.Module, csp: nn.Module, spec: str, progress: Progress,
+                   images: int = 2048) -> None:
+    """``cspify convert --calibrate DATA``: open DATA, check MODEL takes its images, calibrate."""
+    data = data_step(path, progress)
+    check_fits(model, data, spec, classes=False)
+    calibrate_step(model, csp, data, images, progress)
+
+
+def check_fits(model: nn.Module, data: ImageData, spec: str, classes: bool = True) -> None:
+    """A DataError when MODEL cannot take DATA's images or (``classes``) has fewer outputs
+    than DATA has classes."""
+    x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
+    expected = next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if expected is not None and expected != data.channels:
+        hint = ("read the images as RGB with --channels 3" if data.channels == 1 and expected == 3
+                else "use images with as many channels as the model's first conv takes")
+        raise DataError(f"{spec} takes {expected}-channel images but {data.source} has {data.channels}-channel images.",
+                        hint)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(device))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise DataError(f"{spec} does not run on the {'x'.join(map(str, x.shape[1:]))} images of {data.source}: {first}.",
+                        "give images of the size and channels the model takes") from None
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if not classes:
+        return
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise DataError(f"{spec} does not output class scores (one row per image), so it cannot be scored on "
+                        f"{data.source}.", "fine-tune a classifier, or use the Python API with your own loss")
+    if out.shape[1] < data.num_classes:
+        raise DataError(f"{data.source} has {data.num_classes} classes but {spec} has only {out.shape[1]} outputs.",
+                        "give a model with one output per class (or more)")
+
+
+def calibrate_step(model: nn.Module, csp: nn.Module, data: ImageData, images: int, progress: Progress) -> None:
+    """Calibrate ``csp`` on ``images`` training images of DATA (no labels), with its progress line."""
+    count = min(images, len(data.train))
+    with progress(f"calibrating on {count} images"):
+        calibrate(model, csp, data.train, max_images=count)

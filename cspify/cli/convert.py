@@ -12,6 +12,7 @@ import torch
 from cspify.cli.common import (
     MODEL_HELP,
     Progress,
+    calibrate_data,
     check_options,
     conversion_options,
     guard,
@@ -19,7 +20,6 @@ from cspify.cli.common import (
     plot_option,
     stage_reports,
 )
-from cspify.cli.finetune import calibrate_data
 from cspify.export import Outputs, write_onnx, write_source
 
 

@@ -22,20 +22,21 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cspify import api
-from cspify.calibrate import calibrate
 from cspify.cli.common import (
     MODEL_HELP,
     Progress,
+    calibrate_step,
+    check_fits,
     check_options,
     check_writable,
     config_from,
+    data_step,
     guard,
     load_model_step,
     model_options,
     point_options,
     stage_options,
 )
-from cspify.data import DataError, ImageData, open_data
 from cspify.export import Outputs
 from cspify.finetune import Recipe, evaluate, finetune, init_distributed
 
@@ -138,60 +139,6 @@ def _finetune(options: dict) -> None:
         click.echo(f"\nsaved the fine-tuned model to {options['output']}")
     if parallel:
         dist.destroy_process_group()
-
-
-def data_step(path: str, progress: Progress, channels: int | None = None) -> ImageData:
-    """DATA opened, with its progress line."""
-    with progress(f"reading {path}"):
-        return open_data(path, channels=channels)
-
-
-def calibrate_data(path: str, model: nn.Module, csp: nn.Module, spec: str, progress: Progress,
-                   images: int = 2048) -> None:
-    """``cspify convert --calibrate DATA``: open DATA, check MODEL takes its images, calibrate."""
-    data = data_step(path, progress)
-    check_fits(model, data, spec, classes=False)
-    calibrate_step(model, csp, data, images, progress)
-
-
-def check_fits(model: nn.Module, data: ImageData, spec: str, classes: bool = True) -> None:
-    """A DataError when MODEL cannot take DATA's images or (``classes``) has fewer outputs
-    than DATA has classes."""
-    x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
-    expected = next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if expected is not None and expected != data.channels:
-        hint = ("read the images as RGB with --channels 3" if data.channels == 1 and expected == 3
-                else "use images with as many channels as the model's first conv takes")
-        raise DataError(f"{spec} takes {expected}-channel images but {data.source} has {data.channels}-channel images.",
-                        hint)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x.to(device))
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-        raise DataError(f"{spec} does not run on the {'x'.join(map(str, x.shape[1:]))} images of {data.source}: {first}.",
-                        "give images of the size and channels the model takes") from None
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-    if not classes:
-        return
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise DataError(f"{spec} does not output class scores (one row per image), so it cannot be scored on "
-                        f"{data.source}.", "fine-tune a classifier, or use the Python API with your own loss")
-    if out.shape[1] < data.num_classes:
-        raise DataError(f"{data.source} has {data.num_classes} classes but {spec} has only {out.shape[1]} outputs.",
-                        "give a model with one output per class (or more)")
-
-
-def calibrate_step(model: nn.Module, csp: nn.Module, data: ImageData, images: int, progress: Progress) -> None:
-    """Calibrate ``csp`` on ``images`` training images of DATA (no labels), with its progress line."""
-    count = min(images, len(data.train))
-    with progress(f"calibrating on {count} images"):
-        calibrate(model, csp, data.train, max_images=count)
 
 
 def side_by_side(record: dict) -> str:
