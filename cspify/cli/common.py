@@ -1,7 +1,7 @@
 """What every command shares: its options, the load-convert-measure step, errors, stops
 from outside, progress lines, the output files, and the training-data steps (open DATA,
-check the model takes it, calibrate) that ``finetune`` and ``convert --calibrate`` share. A command file parses its own few
-options and calls these:
+check the model takes it, calibrate) of ``finetune`` and ``convert --calibrate``. A command
+file parses its own few options and calls these:
 
     @click.command()
     @conversion_options                      # MODEL, --gamma ... --weights, --json ... --debug
