@@ -6,22 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from click.testing import CliRunner
 
-from cspify.cli import main
+from test_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = str(ROOT / "examples" / "resnet_like.py")
 SMALL = ["--input-shape", "1,3,32,32", "-q"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def cli(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args])
 
 
 def test_bench_command_prints_speedup_and_flops_ratio(tmp_path):

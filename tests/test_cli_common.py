@@ -7,18 +7,13 @@ import json
 import os
 
 import torch
-from click.testing import CliRunner
 
 from cspify.cli import main
 from cspify.cli.common import Progress, load_convert_measure
-from test_cli import TINY_RES, check_error, listing, models, work  # noqa: F401
+from test_cli import TINY_RES, check_error, cli, listing, models, work  # noqa: F401
 
 SHARED = ["--stage", "--allow-costlier", "--weights", "--input-shape", "--scope", "--leaf", "--json", "--markdown",
           "--force", "--quiet", "--debug"]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def declarations(command: str) -> dict:

@@ -19,6 +19,7 @@ from cspify.cli import main
 from cspify.errors import OutputError
 from cspify.export import ExportError, Outputs, source_of, write_source
 from tiny_models import TinyDenseNet, TinyResNet, randomize_norms, seeded
+from test_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "resnet_like.py"
@@ -61,10 +62,6 @@ def load_in_clean_process(*folders: Path) -> list[torch.Tensor]:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"loaded {len(folders)}" in proc.stdout
     return [torch.load(folder / "y.pt", weights_only=True) for folder in folders]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def listing(folder: Path) -> list[str]:

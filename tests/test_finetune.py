@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import cspify
 from cspify.errors import ConfigError
 from cspify.finetune import Recipe, evaluate, finetune
+from test_cli import cli
 from tiny_models import TinyResNet, randomize_norms, seeded
 
 X = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -181,18 +182,6 @@ def cli_setup(tmp_path, monkeypatch):
     idx_folder(tmp_path / "five", n_train=24, n_val=12, classes=5)
     yield tmp_path
     torch.set_num_threads(threads)
-
-
-def cli(*args):
-    from click.testing import CliRunner
-
-    from cspify.cli import main
-
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args])
 
 
 def test_cli_finetune_then_resume(cli_setup):
