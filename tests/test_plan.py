@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from cspify.plan import half_up, per_block_keep, plan_stage, round_to
 from cspify.trace import trace
-from tiny_models import ChannelsLastNet, MlpBlock, TinyDenseNet, TinyResNet, cbr, seeded
+from tiny_models import ChannelsLastNet, ConvAndLinear, MlpBlock, TinyDenseNet, TinyResNet, cbr, seeded
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -110,14 +110,6 @@ def test_hidden_scale_rounds_inner_widths_half_up():
 
 
 def test_a_stage_whose_channel_axis_is_not_clear_is_refused_with_why():
-    class ConvAndLinear(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.mix = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, 16)
-
-        def forward(self, x):
-            return x + self.conv(x) * self.mix(x)
-
     (plan,) = plans_of(nn.Sequential(cbr(3, 8, 3), ConvAndLinear(), ConvAndLinear()).eval()).values()
     assert not plan.converted and plan.reason == plan.stage.axis_problem
     assert "treats axis 3 as channels, so which axis holds its channels is not clear" in plan.reason

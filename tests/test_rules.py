@@ -11,6 +11,7 @@ from cspify import rules
 from cspify.errors import NoStageError
 from cspify.trace import trace
 from tiny_models import (
+    ConvAndLinear,
     flat_renamed, ChannelsLastNet, LastDense, MlpBlock,
     Bottleneck, DenseBlock, IncrementalDense, PreActNet, TinyDenseNet, TinyResNet, cbr, seeded,
 )
@@ -332,15 +333,6 @@ def test_a_channels_last_stream_is_split_along_its_channels_not_its_height():
     assert (stage.channel_axis, stage.channels, stage.axis_problem) == (3, 8, "")
     (stage,) = stages_of(seeded(ChannelsLastNet, block=MlpBlock))
     assert (stage.channel_axis, stage.channels) == (3, 8)
-
-
-class ConvAndLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.mix = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, 16)
-
-    def forward(self, x):
-        return x + self.conv(x) * self.mix(x)
 
 
 def test_a_stage_whose_channel_axis_is_not_clear_says_why():

@@ -257,3 +257,15 @@ class LastDense(nn.Module):
         for f in self.fs:
             x = torch.cat([x, f(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)], -1)
         return x
+
+
+class ConvAndLinear(nn.Module):
+    """A block whose conv reads axis 1 as channels and whose linear reads the last axis:
+    the stream's channel axis is not clear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.conv(x) * self.mix(x)
