@@ -90,6 +90,7 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
     keeps = {a.spaces.find(a.info[stage.base].space): tuple(range(bypass, stage.channels))}
     if fusion_last and stage.transition:
         keeps.update(_transition_keep(a, stage, bypass))
+    notes.extend(_scale_inner(a, stage.inner, config.gamma, keeps))  # the stage's own widths
     if config.hidden == "scale":
         notes.extend(_scale_inner(a, partial, config.gamma, keeps))
     resolve = _Resolver(a, keeps)
@@ -159,8 +160,9 @@ def _transition_keep(a: Analysis, stage: Stage, bypass: int) -> dict[int, tuple[
 
 
 def _scale_inner(a: Analysis, region, gamma: float, keeps: dict[int, tuple[int, ...]]) -> list[str]:
-    """hidden='scale': narrow every inner width the region's convs and linears write
-    (adds to ``keeps``); returns a note for each width rounded to its groups."""
+    """Narrow every width the region's convs and linears write by ``1 - gamma`` (adds to
+    ``keeps``): a plain or aggregation stage's ``inner`` layers always, every layer of the
+    partial stage with hidden='scale'. Returns a note for each width rounded to its groups."""
     spaces, notes = a.spaces, []
     for name in region:
         node = a.traced.nodes[name]

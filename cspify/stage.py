@@ -28,6 +28,9 @@ class Stage:
                 layers reading it treat it (``cspify.channels.stream_axis``: never assumed
                 to be 1); None where that is not clear, with the sentence why in
                 ``axis_problem`` (the planner then leaves the stage as it is).
+    inner:      the layers whose output widths are the stage's own width and shrink with
+                the through part (by ``1 - gamma``): a plain stage's convs, an aggregation
+                stage's layers. A residual or dense stage's width is its base's, so it has none.
     transition: for a dense stage, the existing transition layer after it (norm, act,
                 1x1 conv, ...) that fusion last turns into the partial transition; the
                 concat then goes after its last node. Empty when there is none.
@@ -42,6 +45,7 @@ class Stage:
     channel_axis: int | None = 1
     transition: tuple[str, ...] = ()
     axis_problem: str = ""
+    inner: tuple[str, ...] = ()
 
     @property
     def body(self) -> tuple[str, ...]:
