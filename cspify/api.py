@@ -21,6 +21,7 @@ from cspify.channels import stream_axis
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
 from cspify.graph import shape
+from cspify.host import keep_host_attributes
 from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.modes import trace_in_mode
@@ -228,6 +229,7 @@ def _convert_scope(model, inputs, scope, config, leaf_modules, seed) -> nn.Modul
     part, part_inputs = capture_inputs(model, inputs, scope)
     converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed)
     attach(converted_part, replace(conversion_of(converted_part), scope=scope))
+    keep_host_attributes(part, converted_part)
     whole = copy.deepcopy(model)
     parent, _, name = scope.rpartition(".")
     setattr(whole.get_submodule(parent) if parent else whole, name, converted_part)

@@ -127,3 +127,21 @@ def test_cli_scope_and_leaf(tmp_path):
     assert result.exit_code == 2 and "never called" in result.output
     result = runner.invoke(main, ["analyze", f"{source}:WithGate", "--scope", "blocks.0", "-q"])
     assert result.exit_code == 5 and "no residual or dense stage" in result.output
+
+
+def test_scope_keeps_the_host_frameworks_attributes_through_deepcopy_and_pickling():
+    """A framework that routes layers by attributes it set on them (ultralytics' ``f``,
+    ``i``, ``type``) finds them on the converted replacement, and on its copies."""
+    import copy
+    import pickle
+
+    from tiny_models import TinyResNet
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TinyResNet().eval())
+    model[0].f, model[0].i, model[0].type = -1, 0, "TinyResNet"
+    csp = cspify.convert(model, torch.randn(1, 3, 32, 32), scope="0")
+    copied, saved = copy.deepcopy(csp), pickle.loads(pickle.dumps(csp))
+    for part in (csp[0], copied[0], saved[0], pickle.loads(pickle.dumps(copied))[0], copy.deepcopy(saved)[0]):
+        assert isinstance(part, torch.fx.GraphModule)
+        assert (part.f, part.i, part.type) == (-1, 0, "TinyResNet")
