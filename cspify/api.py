@@ -42,10 +42,14 @@ from cspify.trace import (
 )
 
 
-def find_stages(model: nn.Module, example_inputs, *, leaf_modules: Iterable[str] = ()) -> list[Stage]:
-    """The residual and dense stages of ``model``, found by graph structure; nothing changes."""
+def find_stages(
+    model: nn.Module, example_inputs, *, leaf_modules: Iterable[str] = (), kinds: Iterable[str] | str | None = None
+) -> list[Stage]:
+    """The stages of ``model`` (of ``kinds``, default every kind), found by graph
+    structure; nothing changes."""
     _check_leaves(model, leaf_modules)
-    return rules.find_stages(trace(ready_to_trace(model, example_inputs), example_inputs, leaf_modules))
+    kinds = CSPConfig(kinds=kinds).kinds if kinds is not None else None
+    return rules.find_stages(trace(ready_to_trace(model, example_inputs), example_inputs, leaf_modules), kinds)
 
 
 def convert(
@@ -57,6 +61,7 @@ def convert(
     hidden: str = "keep",
     stages: Iterable[str] | None = None,
     allow_costlier: bool = False,
+    kinds: Iterable[str] | str | None = None,
     scope: str | None = None,
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
@@ -68,25 +73,30 @@ def convert(
     names are then relative to it), and a copy of the whole model with the converted part
     in its place is returned: the way to convert models torch.fx cannot trace whole.
 
-    Every stage found is converted unless ``stages`` names a subset, or its conversion
+    Stages of every kind are looked for (``kinds``: a subset of ``cspify.rules.KINDS``,
+    ``("residual", "dense")`` for the paper's transform alone). Every stage found is
+    converted unless ``stages`` names a subset, or its conversion
     would cost more multiply-adds than it saves (``allow_costlier=True`` converts those too). Outputs keep their
     shapes and dtypes. ``cspify.record.conversion_of(gm)`` says what was done.
 
-    ``config`` (a CSPConfig) replaces the five conversion options; giving both is refused.
+    ``config`` (a CSPConfig) replaces the six conversion options; giving both is refused.
     """
-    config = _config(config, gamma, fusion, hidden, stages, allow_costlier)
+    config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds)
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)  # lazy modules initialised, on a copy
     if scope:
         return _convert_scope(model, inputs, scope, config, leaf_modules, seed)
     _check_leaves(model, leaf_modules)
     traced = trace_in_mode(model, inputs, leaf_modules)
-    found = rules.find_stages(traced)
+    found = rules.find_stages(traced, config.kinds)
     if not found:
+        kinds = config.kinds or rules.KINDS
         raise NoStageError(
-            f"{type(model).__name__} has no residual or dense stage.",
-            "cspify converts chains of x + f(x) blocks and DenseNet-style concat chains; "
-            "run `cspify analyze` to see what it finds",
+            f"{type(model).__name__} has no {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}{kinds[-1]} stage.",
+            "cspify converts chains of x + f(x) blocks (residual), DenseNet-style concat chains (dense), "
+            "layer chains concatenated once (aggregation) and conv chains of one width (plain)"
+            + ("; without --kind it looks for every kind" if config.kinds else "")
+            + "; run `cspify analyze` to see what it finds",
         )
     _check_filter(config, found)
     plans = [plan_stage(traced, stage, config) for stage in found]
@@ -277,14 +287,14 @@ def _output_shapes(gm: fx.GraphModule) -> list:
     return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in _output_node(gm).all_input_nodes]
 
 
-def _config(config, gamma, fusion, hidden, stages, allow_costlier) -> CSPConfig:
+def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds) -> CSPConfig:
     """One validated CSPConfig from either the record or the separate options, never both."""
-    separate = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier)
+    separate = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier, kinds)
     if config is None:
         return separate
     if separate != CSPConfig():
         raise ConfigError(
-            "convert() got both config= and separate conversion options (gamma, fusion, hidden, stages, allow_costlier).",
+            "convert() got both config= and separate conversion options (gamma, fusion, hidden, stages, allow_costlier, kinds).",
             "put every option in the CSPConfig, or pass them separately without config=",
         )
     return config

@@ -263,7 +263,7 @@ def traced_original(original: nn.Module, x: torch.Tensor, record: Conversion, sc
 def _plans(traced: Traced, record: Conversion) -> dict:
     """The conversion's stage plans, planned again from the traced original: they say which
     output channels each narrowed layer keeps (the record does not carry that)."""
-    return {plan.name: plan for plan in (plan_stage(traced, stage, record.config) for stage in rules.find_stages(traced))}
+    return {plan.name: plan for plan in (plan_stage(traced, stage, record.config) for stage in rules.find_stages(traced, record.config.kinds))}
 
 
 def _position(gm: fx.GraphModule):

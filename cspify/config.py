@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cspify.errors import ConfigError
+from cspify.rules import KINDS
 
 FUSIONS = ("last", "first")
 HIDDEN = ("keep", "scale")
@@ -22,6 +23,9 @@ class CSPConfig:
     stages: names of the stages to convert; ``None`` converts every stage found.
     allow_costlier: also convert stages where the new partial transition costs more
             multiply-adds than the narrowed blocks save (skipped by default, with the reason).
+    kinds:  the kinds of stage to look for (``cspify.rules.KINDS``: residual, dense,
+            aggregation, plain); ``None`` looks for every kind. ``("residual", "dense")``
+            is the paper's transform alone.
     """
 
     gamma: float = 0.5
@@ -29,6 +33,7 @@ class CSPConfig:
     hidden: str = "keep"
     stages: tuple[str, ...] | None = None
     allow_costlier: bool = False
+    kinds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -56,3 +61,17 @@ class CSPConfig:
             )
         if self.stages is not None:
             object.__setattr__(self, "stages", tuple(self.stages))
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", _kinds(self.kinds))
+
+
+def _kinds(kinds) -> tuple[str, ...]:
+    """``"residual,dense"`` or an iterable of kinds, checked against the rules, in rule order."""
+    wanted = [k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds) if k.strip()]
+    unknown = [k for k in wanted if k not in KINDS]
+    if unknown or not wanted:
+        raise ConfigError(
+            f"{', '.join(repr(k) for k in unknown) or 'no kind'} is not a kind of stage cspify finds.",
+            f"choose among {', '.join(KINDS)}, for example --kind residual,dense for the paper's transform alone",
+        )
+    return tuple(k for k in KINDS if k in wanted)

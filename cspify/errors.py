@@ -40,7 +40,7 @@ class TraceError(CspifyError):
 
 
 class NoStageError(CspifyError):
-    """The model has no residual or dense stage that cspify can convert."""
+    """The model has no stage (of the kinds asked for) that cspify can convert."""
 
     exit_code = 5
 

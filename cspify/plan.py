@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import torch.fx as fx
 import torch.nn as nn
@@ -68,13 +69,30 @@ def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
             raise _Skip("not selected by the stage filter")
         return _plan(traced, stage, config, notes)
     except _Skip as skip:
+        reason = str(skip) + (_scale_hint(traced, stage, config) if isinstance(skip, _Costlier) else "")
         return StagePlan(
-            stage, converted=False, reason=str(skip), gamma=config.gamma, fusion=config.fusion, notes=tuple(notes)
+            stage, converted=False, reason=reason, gamma=config.gamma, fusion=config.fusion, notes=tuple(notes)
         )
 
 
 class _Skip(Exception):
     """Why a stage stays as it is."""
+
+
+class _Costlier(_Skip):
+    """The stage's conversion would not save multiply-adds."""
+
+
+def _scale_hint(traced: Traced, stage: Stage, config: CSPConfig) -> str:
+    """Where a stage (typically a single block) does not pay with its inner widths kept,
+    whether narrowing them too (hidden='scale') would make it pay."""
+    if config.hidden == "scale":
+        return ""
+    try:
+        _plan(traced, stage, replace(config, hidden="scale"), [])
+    except _Skip:
+        return ""
+    return "; with --hidden scale (its inner widths narrowed too) it pays"
 
 
 def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> StagePlan:
@@ -101,6 +119,11 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
     out_keep = resolve(a.info[through_output].space)
     through_output_channels = len(out_keep) if out_keep is not None else output_channels
     new_transition = _new_transition(stage, config.fusion, bypass, through_output_channels, output_channels)
+    if new_transition and new_transition[1] < 1:
+        raise _Skip(
+            f"its output ({output_channels} channels) is not wider than its bypass ({bypass} channels), "
+            "so no partial transition is left to join it"
+        )
     rank = len(shape(traced.nodes[through_output]))
     if new_transition and not can_mix(rank, stage.channel_axis):
         raise _Skip(
@@ -322,7 +345,7 @@ def _cost_note(before: int, after: int, allow_costlier: bool) -> list[str]:
         "than its narrowed blocks save" if after > before else "converting it would save no multiply-adds"
     )
     if not allow_costlier:
-        raise _Skip(f"{cost} (allow_costlier converts it anyway)")
+        raise _Costlier(f"{cost} (allow_costlier converts it anyway)")
     return [cost]
 
 

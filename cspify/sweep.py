@@ -118,6 +118,7 @@ def sweep(
     allow_costlier: bool = False,
     scope: str | None = None,
     leaf_modules: Iterable[str] = (),
+    kinds: Iterable[str] | str | None = None,
     latency: bool = False,
     batch_sizes: Iterable[int] = (1,),
     threads: int | None = None,
@@ -132,7 +133,7 @@ def sweep(
             raise ConfigError("a sweep times on one device, got 'auto'.", "pass device='cpu' or device='cuda'")
         resolve_devices(device)
     configs = [
-        CSPConfig(g, f, h, tuple(stages) if stages else None, allow_costlier)
+        CSPConfig(g, f, h, tuple(stages) if stages else None, allow_costlier, kinds)
         for g, f, h in itertools.product(gammas, fusions, hiddens)
     ]
     inputs = as_inputs(example_inputs)

@@ -2,7 +2,13 @@
 its own, registered here under its kind; adding a pattern is adding one entry.
 
     from cspify import rules
-    stages = rules.find_stages(traced)    # every rule, named, in graph order
+    stages = rules.find_stages(traced)                          # every kind, named, in graph order
+    stages = rules.find_stages(traced, kinds=("residual",))     # one kind only
+    rules.KINDS                                                 # ('residual', 'dense', 'aggregation', 'plain')
+
+Where stages of several kinds share nodes, the kind registered with the lower priority
+wins: the paper's residual and dense stages first, then aggregation blocks, then plain
+conv chains (a plain chain inside a residual block belongs to the block's stage).
 
 Rules find stages by graph structure only (adds, concats, shapes, reachability), never by
 module names; names are given afterwards from the modules a stage contains.
@@ -19,29 +25,35 @@ from cspify.stage import Stage
 from cspify.trace import Traced
 
 PATTERNS: dict[str, Callable[[Traced], list[Stage]]] = {}
+PRIORITY: dict[str, int] = {}
 
 
-def register(kind: str):
-    """Decorator: make ``find`` the rule for stages of ``kind``."""
+def register(kind: str, priority: int = 0):
+    """Decorator: make ``find`` the rule for stages of ``kind``; where stages overlap,
+    those of the lower ``priority`` keep their nodes (equal priorities: graph order).
+    The paper's kinds have priority 0."""
 
     def add(find: Callable[[Traced], list[Stage]]):
         PATTERNS[kind] = find
+        PRIORITY[kind] = priority
         return find
 
     return add
 
 
-def find_stages(traced: Traced) -> list[Stage]:
-    """Run every rule; drop stages that overlap an earlier one; name them; graph order."""
+def find_stages(traced: Traced, kinds: tuple[str, ...] | None = None) -> list[Stage]:
+    """Run the rules of ``kinds`` (every rule: None); drop stages that overlap one that
+    comes first by priority, then graph order; name them; graph order."""
     order = {node.name: i for i, node in enumerate(traced.gm.graph.nodes)}
-    found = [stage for find in PATTERNS.values() for stage in find(traced)]
-    found.sort(key=lambda s: order[s.output])
+    found = [stage for kind, find in PATTERNS.items() if kinds is None or kind in kinds for stage in find(traced)]
+    found.sort(key=lambda s: (PRIORITY[s.kind], order[s.output]))
     taken: set[str] = set()
     stages = []
     for stage in found:
         if taken.isdisjoint(stage.nodes):
             taken.update(stage.nodes)
             stages.append(stage)
+    stages.sort(key=lambda s: order[s.output])
     return _name(traced, stages)
 
 
@@ -81,4 +93,6 @@ def _name(traced: Traced, stages: list[Stage]) -> list[Stage]:
 
 
 # The rules register themselves on import.
-from cspify.rules import dense, residual  # noqa: E402,F401
+from cspify.rules import residual, dense, aggregation, plain  # noqa: E402,F401,I001  (registration order: the kinds in order)
+
+KINDS = tuple(sorted(PATTERNS, key=PRIORITY.__getitem__))

@@ -24,7 +24,7 @@ from cspify.stage import Stage
 from cspify.trace import Traced
 
 
-def _cat_parts(node) -> tuple[list, int] | None:
+def cat_parts(node) -> tuple[list, int] | None:
     """The inputs of a torch.cat node along a non-batch axis, and that axis; None for any
     other node."""
     if node.op != "call_function" or shape(node) is None or len(shape(node)) < 3:
@@ -35,7 +35,7 @@ def _cat_parts(node) -> tuple[list, int] | None:
     return list(parts), dim % len(shape(node))
 
 
-def _transition(traced: Traced, output, axis: int) -> tuple[str, ...]:
+def transition_after(traced: Traced, output, axis: int) -> tuple[str, ...]:
     """Norm/act nodes, a 1x1 group-1 conv, then norm/act nodes: each the single user, each
     reading the channels on ``axis`` where it has a channel axis."""
     gm = traced.gm
@@ -63,7 +63,7 @@ def _transition(traced: Traced, output, axis: int) -> tuple[str, ...]:
 def find(traced: Traced) -> list[Stage]:
     gm, graph, nodes = traced.gm, traced.graph, traced.nodes
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
-    cats = {node.name: found for node in gm.graph.nodes if (found := _cat_parts(node)) is not None}
+    cats = {node.name: found for node in gm.graph.nodes if (found := cat_parts(node)) is not None}
 
     leaves: dict[str, tuple[str, ...]] = {}
     for name, (parts, dim) in cats.items():  # graph order: inner concats come first
@@ -118,7 +118,7 @@ def find(traced: Traced) -> list[Stage]:
                 output=longest,
                 channels=shape(nodes[x0])[axis] if axis is not None else 0,
                 channel_axis=axis,
-                transition=_transition(traced, nodes[longest], axis) if axis is not None else (),
+                transition=transition_after(traced, nodes[longest], axis) if axis is not None else (),
                 axis_problem=problem,
             )
         )

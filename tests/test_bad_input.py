@@ -225,7 +225,7 @@ def test_api_errors_leave_the_model_untouched(kwargs, error, words):
 
 def test_api_no_residual_or_dense_stage():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
-    with pytest.raises(NoStageError, match="no residual or dense stage") as info:
+    with pytest.raises(NoStageError, match="no residual, dense, aggregation or plain stage") as info:
         cspify.convert(model, X)
     assert "analyze" in info.value.hint
 

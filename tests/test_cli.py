@@ -128,7 +128,7 @@ class Plain(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
         )
 
@@ -490,6 +490,16 @@ def test_error_analyze_plain_cnn_has_no_stage(work, models):
     before = listing(work)
     result = cli("analyze", models("plain.py", PLAIN), "-q")
     check_error(result, 5, before, work)
+
+
+def test_kind_filter_keeps_to_the_kinds_asked_for(work, models):
+    result = cli("analyze", RESNET, *SMALL, "--kind", "dense", "-q")
+    assert result.exit_code == 5 and "no dense stage" in result.output, result.output
+    result = cli("analyze", RESNET, *SMALL, "--kind", "residual,plain", "-q")
+    assert result.exit_code == 0 and "residual" in result.output, result.output
+    before = listing(work)
+    result = cli("analyze", RESNET, *SMALL, "--kind", "chain", "-q")
+    check_error(result, 2, before, work, "'chain' is not a kind", "residual,dense")
 
 
 def test_error_existing_output_without_force(work):

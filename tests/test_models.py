@@ -50,6 +50,8 @@ def test_flops_fall_as_the_paper_says(converted, name, at_least):
 def test_resnet50_stages_are_its_four_layers(converted):
     _, _, report = converted("resnet50")
     rows = report.to_dict()["stages"]
+    assert [(r["name"], r["kind"]) for r in rows][0] == ("layer1.0", "plain")  # the projection block's conv1-conv2
+    rows = rows[1:]
     assert [r["name"] for r in rows] == ["layer1", "layer2", "layer3", "layer4"]
     assert [r["channels"] for r in rows] == [256, 512, 1024, 2048]
     assert [r["bypass_channels"] for r in rows] == [128, 256, 512, 1024]
@@ -72,7 +74,7 @@ def test_stages_are_found_by_structure_not_names(name):
     anonymous = cspify.find_stages(flat_renamed(model), X)
     shape = lambda stages: [(s.kind, s.channels, len(s.blocks), len(s.transition)) for s in stages]  # noqa: E731
     assert shape(anonymous) == shape(plain)
-    assert len(plain) == 4
+    assert [s.kind for s in plain] == {"resnet50": ["plain"] + ["residual"] * 4, "densenet121": ["dense"] * 4}[name]
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "densenet121"])

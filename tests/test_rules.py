@@ -19,8 +19,8 @@ from tiny_models import (
 X = torch.randn(1, 3, 16, 16)
 
 
-def stages_of(model, x=X):
-    return cspify.find_stages(model, x)
+def stages_of(model, x=X, kinds=None):
+    return cspify.find_stages(model, x, kinds=kinds)
 
 
 @functools.cache
@@ -154,7 +154,7 @@ class ScaledShortcut(nn.Module):
 
 @pytest.mark.parametrize("form", ["in place", "learned"])
 def test_a_shortcut_scaled_in_place_or_by_a_tensor_is_no_identity(form):
-    assert stages_of(seeded(ScaledShortcut, form)) == []
+    assert stages_of(seeded(ScaledShortcut, form), kinds="residual") == []
 
 
 class NoStem(nn.Module):
@@ -238,12 +238,19 @@ class Inception(nn.Module):
         return torch.cat([self.c1(x), self.c2(x), self.c3(x)], 1)
 
 
-@pytest.mark.parametrize("cls", [PlainCNN, Inception, TrivialAdds])
+@pytest.mark.parametrize("cls", [Inception, TrivialAdds])
 def test_no_stage(cls):
     model = seeded(cls)
     assert stages_of(model) == []
     with pytest.raises(NoStageError):
         cspify.convert(model, X)
+
+
+def test_a_plain_cnn_has_a_plain_stage_only():
+    model = seeded(PlainCNN)
+    assert [(s.name, s.kind, len(s.blocks)) for s in stages_of(model)] == [("body", "plain", 3)]
+    with pytest.raises(NoStageError, match="no residual or dense stage"):
+        cspify.convert(model, X, kinds=("residual", "dense"))
 
 
 # --------------------------------------------------------------------------- dense

@@ -126,7 +126,7 @@ def test_cli_scope_and_leaf(tmp_path):
     result = runner.invoke(main, ["analyze", f"{source}:WithGate", "--scope", "blocks", "-q"])
     assert result.exit_code == 2 and "never called" in result.output
     result = runner.invoke(main, ["analyze", f"{source}:WithGate", "--scope", "blocks.0", "-q"])
-    assert result.exit_code == 5 and "no residual or dense stage" in result.output
+    assert result.exit_code == 5 and "no residual, dense, aggregation or plain stage" in result.output
 
 
 def test_scope_keeps_the_host_frameworks_attributes_through_deepcopy_and_pickling():

@@ -42,6 +42,7 @@ from cspify.errors import ConfigError, CspifyError, DataError, OutputError
 from cspify.export import Outputs
 from cspify.load import Loaded, check_weights_file, load_model, parse_shape
 from cspify.report import Report
+from cspify.rules import KINDS
 
 MODEL_HELP = (
     "MODEL is path/to/model.py[:Name], torchvision:NAME or timm:NAME. "
@@ -63,6 +64,9 @@ _MODEL = (
                  help="Keep this submodule opaque when tracing (repeatable)."),
 )
 _STAGES = (
+    click.option("--kind", "kinds", default=None, metavar="KIND[,KIND]",
+                 help=f"Look only for stages of these kinds ({', '.join(KINDS)}) [default: every kind]; "
+                      "residual,dense is the paper's transform alone."),
     click.option("--stage", "stages", multiple=True, metavar="NAME",
                  help="Convert only this stage (repeatable); see `cspify analyze`."),
     click.option("--allow-costlier", is_flag=True,
@@ -92,7 +96,7 @@ def model_options(fn):
 
 
 def stage_options(fn):
-    """Which stages to convert: --stage, --allow-costlier."""
+    """Which stages to convert: --kind, --stage, --allow-costlier."""
     return _apply(fn, _STAGES)
 
 
@@ -127,7 +131,7 @@ def conversion_options(fn):
 def config_from(options: dict) -> CSPConfig:
     """The conversion options as one validated record."""
     return CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
-                     options["allow_costlier"])
+                     options["allow_costlier"], options["kinds"])
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:

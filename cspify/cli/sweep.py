@@ -54,7 +54,7 @@ def sweep(gammas, fusions, hiddens, latency, sizes, threads, device, min_run_tim
         loaded = load_model_step(options, Progress(options["quiet"]))
         result = run_sweep(
             loaded.model, loaded.example_inputs, gamma_values, fusion_values, hidden_values,
-            stages=options["stages"] or None, allow_costlier=options["allow_costlier"], scope=options["scope"],
+            stages=options["stages"] or None, allow_costlier=options["allow_costlier"], kinds=options["kinds"], scope=options["scope"],
             leaf_modules=options["leaves"], latency=latency, batch_sizes=sizes, threads=threads, device=device,
             min_run_time=min_run_time, progress=not options["quiet"],
         )

@@ -1,0 +1,108 @@
+"""Plain stages: maximal chains of conv layers of one width and one resolution, with no
+shortcut: a VGG stage, the conv stack of a detector's head, an FPN's output convs.
+
+A unit is a conv followed by the norm, activation and identity-like ops (a dropout) that
+are each its single user. Units chain when a unit's output feeds only the next unit's
+conv. A plain stage is a chain of at least two units whose outputs all have one shape,
+the same resolution as the chain's input (so the bypass can join the output); the first
+conv may change the width. The base is the first conv's input.
+
+Its width lives in its convs, not in its base: every conv of the chain is in
+``Stage.inner``, so the partial stage runs at ``1 - gamma`` of the chain's width, as
+YOLOv5's C3 with ``shortcut=False`` and Scaled-YOLOv4's CSP-ized PAN run their plain conv
+stacks on half the channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cspify.channels import stream_axis
+from cspify.graph import shape
+from cspify.ops import role_of
+from cspify.rules import register
+from cspify.stage import Stage
+from cspify.trace import Traced
+
+FOLLOWERS = ("norm", "act", "identity")
+
+
+@dataclass(frozen=True)
+class Unit:
+    input: str
+    conv: str
+    nodes: tuple[str, ...]
+    output: str
+
+
+def _unit_at(traced: Traced, conv) -> Unit | None:
+    """The conv, and the norms/activations each the single user of the one before."""
+    gm = traced.gm
+    inputs = [a for a in conv.args[:1] if hasattr(a, "name")]
+    if not inputs or shape(conv) is None or len(shape(conv)) < 3:
+        return None
+    members, node = [conv.name], conv
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if role_of(user, gm) not in FOLLOWERS or not user.args or user.args[0] is not node or shape(user) != shape(node):
+            break
+        members.append(user.name)
+        node = user
+    return Unit(inputs[0].name, conv.name, tuple(members), node.name)
+
+
+@register("plain", priority=2)
+def find(traced: Traced) -> list[Stage]:
+    gm, nodes = traced.gm, traced.nodes
+    units = [
+        unit for node in gm.graph.nodes
+        if node.op == "call_module" and role_of(node, gm) == "conv" and (unit := _unit_at(traced, node)) is not None
+    ]
+    by_input: dict[str, Unit] = {}
+    for unit in units:
+        by_input.setdefault(unit.input, unit)
+
+    def follows(prev: Unit, nxt: Unit) -> bool:
+        users = nodes[prev.output].users
+        return len(users) == 1 and next(iter(users)).name == nxt.conv and shape(nodes[nxt.output]) == shape(nodes[prev.output])
+
+    by_output = {unit.output: unit for unit in by_input.values()}
+    stages = []
+    for start in by_input.values():
+        if start.input in by_output and follows(by_output[start.input], start):
+            continue  # not the first unit of its chain
+        chain = [start]
+        while chain[-1].output in by_input and follows(chain[-1], by_input[chain[-1].output]):
+            chain.append(by_input[chain[-1].output])
+        stage = _stage(traced, chain)
+        if stage is not None:
+            stages.append(stage)
+    return stages
+
+
+def _stage(traced: Traced, chain: list[Unit]) -> Stage | None:
+    """The chain as a plain stage (None below two units). Where the first conv changes the
+    resolution (a strided conv), the bypass could not join the output: the chain then
+    starts after it, with its output as the base."""
+    nodes = traced.nodes
+    first = chain[0]
+    if shape(nodes[first.input]) is None or len(shape(nodes[first.input])) != len(shape(nodes[first.output])):
+        chain = chain[1:]
+    elif any(a != b for a, b in list(zip(shape(nodes[first.input]), shape(nodes[first.output])))[2:]):
+        chain = chain[1:]  # spatial axes differ (channels-first layout: convs read axis 1)
+    if len(chain) < 2:
+        return None
+    base = nodes[chain[0].input]
+    blocks = [unit.nodes for unit in chain]
+    axis, problem = stream_axis(traced, [n for block in blocks for n in block], base.name)
+    return Stage(
+        name="",
+        kind="plain",
+        base=base.name,
+        blocks=tuple(blocks),
+        output=chain[-1].output,
+        channels=shape(base)[axis] if axis is not None else 0,
+        channel_axis=axis,
+        axis_problem=problem,
+        inner=tuple(unit.conv for unit in chain),
+    )
