@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 import cspify  # noqa: E402
 from accuracy_models import MODELS, build  # noqa: E402
+from common import PAPER_KINDS  # noqa: E402
 from cspify.calibrate import calibrate  # noqa: E402
 from cspify.data import DataError, open_data  # noqa: E402
 from cspify.config import CSPConfig  # noqa: E402
@@ -325,7 +326,7 @@ def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
     teacher = state["teacher"]
 
     def converted():
-        csp = cspify.convert(teacher, example, gamma=GAMMA, seed=seed)
+        csp = cspify.convert(teacher, example, gamma=GAMMA, seed=seed, kinds=PAPER_KINDS)
         state["converted"] = csp
         figures["converted"] = flops(csp, example)
         record = cspify.conversion_of(csp)
@@ -450,7 +451,7 @@ def ddp_worker(args) -> None:
     teacher, info = trained(kind, "original", seed, 1.0, args, data)
     if not info["cached"]:
         raise SystemExit("the DDP row needs the cached original: run the 1-process rows first")
-    csp = cspify.convert(teacher, data.example(), gamma=GAMMA, seed=seed)
+    csp = cspify.convert(teacher, data.example(), gamma=GAMMA, seed=seed, kinds=PAPER_KINDS)
     reference = None
     if rank == 0:
         calibrate(teacher, csp, data.calibration_images(seed), max_images=CALIBRATION_IMAGES)

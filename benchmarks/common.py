@@ -14,6 +14,12 @@ import torch
 from cspify.load import load_model
 
 
+# The paper's transform alone: the kinds of stage the CSPNet paper converts. The scripts
+# that put cspify next to the paper's figures (paper.py, savings.py, accuracy.py) keep to
+# them, so their figures do not move as cspify learns other kinds.
+PAPER_KINDS = ("residual", "dense")
+
+
 def build(spec: str, seed: int = 0) -> torch.nn.Module:
     """A zoo model in eval mode with seeded random weights: ``NAME`` (torchvision), ``timm:NAME``."""
     torch.manual_seed(seed)

@@ -28,7 +28,7 @@ import torch
 from tabulate import tabulate
 
 import cspify
-from common import build, pct
+from common import PAPER_KINDS, build, pct
 from cspify.errors import CspifyError
 from cspify.measure import measure
 
@@ -72,7 +72,7 @@ def main() -> None:
         print(f"{name} ...", flush=True)
         model = build(spec)
         try:
-            csp = cspify.convert(model, x, gamma=0.5)
+            csp = cspify.convert(model, x, gamma=0.5, kinds=PAPER_KINDS)
         except CspifyError as error:
             size_rows.append([name, "not converted", "", "", "", "", error.message[:80]])
             continue

@@ -11,7 +11,7 @@ import torch
 from tabulate import tabulate
 
 import cspify
-from common import build, pct
+from common import PAPER_KINDS, build, pct
 
 # shared/CSPNET.md, "What a mechanical transform gives": flops and params change at gamma 0.5.
 REFERENCE = {
@@ -34,7 +34,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         model = build(name)
-        csp = cspify.convert(model, x, gamma=args.gamma)
+        csp = cspify.convert(model, x, gamma=args.gamma, kinds=PAPER_KINDS)
         report = cspify.compare(model, csp, x)
         before, after = report.original, report.converted
         converted = sum(row.converted for row in report.stages)
