@@ -64,19 +64,21 @@ def find(traced: Traced) -> list[Stage]:
         parts = [p.name for p in found[0]]
         if len(set(parts)) != len(parts):
             continue
-        inside = [p for p in parts if any(p in reach(q) for q in parts if q != p)]
-        stage = _stage_at(traced, cat.name, parts, inside, order) if len(inside) >= 2 else None
+        layers = [p for p in parts[1:] if p in reach(parts[0])]  # x0 is the first part (VoVNet) ...
+        if len(layers) < 2:  # ... or the input of the first layer (x0 not concatenated)
+            layers = [p for p in parts if any(p in reach(q) for q in parts if q != p)]
+        stage = _stage_at(traced, cat.name, parts, layers, order) if len(layers) >= 2 else None
         if stage is not None:
             stages.append(stage)
     return stages
 
 
-def _stage_at(traced: Traced, cat: str, parts: list[str], inside: list[str], order: dict[str, int]) -> Stage | None:
-    """The stage ending in ``cat`` whose layers are the ``inside`` parts (those computed
-    from another part), or None where they are no chain."""
+def _stage_at(traced: Traced, cat: str, parts: list[str], layers: list[str], order: dict[str, int]) -> Stage | None:
+    """The stage ending in ``cat`` whose layers are ``layers`` (parts computed from other
+    parts), or None where they are no chain."""
     graph, nodes = traced.graph, traced.nodes
-    layers = sorted(inside, key=order.__getitem__)
-    x0 = parts[0] if parts[0] not in inside and nx.has_path(graph, parts[0], layers[0]) else _entry(traced, layers[0], order)
+    layers = sorted(layers, key=order.__getitem__)
+    x0 = parts[0] if parts[0] not in layers and nx.has_path(graph, parts[0], layers[0]) else _entry(traced, layers[0], order)
     if x0 is None:
         return None
     blocks, entry = [], x0

@@ -1,0 +1,219 @@
+"""The stage kinds beyond the paper's residual and dense ones: plain conv chains and
+aggregation blocks (rules/plain.py, rules/aggregation.py), the kind filter, and which
+kind keeps nodes that two rules find."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cspify
+from cspify.config import CSPConfig
+from cspify.errors import ConfigError, NoStageError
+from cspify.record import conversion_of
+from cspify.verify import drop_in_problems
+from tiny_models import TinyResNet, cbr, seeded
+
+X = torch.randn(2, 3, 16, 16)
+
+
+class VGGLike(nn.Module):
+    """Two plain stages: 8 -> 16 -> 16 -> 16 after a pool, and one whose first conv is strided."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8, 3)
+        self.stage1 = nn.Sequential(cbr(8, 16, 3), cbr(16, 16, 3), cbr(16, 16, 3))
+        self.stage2 = nn.Sequential(cbr(16, 24, 3, stride=2), cbr(24, 24, 3), cbr(24, 24, 3))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+
+    def forward(self, x):
+        return self.head(self.stage2(self.stage1(nn.functional.max_pool2d(self.stem(x), 2))))
+
+
+class OSA(nn.Module):
+    """VoVNet's one-shot aggregation: a chain of convs, its input and every output
+    concatenated once, fused by a 1x1 conv."""
+
+    def __init__(self, cin=16, width=8, cout=16, layers=3, skip=0):
+        super().__init__()
+        self.layers = nn.ModuleList(cbr(cin if i == 0 else width, width, 3) for i in range(layers))
+        self.fuse = cbr(cin + layers * width + skip, cout, 1)
+
+    def forward(self, x, skip=None):
+        parts, y = [x], x
+        for layer in self.layers:
+            y = layer(y)
+            parts.append(y)
+        return self.fuse(torch.cat(parts + ([skip] if skip is not None else []), 1))
+
+
+class VoVLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3, stride=2)
+        self.osa1, self.osa2 = OSA(), OSA(16, 8, 24)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+
+    def forward(self, x):
+        return self.head(self.osa2(self.osa1(self.stem(x))))
+
+
+class SelecSLSLike(nn.Module):
+    """Aggregation blocks whose concat also takes a skip from outside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, 3)
+        self.first = OSA(16, 8, 16)
+        self.second = OSA(16, 8, 16, skip=16)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.first(x)
+        return self.head(self.second(y, x))
+
+
+class Parallel(nn.Module):
+    """Branches of one input concatenated (Inception, SqueezeNet's Fire): no chain, no stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8, 3, stride=2)
+        self.a, self.b, self.c = cbr(8, 8, 1), cbr(8, 8, 3), nn.Sequential(cbr(8, 4, 1), cbr(4, 8, 3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.cat([self.a(x), self.b(x), self.c(x)], 1)
+
+
+def kinds(model, x=X, **kw):
+    return [(s.name, s.kind, len(s.blocks)) for s in cspify.find_stages(model, x, **kw)]
+
+
+def convert_checked(model, x=X, **kw):
+    csp = cspify.convert(model, x, **kw)
+    assert drop_in_problems(model, csp, x) == []
+    report = cspify.compare(model, csp, x)
+    assert report.converted.flops < report.original.flops
+    return csp
+
+
+# --------------------------------------------------------------------------- plain
+
+
+def test_plain_stages_are_conv_chains_of_one_width_and_resolution():
+    """The first conv may widen the stream; a strided first conv is left out of its chain,
+    which then starts at its output."""
+    model = seeded(VGGLike)
+    assert kinds(model) == [("stage1", "plain", 3), ("stage2", "plain", 2)]
+    stages = cspify.find_stages(model, X)
+    assert stages[0].base == "max_pool2d" and stages[1].base == "stage2_0_2"  # after the strided conv's relu
+    assert stages[0].inner == ("stage1_0_0", "stage1_1_0", "stage1_2_0")
+
+
+def test_a_plain_stage_runs_at_one_minus_gamma_of_its_width():
+    model = seeded(VGGLike)
+    csp = convert_checked(model, kinds="plain")
+    stage2 = conversion_of(csp).stages[1]
+    assert (stage2.bypass_channels, stage2.through_channels) == (12, 12)
+    assert csp.get_submodule("stage2.1.0").in_channels == 12 and csp.get_submodule("stage2.1.0").out_channels == 12
+    assert csp.get_submodule("stage2.2.0").out_channels == 12
+    transition = csp.get_submodule("stage2.csp_transition.conv")
+    assert (transition.in_channels, transition.out_channels) == (12, 12)  # joins the bypass's 12 to 24
+
+
+def test_narrowed_plain_layers_keep_the_weights_of_the_channels_they_see():
+    model = seeded(VGGLike)
+    csp = cspify.convert(model, X, kinds="plain")
+    before, after = model.stage2[1][0].weight, csp.get_submodule("stage2.1.0").weight
+    assert torch.equal(after, before[:12, 12:])  # first 12 outputs (inner width), the through part's inputs
+
+
+def test_a_plain_chain_narrower_than_its_bypass_is_refused_with_the_reason():
+    model = nn.Sequential(cbr(3, 32, 3), nn.Sequential(cbr(32, 8, 1), cbr(8, 8, 3))).eval()
+    csp_stages = cspify.find_stages(model, X)
+    assert [s.kind for s in csp_stages] == ["plain"]
+    with pytest.raises(NoStageError, match=r"output \(8 channels\) is not wider than its bypass \(16 channels\)"):
+        cspify.convert(model, X)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_one_shot_aggregation_blocks_are_aggregation_stages():
+    model = seeded(VoVLike)
+    stages = cspify.find_stages(model, X)
+    assert [(s.kind, len(s.blocks), s.channels) for s in stages] == [("aggregation", 3, 16), ("aggregation", 3, 16)]
+    assert stages[0].transition == ("osa1_fuse_0", "osa1_fuse_1", "osa1_fuse_2")
+    assert stages[0].inner == ("osa1_layers_0_0", "osa1_layers_1_0", "osa1_layers_2_0")
+
+
+def test_an_aggregation_stage_converts_as_csposanet_does():
+    """Half the input goes through layers of half the width; the fusion conv becomes the
+    partial transition and writes what the bypass does not fill."""
+    model = seeded(VoVLike)
+    csp = convert_checked(model)
+    fuse = csp.get_submodule("osa2.fuse.0")
+    assert fuse.in_channels == 8 + 3 * 4 and fuse.out_channels == 24 - 8
+    assert csp.get_submodule("osa2.layers.0.0").in_channels == 8
+
+
+def test_a_part_from_outside_the_block_stays_whole():
+    model = seeded(SelecSLSLike)
+    assert [s.kind for s in cspify.find_stages(model, X)] == ["aggregation", "aggregation"]
+    csp = convert_checked(model)
+    assert csp.get_submodule("second.fuse.0").in_channels == 8 + 3 * 4 + 16
+
+
+def test_parallel_branches_are_no_aggregation():
+    assert kinds(seeded(Parallel)) == []
+
+
+# --------------------------------------------------------------------------- kinds and priority
+
+
+def test_a_plain_chain_inside_a_residual_block_belongs_to_the_block():
+    every = kinds(seeded(TinyResNet))
+    assert {kind for _, kind, _ in every} == {"residual"} or all(
+        kind == "plain" for name, kind, _ in every if name not in {n for n, k, _ in every if k == "residual"}
+    )
+    residual = cspify.find_stages(seeded(TinyResNet), X, kinds="residual")
+    assert [s for s in cspify.find_stages(seeded(TinyResNet), X) if s.kind == "residual"] == residual
+
+
+def test_kinds_filter_gives_the_papers_transform_alone():
+    model = seeded(VGGLike)
+    with pytest.raises(NoStageError, match="VGGLike has no residual or dense stage"):
+        cspify.convert(model, X, kinds=("residual", "dense"))
+    assert kinds(model, kinds="plain") == kinds(model)
+
+
+@pytest.mark.parametrize("bad", ["chains", ["residual", "stack"], ""])
+def test_an_unknown_kind_is_refused_in_one_sentence(bad):
+    with pytest.raises(ConfigError, match="is not a kind of stage cspify finds") as info:
+        CSPConfig(kinds=bad)
+    assert "residual, dense, aggregation, plain" in info.value.hint
+
+
+def test_kinds_come_in_rule_order():
+    assert CSPConfig(kinds="plain,residual").kinds == ("residual", "plain")
+
+
+def test_a_single_block_stage_that_does_not_pay_says_whether_hidden_scale_would():
+    class OneBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = cbr(3, 32, 3)
+            self.a, self.b = cbr(32, 8, 1), cbr(8, 32, 1, act=False)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head(torch.relu(x + self.b(self.a(x))))
+
+    model = seeded(OneBlock)
+    with pytest.raises(NoStageError, match="with --hidden scale .* it pays"):
+        cspify.convert(model, X, kinds="residual")
+    csp = convert_checked(model, kinds="residual", hidden="scale")
+    assert conversion_of(csp).stages[0].converted
