@@ -61,12 +61,14 @@ def _name(traced: Traced, stages: list[Stage]) -> list[Stage]:
     """Name each stage after the module holding its blocks (``layer1``), else ``stageN``.
 
     Stages that share that module (blocks laid out flat in one Sequential) add the range
-    of children they span: ``features.1-4``.
+    of children they span: ``features.1-4``. Modules called from more than one place (an
+    activation shared by every conv) say nothing about where a stage is and are passed over.
     """
     nodes = traced.nodes
+    calls = Counter(n.target for n in traced.gm.graph.nodes if n.op == "call_module")
 
-    def paths(names):
-        return [nodes[n].target.split(".") for n in names if nodes[n].op == "call_module"]
+    def paths(names):  # a module called from several places (one shared SiLU) names none of them
+        return [nodes[n].target.split(".") for n in names if nodes[n].op == "call_module" and calls[nodes[n].target] == 1]
 
     def prefix(names):
         found = paths(names)
