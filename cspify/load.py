@@ -4,6 +4,7 @@
     load_model("examples/resnet_like.py:ResNetLike")
     load_model("torchvision:resnet50")             # random weights, nothing downloaded
     load_model("timm:cspresnet50")
+    load_model("ultralytics:yolov8n.yaml")         # any model YAML ultralytics ships, built offline
     load_model("torchvision:resnet50", weights="resnet50.pth")   # a state dict, weights_only=True
     load_weights(model, "checkpoint.pt")           # the same, into a module you built
 
@@ -13,6 +14,10 @@ a module instance. Without ``:Name`` the file's candidates are its module instan
 module; two names for one object (``model = Net``) are one candidate; classes used inside
 another candidate, or instantiated by one (``def model() -> nn.Module: return Net()``),
 are dropped; exactly one must remain.
+``ultralytics:NAME.yaml`` gives the model of ``ultralytics.YOLO(NAME.yaml)`` (``RTDETR`` for an
+``rtdetr`` YAML), with the YAML's number of classes; it sets ``YOLO_OFFLINE=1`` where unset
+before importing ultralytics, so that nothing is downloaded (a ``.pt`` name is refused), and
+undoes what that import patches for the whole process (``import_ultralytics``).
 Loading a file runs its code, as ``python path.py`` would. Weights are read with
 ``torch.load(weights_only=True)``, which unpickles no code.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import pickle
 import re
 import sys
@@ -231,7 +237,44 @@ def _timm(name: str) -> nn.Module:
         raise LoadError(f"timm has no model named {name!r}.", "see timm.list_models() for the names") from None
 
 
-ZOOS = {"torchvision": _torchvision, "timm": _timm}
+def import_ultralytics():
+    """The ``ultralytics`` package, imported offline (``YOLO_OFFLINE=1`` where unset), with
+    what its import patches for the whole process put back: ``PIL.Image.open`` (which
+    would try to install a HEIF plugin on an image it cannot read) and ``torch.save``."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # read when ultralytics is imported: no network checks
+    from PIL import Image
+
+    patched = Image.open, torch.save
+    try:
+        import ultralytics
+    except ImportError:
+        raise LoadError("ultralytics is not installed.", 'install the zoo extra: pip install "cspify[zoo]"') from None
+    finally:
+        Image.open, torch.save = patched
+    return ultralytics
+
+
+def _ultralytics(name: str) -> nn.Module:
+    if Path(name).suffix.lower() not in (".yaml", ".yml"):
+        raise LoadError(
+            f"ultralytics:{name} is not a model YAML, and cspify builds ultralytics models only from YAMLs, offline.",
+            "name the YAML, for example ultralytics:yolov8n.yaml, and load trained weights with --weights PATH",
+        )
+    ultralytics = import_ultralytics()
+    rtdetr = "rtdetr" in Path(name).stem.lower()
+    try:
+        return (ultralytics.RTDETR(name) if rtdetr else ultralytics.YOLO(name, verbose=False)).model
+    except FileNotFoundError:
+        raise LoadError(
+            f"ultralytics has no model YAML named {name!r}.",
+            "name a YAML it ships with its scale letter, such as yolov8n.yaml, yolo11n.yaml or yolov3.yaml "
+            "(see ultralytics/cfg/models), or give the path of your own",
+        ) from None
+    except Exception as exc:
+        raise LoadError(f"building ultralytics:{name} raised {type(exc).__name__}: {exc}.", "try another YAML") from exc
+
+
+ZOOS = {"torchvision": _torchvision, "timm": _timm, "ultralytics": _ultralytics}
 
 
 def _split_file_spec(spec: str) -> tuple[Path, str | None]:
@@ -242,7 +285,7 @@ def _split_file_spec(spec: str) -> tuple[Path, str | None]:
     if path.is_dir():
         raise LoadError(f"{path_text} is a folder, not a model file.", "give the path of the .py file that builds the model")
     if not path.is_file():
-        hint = "give a path to a .py file, or torchvision:NAME / timm:NAME"
+        hint = "give a path to a .py file, or torchvision:NAME / timm:NAME / ultralytics:NAME.yaml"
         raise LoadError(f"model file {path_text} does not exist.", hint)
     return path, name or None
 

@@ -11,10 +11,18 @@ not ready to trace (uninitialised lazy modules, or a tensor a hook computed that
 ``copy.deepcopy`` off it) is first made ready on a copy:
 
     model = ready_to_trace(model, (torch.randn(1, 3, 224, 224),))   # the model itself, or a ready copy
+
+The example inputs bind to the forward's positional parameters: a ``*args`` or ``**kwargs``
+beside them (``forward(self, x, *args, **kwargs)``) is traced empty. A submodule torch.fx
+cannot trace, in eval or in training mode (a detection head's dynamic code), is kept whole
+as a leaf, and said so:
+
+    traced.kept_whole              # {"model.22": "torch.fx cannot trace it: its forward branches ..."}
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, redirect_stderr
@@ -34,18 +42,46 @@ from cspify.ops import is_leaf
 
 __all__ = [
     "Traced", "Tracer", "trace", "symbolic_trace", "propagate_shapes", "networkx_view",
-    "as_inputs", "eval_mode", "capture_inputs", "shape", "ready_to_trace",
+    "as_inputs", "eval_mode", "capture_inputs", "shape", "ready_to_trace", "kept_whole",
 ]
+
+KEPT_WHOLE_KEY = "cspify_kept_whole"  # GraphModule.meta entry: the submodules tracing kept whole, and why
 
 
 class Tracer(fx.Tracer):
     """A tracer that keeps whole the modules with a channel rule (``cspify.ops``) and those
-    named as leaves, and remembers which module it is in (for error messages)."""
+    named as leaves, and remembers which module it is in (the one to keep whole when
+    tracing fails).
+
+    The root's ``*args`` and ``**kwargs`` are traced empty where its forward has positional
+    parameters for the inputs; the parts of a split whose count its arguments fix can be
+    iterated (``list(t.chunk(2, 1))``); a GraphModule's own ``call_module`` targets stay
+    leaves, so that tracing it again gives its graph back."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
         self.leaf_names = set(leaf_modules)
         self.scope_path: list[str] = []
+
+    def trace(self, root, concrete_args=None):
+        if isinstance(root, fx.GraphModule):
+            self.leaf_names |= {n.target for n in root.graph.nodes if n.op == "call_module"}
+        return super().trace(root, concrete_args)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if not _has_positional(root_fn, is_module):
+            return fn, args
+        bound = []
+        for arg in args:  # the *args and **kwargs placeholders become () and {}
+            if isinstance(arg, fx.Proxy) and arg.node.op == "placeholder" and str(arg.node.target).startswith("*"):
+                self.graph.erase_node(arg.node)
+                arg = {} if arg.node.target.startswith("**") else ()
+            bound.append(arg)
+        return fn, bound
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Parts(node, self) if _parts(node) is not None else super().proxy(node)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return qualname in self.leaf_names or is_leaf(m) or super().is_leaf_module(m, qualname)
@@ -57,12 +93,28 @@ class Tracer(fx.Tracer):
         return result
 
 
+class _Parts(fx.Proxy):
+    """The result of a split whose number of parts its arguments fix: ``len`` and iteration
+    work on it (``list(t.chunk(2, 1))``, ``for part in t.split([8, 8], 1)``)."""
+
+    def __len__(self) -> int:
+        return _parts(self.node)
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self))])
+
+
 @dataclass
 class Traced:
     """A traced model: the GraphModule, its nodes by name, and a networkx view."""
 
     gm: fx.GraphModule
     graph: nx.DiGraph
+
+    @property
+    def kept_whole(self) -> dict[str, str]:
+        """The submodules tracing kept whole as leaves because torch.fx cannot trace them, and why."""
+        return kept_whole(self.gm)
 
     # Views of the graph, computed once: the rules and the planner ask for them per node.
     # They describe the graph as traced; the rewrite edits it only after they are done.
@@ -105,20 +157,90 @@ def eval_mode(module: torch.nn.Module):
 
 
 def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
-    """torch.fx tracing of a deep copy of ``model``; errors name the module that failed."""
+    """torch.fx tracing of a deep copy of ``model``.
+
+    A submodule whose tracing fails, in the model's mode or the other one (a head that
+    returns early in training), is kept whole as a leaf and tracing starts again, so that
+    both modes trace to one graph; ``kept_whole(gm)`` lists those modules and why.
+    Only a failure in the model's own forward is an error, which names its cause."""
     if isinstance(model, fx.GraphModule):
         return clone_module(model)
-    model = clone_module(model)
-    tracer = Tracer(leaf_modules)
+    leaves, kept = list(leaf_modules), {}
+    while True:
+        copy = clone_module(model)  # a failed trace may leave proxies on the modules it ran
+        tracer = Tracer(leaves)
+        try:
+            graph = _trace_both_modes(tracer, copy)
+            break
+        except Exception as exc:  # torch.fx raises many kinds; all mean "not traceable"
+            where = tracer.scope_path[-1] if tracer.scope_path else ""
+            if where and where not in leaves:  # a submodule's forward failed: keep it whole
+                leaves.append(where)
+                kept[where] = f"torch.fx cannot trace it: {_cause(exc) or _first_sentence(exc)}"
+                continue
+            raise TraceError(
+                f"torch.fx cannot trace the model ({type(model).__name__}){_kept_note(model, kept)}: "
+                f"{_first_sentence(exc)}.",
+                _trace_hint(model, leaves, exc),
+            ) from exc
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    gm.meta[KEPT_WHOLE_KEY] = kept
+    return gm
+
+
+def kept_whole(gm: fx.GraphModule) -> dict[str, str]:
+    """The submodules ``symbolic_trace`` kept whole as leaves since torch.fx cannot trace them, and why."""
+    return dict(getattr(gm, "meta", {}).get(KEPT_WHOLE_KEY, {}))
+
+
+def _trace_both_modes(tracer: Tracer, model: torch.nn.Module) -> fx.Graph:
+    """The graph of ``model`` in its own mode, once its submodules trace in the other mode
+    too (a failure of the model's own forward in the other mode is left to ``cspify.modes``)."""
+    flags = {m: m.training for m in model.modules()}
+    model.train(not model.training)
     try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # torch.fx raises many kinds; all mean "not traceable"
-        where = tracer.scope_path[-1] if tracer.scope_path else ""
-        raise TraceError(
-            f"torch.fx cannot trace {_describe(model, where)}: {_first_line(exc)}.",
-            _trace_hint(model, where, leaf_modules),
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        tracer.trace(model)
+    except Exception:
+        if tracer.scope_path:  # a submodule's: keep it whole
+            raise
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    return tracer.trace(model)
+
+
+# Splits whose number of parts their first argument fixes: name -> (keyword, count of an
+# int, count of a list). chunk(n) has fewer than n parts for some sizes (6 channels in 4
+# chunks give 3) but never for n = 2 and a size of 2 or more: only chunk(2) counts.
+_SPLITS = {
+    "chunk": ("chunks", lambda n: 2 if n == 2 else None, None),
+    "tensor_split": ("indices_or_sections", lambda n: n, lambda s: len(s) + 1),
+    "split": ("split_size_or_sections", None, len),
+    "split_with_sizes": ("split_sizes", None, len),
+}
+
+
+def _parts(node: fx.Node) -> int | None:
+    """How many tensors the split at ``node`` gives, where its arguments say; else None."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in _SPLITS:
+        return None
+    keyword, of_int, of_list = _SPLITS[name]
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get(keyword, node.kwargs.get("split_size"))
+    if isinstance(arg, int) and not isinstance(arg, bool) and of_int:
+        return of_int(arg)  # None where the int does not fix the count
+    if isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg) and of_list:
+        return of_list(arg)
+    return None
+
+
+def _has_positional(root_fn, is_module: bool) -> bool:
+    """Does the forward take a positional parameter (besides ``self``) for the example inputs?"""
+    try:
+        params = list(inspect.signature(inspect.unwrap(root_fn)).parameters.values())[int(is_module):]
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> None:
@@ -213,36 +335,55 @@ def trace(model: torch.nn.Module, example_inputs, leaf_modules: Iterable[str] = 
     return Traced(gm, networkx_view(gm))
 
 
-def _describe(model: torch.nn.Module, where: str) -> str:
-    if not where:
-        return f"the model ({type(model).__name__})"
-    return f"module '{where}' ({type(model.get_submodule(where)).__name__})"
+def _kept_note(model: torch.nn.Module, kept: dict[str, str]) -> str:
+    if not kept:
+        return ""
+    names = ", ".join(f"'{name}' ({type(model.get_submodule(name)).__name__})" for name in list(kept)[:3])
+    return f" even with {names}{' and others' if len(kept) > 3 else ''} kept whole"
 
 
-def _trace_hint(model: torch.nn.Module, where: str, leaf_modules: Iterable[str]) -> str:
-    """Name the largest submodules that do trace, so the user can convert one of them."""
+# What torch.fx's messages mean in the user's code: (words of the message, the cause)
+_CAUSES = (
+    ("cannot be used as inputs to control flow",
+     "its forward branches on a traced value, a tensor or its shape (data-dependent Python control flow)"),
+    ("cannot be iterated",
+     "its forward iterates over or unpacks a traced value (a loop over a tensor, a, b = t, or *t)"),
+    ("len(", "its forward takes len() of a traced value"),
+)
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc)
+    return next((cause for words, cause in _CAUSES if words in text), "")
+
+
+def _trace_hint(model: torch.nn.Module, leaf_modules: Iterable[str], exc: BaseException) -> str:
+    """The cause in the model's own forward, then its largest submodules that do trace, so
+    that the user can convert one of them."""
     traceable = []
     for name, child in model.named_children():
-        if where and not where.startswith(name):
-            traceable.append(f"{name} ({type(child).__name__})")
-            continue
+        inner = [leaf[len(name) + 1:] for leaf in leaf_modules if leaf.startswith(f"{name}.")]
         try:
-            Tracer(leaf_modules).trace(clone_module(child))
+            symbolic_trace(child, inner)
             traceable.append(f"{name} ({type(child).__name__})")
         except Exception:
             continue
-    leaf = f"keep '{where}' opaque with --leaf {where} if no stage runs through it, or " if where else ""
+    cause = f"{_cause(exc)}; " if _cause(exc) else ""
     if traceable:
         return (
-            f"{leaf}convert a traceable submodule with --scope NAME (scope= in the API); "
+            f"{cause}convert a traceable submodule with --scope NAME (scope= in the API); "
             f"traceable submodules: {', '.join(traceable[:5])}"
         )
-    return f"{leaf}make the forward free of data-dependent Python control flow"
+    return f"{cause}change that part of the model's own forward (its submodules that torch.fx cannot trace are kept whole)"
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__).rstrip(".")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    return _first_line(exc).split(". ")[0]
 
 
 def _shape_of(x) -> str:
