@@ -111,16 +111,21 @@ def convert(
                 f"the converted model fails a check ({problems[0]}), which is a bug in cspify.",
                 "please report it with the model; convert fewer stages with --stage meanwhile",
             )
-    attach(gm, _record(config, plans, added, seed, tuple(leaf_modules)))
+    kept = tuple(traced.kept_whole.items())  # submodules torch.fx cannot trace, kept whole as leaves
+    attach(gm, _record(config, plans, added, seed, tuple(leaf_modules) + tuple(m for m, _ in kept), kept))
     return gm
 
 
 def _refuse_if_none(model: nn.Module, plans: list[StagePlan]) -> None:
     if not any(plan.converted for plan in plans):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans)
+        hints = ["try another gamma, or allow_costlier (--allow-costlier) where a stage costs more than it saves"]
+        if any(plan.stage.cross_stage for plan in plans):
+            hints.insert(0, "blocks that are cross stage partial already convert only when named: --stage (stages=) "
+                            "nests a second CSP in them")
         raise NoStageError(
             f"none of the {len(plans)} stages found in {type(model).__name__} can be converted ({reasons}).",
-            "try another gamma, or allow_costlier (--allow-costlier) where a stage costs more than it saves",
+            "; ".join(hints),
         )
 
 
@@ -301,7 +306,7 @@ def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds) -> CSP
 
 
 def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[str, ...]], seed: int,
-            leaf_modules: tuple[str, ...]) -> Conversion:
+            leaf_modules: tuple[str, ...], kept_whole: tuple[tuple[str, str], ...] = ()) -> Conversion:
     """What compare, sweep, calibration and fine-tuning need to know about a conversion."""
     stages = []
     for p in plans:
@@ -312,4 +317,4 @@ def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[st
             blocks=len(p.stage.blocks), nodes=tuple(p.stage.nodes), added=new, output=p.through_output,
             converted_output=new[-1] if p.converted and new else "", notes=tuple(p.notes),
         ))
-    return Conversion(config, tuple(stages), seed=seed, leaf_modules=leaf_modules)
+    return Conversion(config, tuple(stages), seed=seed, leaf_modules=leaf_modules, kept_whole=kept_whole)

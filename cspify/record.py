@@ -53,6 +53,7 @@ class Conversion:
     seed: int = 0
     scope: str | None = None
     leaf_modules: tuple[str, ...] = ()
+    kept_whole: tuple[tuple[str, str], ...] = ()  # (module, why): leaves tracing chose itself
 
     @property
     def converted(self) -> tuple[StageRecord, ...]:

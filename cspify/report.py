@@ -70,6 +70,7 @@ class Report:
     stages: list[StageRow]
     options: dict = field(default_factory=dict)
     flop_note: str = FLOP_NOTE
+    kept_whole: dict[str, str] = field(default_factory=dict)  # submodules tracing kept whole, and why
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +83,7 @@ class Report:
             "options": dict(self.options),
             "stages": [row.to_dict() for row in self.stages],
             "flop_note": self.flop_note,
+            "kept_whole": dict(self.kept_whole),
         }
 
     def _tables(self, fmt: str) -> tuple[str, str, list[str]]:
@@ -126,6 +128,7 @@ class Report:
                 memory = "memory and bottleneck per stage:\n" + "\n".join(f"  {line}" for line in memory.splitlines())
             stage_table += "\n\n" + memory
         notes = [f"{row.name}: {note}" for row in self.stages for note in row.notes]
+        notes += [f"'{module}' kept whole ({why})" for module, why in self.kept_whole.items()]
         return total_table, stage_table, skipped + [f"note: {n}" for n in notes]
 
     def _memory_table(self, fmt: str) -> str:
@@ -185,7 +188,8 @@ def build_report(before: Measurement, after: Measurement, record: Conversion | N
             converted=stage.converted, reason=stage.reason, before=fig_before, after=fig_after,
             notes=list(stage.notes), through_channels=stage.through_channels, base=stage.base, blocks=stage.blocks,
         ))
-    return Report(before.totals, after.totals, rows, record.summary() if record else {})
+    return Report(before.totals, after.totals, rows, record.summary() if record else {},
+                  kept_whole=dict(record.kept_whole) if record else {})
 
 
 def stage_diagram(row: StageRow, fusion: str = "last") -> str:

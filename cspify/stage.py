@@ -31,6 +31,9 @@ class Stage:
     inner:      the layers whose output widths are the stage's own width and shrink with
                 the through part (by ``1 - gamma``): a plain stage's convs, an aggregation
                 stage's layers. A residual or dense stage's width is its base's, so it has none.
+    cross_stage: where the stage is already the through part of a cross stage partial
+                block (``cspify.rules.cross_stage``), the sentence that says so: the
+                planner leaves it unless the stage filter names it.
     transition: for a dense stage, the existing transition layer after it (norm, act,
                 1x1 conv, ...) that fusion last turns into the partial transition; the
                 concat then goes after its last node. Empty when there is none.
@@ -46,6 +49,7 @@ class Stage:
     transition: tuple[str, ...] = ()
     axis_problem: str = ""
     inner: tuple[str, ...] = ()
+    cross_stage: str = ""
 
     @property
     def body(self) -> tuple[str, ...]:

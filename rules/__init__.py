@@ -9,6 +9,8 @@ its own, registered here under its kind; adding a pattern is adding one entry.
 Where stages of several kinds share nodes, the kind registered with the lower priority
 wins: the paper's residual and dense stages first, then aggregation blocks, then plain
 conv chains (a plain chain inside a residual block belongs to the block's stage).
+Residual and plain stages that are already the through part of a cross stage partial
+block (C2f, C3, CrossStage) are marked (``cross_stage``), and left unless named.
 
 Rules find stages by graph structure only (adds, concats, shapes, reachability), never by
 module names; names are given afterwards from the modules a stage contains.
@@ -21,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
+from cspify.rules.cross_stage import mark
 from cspify.stage import Stage
 from cspify.trace import Traced
 
@@ -54,7 +57,7 @@ def find_stages(traced: Traced, kinds: tuple[str, ...] | None = None) -> list[St
             taken.update(stage.nodes)
             stages.append(stage)
     stages.sort(key=lambda s: order[s.output])
-    return _name(traced, stages)
+    return _name(traced, mark(traced, stages))
 
 
 def _name(traced: Traced, stages: list[Stage]) -> list[Stage]:

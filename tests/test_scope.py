@@ -35,7 +35,7 @@ def test_scope_converts_the_backbone_of_a_detector():
         detections = csp([x[0]])
     assert set(detections[0]) == {"boxes", "labels", "scores"}
     report = cspify.compare(model, csp, x, scope="backbone.body")
-    assert [row.name for row in report.stages] == ["layer1", "layer2", "layer3", "layer4"]
+    assert [row.name for row in report.stages] == ["layer1.0", "layer1", "layer2", "layer3", "layer4"]
     assert report.converted.flops < report.original.flops
 
 
@@ -104,13 +104,16 @@ class WithGate(nn.Module):
         return self.gate(x)
 
 
-def test_leaf_keeps_an_untraceable_helper_opaque():
+def test_an_untraceable_helper_is_kept_whole_as_a_leaf_and_said_so():
     model, x = WithGate().eval(), torch.randn(1, 3, 16, 16)
-    with pytest.raises(TraceError, match="--leaf gate"):
-        cspify.convert(model, x)
-    csp = cspify.convert(model, x, leaf_modules=["gate"])
+    csp = cspify.convert(model, x)
+    assert cspify.conversion_of(csp).leaf_modules == ("gate",)
+    assert "gate" in dict(cspify.conversion_of(csp).kept_whole)
+    assert "'gate' kept whole (torch.fx cannot trace it" in str(cspify.compare(model, csp, x))
+    named = cspify.convert(model, x, leaf_modules=["gate"])
+    assert cspify.conversion_of(named).kept_whole == ()
     with torch.no_grad():
-        assert csp(x).shape == model(x).shape
+        assert csp(x).shape == named(x).shape == model(x).shape
 
 
 def test_cli_scope_and_leaf(tmp_path):

@@ -217,3 +217,60 @@ def test_a_single_block_stage_that_does_not_pay_says_whether_hidden_scale_would(
         cspify.convert(model, X, kinds="residual")
     csp = convert_checked(model, kinds="residual", hidden="scale")
     assert conversion_of(csp).stages[0].converted
+
+
+# --------------------------------------------------------------------------- already cross stage partial
+
+
+class C2fLike(nn.Module):
+    """YOLOv8's C2f: split by chunk, bottlenecks on one half, every part concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 12, 3)
+        self.cv1 = cbr(12, 16, 1)
+        self.m = nn.ModuleList(nn.Sequential(cbr(8, 8, 3), cbr(8, 8, 3)) for _ in range(2))
+        self.cv2 = cbr(32, 16, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(self.stem(x)).chunk(2, 1))
+        y.extend(y[-1] + m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class C3Like(nn.Module):
+    """YOLOv5's C3: two 1x1 convs of one input, bottlenecks on one, a 1x1 conv fusing both."""
+
+    def __init__(self, fused=True):
+        super().__init__()
+        self.fused = fused
+        self.stem = cbr(3, 16, 3)
+        self.cv1, self.cv2 = cbr(16, 8, 1), cbr(16, 8, 1)
+        self.m = nn.ModuleList(nn.Sequential(cbr(8, 8, 1), cbr(8, 8, 3)) for _ in range(2))
+        self.cv3 = cbr(16, 16, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.cv1(x)
+        for m in self.m:
+            y = y + m(y)
+        out = torch.cat([y, self.cv2(x)], 1)
+        return self.cv3(out) if self.fused else out
+
+
+@pytest.mark.parametrize("cls", [C2fLike, C3Like])
+def test_blocks_inside_a_csp_block_are_left_unless_named(cls):
+    model = seeded(cls)
+    stages = cspify.find_stages(model, X)
+    assert stages and all(s.cross_stage.startswith("it is already the through part") for s in stages)
+    with pytest.raises(NoStageError, match="already the through part of a cross stage partial block") as info:
+        cspify.convert(model, X)
+    assert "--stage" in info.value.hint
+    csp = convert_checked(model, stages=[stages[0].name])  # named: nested
+    assert [s.name for s in conversion_of(csp).converted] == [stages[0].name]
+
+
+def test_parallel_branches_without_a_fusing_conv_are_no_csp_block():
+    """Inception's concat of 1x1-conv branches feeds the next block, not one 1x1 conv."""
+    stages = cspify.find_stages(seeded(C3Like, fused=False), X)
+    assert stages and not any(s.cross_stage for s in stages)

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cspify  # noqa: E402
-from cspify.errors import LoadError  # noqa: E402
+from cspify.errors import LoadError, NoStageError  # noqa: E402
 from cspify.load import import_ultralytics, load_model  # noqa: E402
 from cspify.record import conversion_of  # noqa: E402
 from cspify.trace import trace  # noqa: E402
@@ -50,13 +50,25 @@ def build(name: str) -> DetectionModel:
 @pytest.fixture(scope="module")
 def yolov8n():
     model = build("yolov8n.yaml")
-    return model, cspify.convert(model, X)
+    return model, nested(model)
+
+
+def nested(model):
+    """Its C2f/C3 blocks are CSP already: cspify leaves them unless each stage is named."""
+    return cspify.convert(model, X, stages=[s.name for s in cspify.find_stages(model, X)])
+
+
+@pytest.mark.parametrize("name", ["yolov8n.yaml", "yolov5nu.yaml"])
+def test_yolo_blocks_are_recognised_as_cross_stage_partial_already(name):
+    with pytest.raises(NoStageError, match="already the through part of a cross stage partial block") as info:
+        cspify.convert(build(name), X)
+    assert "--stage" in info.value.hint
 
 
 @pytest.mark.parametrize("name", ["yolov8n.yaml", "yolov5nu.yaml"])
 def test_yolo_converts_as_it_comes(name, yolov8n):
     model, csp = yolov8n if name == "yolov8n.yaml" else (build(name), None)
-    csp = csp or cspify.convert(model, X)
+    csp = csp or nested(model)
     record = conversion_of(csp)
     residual = [s for s in record.converted if s.kind == "residual"]  # the backbone's bottleneck chains
     assert len(residual) == (6 if name == "yolov8n.yaml" else 4)
@@ -73,7 +85,6 @@ def test_the_detect_head_is_kept_whole_with_its_cause():
     assert "control flow" in kept[head]
 
 
-@pytest.mark.xfail(strict=True, reason="api.convert records only the user's leaf modules, not those tracing kept whole")
 def test_the_record_lists_the_head_kept_whole(yolov8n):
     model, csp = yolov8n
     assert f"model.{len(model.model) - 1}" in conversion_of(csp).leaf_modules
@@ -108,7 +119,7 @@ def test_converted_yolo_trains_copies_and_exports(yolov8n, tmp_path):
 def test_a_block_converted_in_place_keeps_working_in_the_yolo_wrapper():
     torch.manual_seed(0)
     yolo = ultralytics.YOLO("yolov8n.yaml", verbose=False)
-    yolo.model = cspify.convert(yolo.model.eval(), X, scope="model.6")
+    yolo.model = cspify.convert(yolo.model.eval(), X, scope="model.6", stages=["m.0", "m.1"])  # a C2f: nested
     assert conversion_of(yolo.model, "model.6").converted
     image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     (result,) = yolo.predict(image, imgsz=64, device="cpu", verbose=False, save=False)
