@@ -67,6 +67,8 @@ def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
     try:
         if config.stages is not None and stage.name not in config.stages:
             raise _Skip("not selected by the stage filter")
+        if stage.cross_stage and config.stages is None:
+            raise _Skip(f"{stage.cross_stage}; name it with --stage to nest a second CSP in it")
         return _plan(traced, stage, config, notes)
     except _Skip as skip:
         reason = str(skip) + (_scale_hint(traced, stage, config) if isinstance(skip, _Costlier) else "")
