@@ -295,7 +295,7 @@ def _exec_file(path: Path) -> dict:
     module_name = f"cspify_user_model_{abs(hash(path.resolve()))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None:
-        raise LoadError(f"{path} is not a Python file.", "give a .py file, or torchvision:NAME / timm:NAME")
+        raise LoadError(f"{path} is not a Python file.", "give a .py file, or torchvision:NAME / timm:NAME / ultralytics:NAME.yaml")
     module = importlib.util.module_from_spec(spec)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)

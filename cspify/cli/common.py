@@ -45,7 +45,7 @@ from cspify.report import Report
 from cspify.rules import KINDS
 
 MODEL_HELP = (
-    "MODEL is path/to/model.py[:Name], torchvision:NAME or timm:NAME. "
+    "MODEL is path/to/model.py[:Name], torchvision:NAME, timm:NAME or ultralytics:NAME.yaml. "
     "A model file is executed to build the model: only use files you trust."
 )
 
