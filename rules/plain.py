@@ -54,26 +54,25 @@ def _unit_at(traced: Traced, conv) -> Unit | None:
 @register("plain", priority=2)
 def find(traced: Traced) -> list[Stage]:
     gm, nodes = traced.gm, traced.nodes
-    units = [
-        unit for node in gm.graph.nodes
+    units = {
+        node.name: unit for node in gm.graph.nodes
         if node.op == "call_module" and role_of(node, gm) == "conv" and (unit := _unit_at(traced, node)) is not None
-    ]
-    by_input: dict[str, Unit] = {}
-    for unit in units:
-        by_input.setdefault(unit.input, unit)
+    }
 
-    def follows(prev: Unit, nxt: Unit) -> bool:
-        users = nodes[prev.output].users
-        return len(users) == 1 and next(iter(users)).name == nxt.conv and shape(nodes[nxt.output]) == shape(nodes[prev.output])
+    def next_of(unit: Unit) -> Unit | None:
+        """The unit whose conv alone reads this unit's output, where its output keeps the shape."""
+        users = nodes[unit.output].users
+        nxt = units.get(next(iter(users)).name) if len(users) == 1 else None
+        return nxt if nxt is not None and shape(nodes[nxt.output]) == shape(nodes[unit.output]) else None
 
-    by_output = {unit.output: unit for unit in by_input.values()}
+    followed = {nxt.conv for unit in units.values() if (nxt := next_of(unit)) is not None}
     stages = []
-    for start in by_input.values():
-        if start.input in by_output and follows(by_output[start.input], start):
+    for start in units.values():
+        if start.conv in followed:
             continue  # not the first unit of its chain
         chain = [start]
-        while chain[-1].output in by_input and follows(chain[-1], by_input[chain[-1].output]):
-            chain.append(by_input[chain[-1].output])
+        while (nxt := next_of(chain[-1])) is not None:
+            chain.append(nxt)
         stage = _stage(traced, chain)
         if stage is not None:
             stages.append(stage)

@@ -274,3 +274,20 @@ def test_parallel_branches_without_a_fusing_conv_are_no_csp_block():
     """Inception's concat of 1x1-conv branches feeds the next block, not one 1x1 conv."""
     stages = cspify.find_stages(seeded(C3Like, fused=False), X)
     assert stages and not any(s.cross_stage for s in stages)
+
+
+def test_plain_chains_of_branches_that_read_one_input_are_each_found():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = cbr(3, 8, 3)
+            self.a = nn.Sequential(cbr(8, 16, 1), cbr(16, 16, 3))
+            self.b = nn.Sequential(cbr(8, 12, 3), cbr(12, 12, 3))
+
+        def forward(self, x):
+            x = self.stem(x)
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    model = seeded(TwoBranches)
+    assert kinds(model) == [("a", "plain", 2), ("b", "plain", 2)]
+    convert_checked(model)
