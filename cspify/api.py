@@ -91,8 +91,11 @@ def convert(
     found = rules.find_stages(traced, config.kinds)
     if not found:
         kinds = config.kinds or rules.KINDS
+        kept = "; ".join(f"'{m}' {why.replace('torch.fx cannot trace it', 'torch.fx cannot trace')}"
+                         for m, why in traced.kept_whole.items())
         raise NoStageError(
-            f"{type(model).__name__} has no {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}{kinds[-1]} stage.",
+            f"{type(model).__name__} has no {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}{kinds[-1]} stage"
+            + (f" outside the submodules kept whole ({kept})." if kept else "."),
             "cspify converts chains of x + f(x) blocks (residual), DenseNet-style concat chains (dense), "
             "layer chains concatenated once (aggregation) and conv chains of one width (plain)"
             + ("; without --kind it looks for every kind" if config.kinds else "")
