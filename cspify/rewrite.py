@@ -130,7 +130,7 @@ def _partial_transition(gm, source, mix, out_channels, templates, home, added):
     for module in container.modules():
         if getattr(module, "inplace", False):  # an in-place act would overwrite what autograd saved
             module.inplace = False
-    gm.add_submodule(home, container.to(device=device, dtype=dtype))
+    gm.add_submodule(home, container.to(device=device, dtype=dtype).train(gm.training))  # in the model's mode
 
     last = source
     for child in ("conv", "norm", "act"):

@@ -517,3 +517,19 @@ def test_lazy_modules_are_initialised_on_a_copy():
     assert model[0].has_uninitialized_params()  # the user's model is untouched
     assert split_of(gm, conversion_of(gm).converted[0].name) == (1, 4)
     assert gm(X).shape == model(X).shape
+
+
+def test_new_layers_are_in_the_mode_of_the_model_they_join():
+    """A transition added to a model in eval mode is in eval mode too (conv-bn fusion and
+    anything else that reads ``training`` on leaves sees one mode)."""
+    from torch.fx.experimental.optimization import fuse
+
+    from tiny_models import TinyResNet, seeded
+
+    model, x = seeded(TinyResNet), torch.randn(2, 3, 16, 16)
+    csp = cspify.convert(model, x)
+    added = [m for name, m in csp.named_modules() if "csp_transition" in name]
+    assert added and not any(m.training for m in added)
+    fused = fuse(csp)  # torch's conv-bn folding asserts every layer it folds is in eval mode
+    with torch.no_grad():
+        assert torch.allclose(fused(x), csp(x), atol=1e-5)
