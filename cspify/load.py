@@ -218,12 +218,15 @@ def _torchvision(name: str) -> nn.Module:
     except ImportError:
         raise LoadError("torchvision is not installed.", 'install the zoo extra: pip install "cspify[zoo]"') from None
     try:
-        return torchvision.models.get_model(name, weights=None)
+        builder = torchvision.models.get_model_builder(name)
     except (ValueError, KeyError):
         raise LoadError(
             f"torchvision has no model named {name!r}.",
             "see torchvision.models.list_models() for the names",
         ) from None
+    # random weights throughout: a detector's backbone too (its builder would fetch ImageNet weights)
+    backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+    return builder(weights=None, **backbone)
 
 
 def _timm(name: str) -> nn.Module:

@@ -551,3 +551,10 @@ def test_weights_files_that_cannot_be_read(tmp_path):
     (tmp_path / "wdir").mkdir()
     with pytest.raises(LoadError, match="folder"):
         load_model(str(tmp_path / "model.py"), weights=str(tmp_path / "wdir"))
+
+
+def test_a_torchvision_detector_loads_offline_with_random_weights_throughout():
+    """A detection builder would fetch its backbone's ImageNet weights unless told not to."""
+    pytest.importorskip("torchvision")
+    model = load_model("torchvision:retinanet_resnet50_fpn").model
+    assert type(model).__name__ == "RetinaNet"
