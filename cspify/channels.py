@@ -9,6 +9,14 @@ How each op relates its output channels to its inputs' is one couple function pe
 (``COUPLINGS``); which op couples how is the op table's ``couple`` fact (``cspify.ops``).
 An op the table has no channel rule for keeps the widths it touches (``couple_unknown``).
 
+A concat's space is the concat of its parts' spaces (``Space.segments``); a chunk or split
+along the channels is its inverse (its pieces are the segments of its input's space); a
+channel slice ``x[:, a:b]`` reads part of its input's space (``Analysis.slices``). Which
+channels each space keeps follows from those relations (``derive_keeps``), as do the
+literal sizes (slice bounds, split sizes) that narrowing changes. A channel count read from
+a tensor's shape (``B, C, H, W = x.shape``) is followed too: it may only size that same
+space again (``x.view(B, C, -1)``); used anywhere else, its space keeps its width.
+
     a = analyse(traced, stage.nodes, seed=stage.base, seed_axis=stage.channel_axis)
     a.info["layer1_1_conv1"].reads                  # the space conv1 reads: the stage's stream
     a.spaces[a.info[stage.base].space].width        # 256: the stream's width
@@ -24,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,6 +80,9 @@ class ChannelSpaces:
     def __getitem__(self, i: int) -> Space:
         return self._spaces[self.find(i)]
 
+    def __len__(self) -> int:
+        return len(self._spaces)
+
     def union(self, a: int, b: int) -> int:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
@@ -85,8 +97,63 @@ class ChannelSpaces:
         if sa.segments is None:
             sa.segments = sb.segments
         elif sb.segments is not None and sa.segments != sb.segments:
-            sa.frozen = sa.frozen or "two different channel concatenations meet"
+            if sa.width == sb.width:  # one channel dim written as two concats: align their parts
+                bounds = set(self._bounds(sa.segments)) | set(self._bounds(sb.segments))
+                for x, y in zip(self._refine_all(sa.segments, bounds), self._refine_all(sb.segments, bounds)):
+                    self.union(x[0], y[0])
+            else:
+                sa.frozen = sa.frozen or "two different channel concatenations meet"
         return ra
+
+    def cut(self, i: int, widths: list[int]) -> list[int]:
+        """The spaces of consecutive parts of space ``i``, ``widths`` wide (a chunk or a split
+        of its channels): ``i`` becomes the concat of them, or of finer parts where it is a
+        concat already (a part may then be a concat of its segments' parts)."""
+        root = self.find(i)
+        if len(widths) <= 1:
+            return [root]
+        bounds, offset = [], 0
+        for width in widths:
+            bounds.append((offset, offset + width))
+            offset += width
+        fine = self._refine(root, {start for start, _ in bounds[1:]})
+        parts = []
+        for start, stop in bounds:
+            members = tuple(space for space, off, _ in fine if start <= off < stop)
+            parts.append(members[0] if len(members) == 1 else self.new(stop - start, segments=members))
+        return parts
+
+    def _bounds(self, segments: tuple[int, ...]) -> list[int]:
+        """The offsets inside a concat where one segment ends and the next begins."""
+        offsets, offset = [], 0
+        for segment in segments[:-1]:
+            offset += self[segment].width
+            offsets.append(offset)
+        return offsets
+
+    def _refine_all(self, segments: tuple[int, ...], bounds: set[int]) -> list[tuple[int, int, int]]:
+        """(space, offset, width) of the parts of a concat of ``segments``, cut at ``bounds``."""
+        parts, offset = [], 0
+        for segment in segments:
+            width = self[segment].width
+            inside = {b - offset for b in bounds if offset < b < offset + width}
+            parts.extend((space, offset + off, w) for space, off, w in self._refine(self.find(segment), inside))
+            offset += width
+        return parts
+
+    def _refine(self, root: int, bounds: set[int]) -> list[tuple[int, int, int]]:
+        """(space, offset, width) of the parts of ``root`` cut at ``bounds`` (offsets inside
+        it): a space that is no concat yet becomes the concat of new parts."""
+        space = self._spaces[root]
+        inner = sorted(b for b in bounds if 0 < b < space.width)
+        if not inner:
+            return [(root, 0, space.width)]
+        if space.segments is None or any(self.find(s) == root for s in space.segments):
+            edges = [0, *inner, space.width]
+            parts = [self.new(hi - lo, frozen=space.frozen) for lo, hi in pairwise(edges)]
+            space.segments = tuple(parts)
+            return [(part, lo, hi - lo) for part, (lo, hi) in zip(parts, pairwise(edges))]
+        return self._refine_all(space.segments, set(inner))
 
     def freeze(self, i: int, reason: str) -> None:
         space = self[i]
@@ -103,13 +170,53 @@ class ChannelInfo:
 
     ``reads`` is set for layers that map one space to another (convs, linears): the
     space of the channels they read. ``holds`` is False for a layer whose weights do not
-    follow its channels (a LayerNorm over another axis): it is never narrowed.
+    follow its channels (a LayerNorm over another axis): it is never narrowed. ``pieces``
+    is set for an op that returns several tensors (a chunk, a split): the space of each,
+    their channels on ``axis``.
     """
 
     axis: int | None
     space: int | None
     reads: int | None = None
     holds: bool = True
+    pieces: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A channel slice ``out = source[:, start:stop]`` (``operator.getitem``): channel j of
+    space ``out`` is channel ``start + j`` of space ``source``. The index is argument 1 of
+    ``node``; ``entry`` is the place of the channel slice in it (None: the index is that slice)."""
+
+    node: str
+    source: int
+    out: int
+    start: int
+    stop: int
+    entry: int | None
+
+
+@dataclass(frozen=True)
+class Split:
+    """A chunk or split along the channels: space ``source`` is the concat of ``pieces``.
+    ``chunks``: the n of ``chunk(n)`` (its parts must keep equal widths); None for a split,
+    whose sizes are written in argument ``key`` (a position or a keyword) and follow."""
+
+    node: str
+    source: int
+    pieces: tuple[int, ...]
+    chunks: int | None
+    key: int | str | None = None
+
+
+@dataclass(frozen=True)
+class Size:
+    """A channel count read from a tensor's shape: the width of ``space``, read from
+    ``source``'s shape by ``node``."""
+
+    space: int
+    source: str
+    node: str
 
 
 @dataclass
@@ -119,6 +226,10 @@ class Analysis:
     traced: "Traced"
     spaces: ChannelSpaces = field(default_factory=ChannelSpaces)
     info: dict[str, ChannelInfo] = field(default_factory=dict)
+    slices: list[Slice] = field(default_factory=list)
+    splits: list[Split] = field(default_factory=list)
+    sizes: dict[str, Size] = field(default_factory=dict)  # nodes whose value is a channel count
+    shapes: dict[str, tuple[Size | None, ...]] = field(default_factory=dict)  # x.shape, x.size(): per axis
 
     # -- helpers the couple functions use --------------------------------------------
     def of(self, node: fx.Node) -> ChannelInfo:
@@ -157,6 +268,23 @@ class Analysis:
             info = self.of(arg)
             if info.space is not None:
                 self.spaces.freeze(info.space, reason)
+
+    def counts(self, value) -> list[Size]:
+        """The channel counts (``Size``) that ``value`` (an argument) carries: a count read
+        from a shape, or a shape (``x.shape``, ``x.size()``), also inside lists and tuples."""
+        if isinstance(value, (list, tuple)):
+            return [size for v in value for size in self.counts(v)]
+        if not isinstance(value, fx.Node):
+            return []
+        if value.name in self.sizes:
+            return [self.sizes[value.name]]
+        return [size for size in self.shapes.get(value.name, ()) if size is not None]
+
+    def freeze_counts(self, node: fx.Node) -> None:
+        """``node`` uses channel counts read from shapes in a way cspify does not follow:
+        their spaces keep their widths."""
+        for size in self.counts([*node.args, *node.kwargs.values()]):
+            self.spaces.freeze(size.space, f"'{node.name}' uses the channel count of '{size.source}' ('{size.node}')")
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,19 +447,42 @@ def couple_permute(node: fx.Node, a: Analysis) -> None:
 
 def couple_reshape(node: fx.Node, a: Analysis) -> None:
     """reshape / view / flatten: fine while the channel dim survives whole and its size is
-    not written as a constant (after narrowing, a constant would be wrong)."""
+    not written as a constant (after narrowing, a constant would be wrong). A size read from
+    a shape (``x.view(B, C, H * W)`` with ``B, C, H, W = x.shape``) follows narrowing: it may
+    size the channel dim of the same space, and nothing else (its space keeps its width)."""
     x = a.of(node.args[0])
     before, after = shape(node.args[0]), shape(node)
+    sizes = _sizes_arg(node, a) if node.target not in ("flatten", torch.flatten) and node.op != "call_module" else []
     if x.axis is None or after is None:
+        a.freeze_counts(node)
         return couple_unknown(node, a)
     lead = math.prod(before[: x.axis])
     axis = next((j for j in range(len(after)) if math.prod(after[:j]) == lead and after[j] == before[x.axis]), None)
     reason = "merges or splits the channel dim" if axis is None else ""
-    if axis is not None and node.target not in ("flatten", torch.flatten) and node.op != "call_module":
-        sizes = _dims_arg(node)
-        if len(sizes) == len(after) and isinstance(sizes[axis], int) and sizes[axis] != -1 and before[x.axis] > 1:
-            axis, reason = None, f"reshapes the channels to the constant size {sizes[axis]}"
+    if axis is not None and len(sizes) == len(after):
+        size = sizes[axis]
+        if isinstance(size, int) and size != -1 and before[x.axis] > 1:
+            axis, reason = None, f"reshapes the channels to the constant size {size}"
+        elif isinstance(size, Size) and a.spaces.find(size.space) != a.spaces.find(x.space):
+            axis = None
+            reason = f"reshapes the channels to the channel count of '{size.source}' ('{size.node}'), another tensor"
+    for j, size in enumerate(sizes):
+        if isinstance(size, Size) and (j != axis or len(sizes) != len(after)):
+            a.spaces.freeze(size.space, f"'{node.name}' reshapes to the channel count of '{size.source}' ('{size.node}')")
     _moved(node, a, axis, reason)
+
+
+def _sizes_arg(node: fx.Node, a: Analysis) -> list:
+    """The sizes of a reshape or view, each an int, a ``Size`` (a channel count read from a
+    shape) or None (another value computed in the graph); a shape passed whole
+    (``x.view(y.shape)``) counts as its sizes."""
+    sizes = _dims_arg(node)
+    if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and sizes[0].name in a.shapes:
+        return list(a.shapes[sizes[0].name])
+    return [
+        size if isinstance(size, int) else a.sizes.get(size.name) if isinstance(size, fx.Node) else None
+        for size in sizes
+    ]
 
 
 def couple_reduce(node: fx.Node, a: Analysis) -> None:
@@ -349,8 +500,149 @@ def couple_reduce(node: fx.Node, a: Analysis) -> None:
 
 
 def couple_nothing(node: fx.Node, a: Analysis) -> None:
-    """Ops that only look at a tensor (its size, its dim) and make no tensor."""
+    """Ops that only look at a tensor (its size, its dim) and make no tensor. A shape or a
+    size read from a tensor's channel axis is remembered (``Analysis.shapes``, ``sizes``)."""
     a.set(node, None, None)
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    dims = shape(source) if source is not None else None
+    if dims is None:
+        return
+    info = a.of(source)
+    if info.axis is None or info.space is None:
+        return
+    per_axis = tuple(Size(info.space, source.name, node.name) if i == info.axis else None for i in range(len(dims)))
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if node.target is getattr and dim == "shape" or node.target == "size" and dim is None:
+        a.shapes[node.name] = per_axis
+    elif node.target == "size" and isinstance(dim, int) and per_axis[dim] is not None:
+        a.sizes[node.name] = per_axis[dim]
+
+
+def index_axes(index, rank: int) -> list[tuple[int | None, object, int | None]] | None:
+    """What a tensor index (``x[:, 2:4, None, ..., 0]``) does to each axis of a ``rank``-dim
+    input: (place of its entry in the index or None, the entry: a slice or an int, the axis
+    it becomes in the output or None). None for an index cspify does not follow (tensors,
+    lists, bounds computed in the graph)."""
+    entries = index if isinstance(index, tuple) else (index,)
+
+    def plain(entry) -> bool:
+        if entry is None or entry is Ellipsis:
+            return True
+        if isinstance(entry, slice):
+            return all(b is None or isinstance(b, int) and not isinstance(b, bool) for b in (entry.start, entry.stop, entry.step))
+        return isinstance(entry, int) and not isinstance(entry, bool)
+
+    if not all(plain(e) for e in entries) or sum(e is Ellipsis for e in entries) > 1:
+        return None
+    used = sum(e is not None and e is not Ellipsis for e in entries)
+    if used > rank:
+        return None
+    axes, out = [], 0
+    for place, entry in enumerate(entries):
+        if entry is Ellipsis:
+            for _ in range(rank - used):
+                axes.append((None, slice(None), out))
+                out += 1
+        elif entry is None:
+            out += 1
+        elif isinstance(entry, slice):
+            axes.append((place, entry, out))
+            out += 1
+        else:
+            axes.append((place, entry, None))
+    while len(axes) < rank:
+        axes.append((None, slice(None), out))
+        out += 1
+    return axes
+
+
+def couple_getitem(node: fx.Node, a: Analysis) -> None:
+    """``operator.getitem``: one tensor of an op that returns several (a chunk's piece), a
+    size of a shape, or a tensor index. An index keeps the channels where it slices other
+    axes (a spatial crop); a slice of the channels (``x[:, a:b]``, step 1) reads part of its
+    input's space (``Analysis.slices``; the full range too, whose bound may be literal);
+    anything else on the channel axis (one channel, a step) keeps its input's width."""
+    source, index = (node.args + (None, None))[:2]
+    if not isinstance(source, fx.Node):
+        return couple_unknown(node, a)
+    if source.name in a.shapes:  # x.shape[1], x.shape[2:]
+        dims = a.shapes[source.name]
+        a.set(node, None, None)
+        if isinstance(index, int) and -len(dims) <= index < len(dims) and dims[index] is not None:
+            a.sizes[node.name] = Size(dims[index].space, dims[index].source, node.name)
+        elif isinstance(index, slice):
+            a.shapes[node.name] = dims[index]
+        return
+    if source.name not in a.info and shape(source) is None and shape(node) is not None:
+        a.fresh(node, frozen=f"'{node.name}' takes a tensor of '{source.name}', outside the stage")
+        return
+    info = a.of(source)
+    if info.pieces is not None:  # a chunk's or split's pieces
+        if isinstance(index, int) and -len(info.pieces) <= index < len(info.pieces):
+            return a.set(node, info.axis, info.pieces[index])
+        if isinstance(index, slice):
+            a.info[node.name] = ChannelInfo(info.axis, None, pieces=info.pieces[index])
+            return
+        return couple_unknown(node, a)
+    before, after = shape(source), shape(node)
+    if before is None or after is None or info.axis is None:
+        return couple_unknown(node, a)
+    axes = index_axes(index, len(before))
+    if axes is None:
+        return _moved(node, a, None, "indexes its input with tensors, lists or bounds computed in the graph")
+    place, entry, axis = axes[info.axis]
+    if axis is None:
+        return _moved(node, a, None, f"takes channel {entry} alone")
+    if place is None:  # the index writes no bound for the channels (x[..., 1:-1]): all of them, always
+        return a.set(node, axis, info.space)
+    start, stop, step = entry.indices(before[info.axis])
+    if step != 1:
+        return _moved(node, a, None, f"takes every {step}th channel" if step > 1 else "reverses the channels")
+    if stop <= start:
+        return _moved(node, a, None, "takes no channel")
+    out = a.spaces.new(stop - start)
+    a.slices.append(Slice(node.name, info.space, out, start, stop, place if isinstance(index, tuple) else None))
+    a.set(node, axis, out)
+
+
+def _tuple_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
+    """The shapes of the tensors an op returns as a tuple or list (a chunk, a split)."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and meta and all(hasattr(m, "shape") for m in meta):
+        return [tuple(m.shape) for m in meta]
+    return None
+
+
+def couple_split(node: fx.Node, a: Analysis) -> None:
+    """``chunk`` / ``split``: along the channels, the inverse of a concat: the input's space
+    is the concat of the pieces' (``Analysis.splits``); along another axis each piece keeps
+    the input's channels."""
+    source = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("tensor"))
+    pieces = _tuple_shapes(node)
+    info = a.of(source) if isinstance(source, fx.Node) else ChannelInfo(None, None)
+    dims = shape(source) if isinstance(source, fx.Node) else None
+    if info.axis is None or dims is None or pieces is None:
+        return couple_unknown(node, a)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if not isinstance(dim, int):
+        return couple_unknown(node, a)
+    if dim % len(dims) != info.axis:
+        a.info[node.name] = ChannelInfo(info.axis, None, pieces=(info.space,) * len(pieces))
+        return
+    if node.target in ("chunk", torch.chunk):
+        count, key = (node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")), None
+    else:
+        key = 1 if len(node.args) > 1 else next((k for k in ("split_size_or_sections", "split_size") if k in node.kwargs), None)
+        count = node.args[key] if isinstance(key, int) else node.kwargs.get(key)
+    sizes = count if isinstance(count, (list, tuple)) else [count]
+    if not all(isinstance(size, int) and not isinstance(size, bool) for size in sizes):
+        reason = f"'{node.name}' splits the channels by sizes computed in the graph"
+        a.spaces.freeze(info.space, reason)
+        a.info[node.name] = ChannelInfo(info.axis, None, pieces=tuple(a.spaces.new(p[info.axis], frozen=reason) for p in pieces))
+        return
+    spaces = tuple(a.spaces.cut(info.space, [p[info.axis] for p in pieces]))
+    a.splits.append(Split(node.name, info.space, spaces, None if key is not None else count, key))
+    a.info[node.name] = ChannelInfo(info.axis, None, pieces=spaces)
 
 
 def couple_unknown(node: fx.Node, a: Analysis) -> None:
@@ -377,6 +669,8 @@ COUPLINGS: dict[str, Callable[[fx.Node, Analysis], None]] = {
     "reshape": couple_reshape,
     "reduce": couple_reduce,
     "nothing": couple_nothing,
+    "getitem": couple_getitem,
+    "split": couple_split,
 }
 
 
@@ -400,9 +694,11 @@ def stream_axis(traced: Traced, region, seed: str) -> tuple[int | None, str]:
     stop = None  # the first op that the axes are not followed through
     for name in region:
         node = nodes[name]
-        if node.op not in ("call_module", "call_function", "call_method") or shape(node) is None:
+        if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        if not any(arg.name in axes for arg in tensor_inputs(node)):
+        if shape(node) is None and _tuple_shapes(node) is None:
+            continue
+        if not any(arg.name in axes for arg in node.all_input_nodes):  # a chunk's pieces included
             continue
         dim = channel_dim(node, gm)
         if dim is not None:  # a layer with a channel axis of its own: it decides for this path
@@ -517,6 +813,32 @@ def _catted_axes(node: fx.Node, axes: dict) -> tuple[int | None, ...] | None:
     return tuple(found)
 
 
+def _indexed_axes(node: fx.Node, axes: dict) -> tuple[int | None, ...] | None:
+    """getitem: a piece of a chunk or split has its input's axes; a tensor index keeps the
+    axes it slices (and drops those it takes one entry of)."""
+    source, index = (node.args + (None, None))[:2]
+    before = axes[source.name]
+    dims = shape(source)
+    if dims is None:
+        return before if isinstance(index, int) and _tuple_shapes(source) is not None else None
+    found = index_axes(index, len(dims))
+    if found is None:
+        return None
+    after: list = [None] * len(shape(node))
+    for label, (_, _, axis) in zip(before, found):
+        if axis is not None:
+            after[axis] = label
+    return tuple(after)
+
+
+def _split_axes(node: fx.Node, axes: dict) -> tuple[int | None, ...] | None:
+    """chunk / split: every piece has its input's axes."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or source.name not in axes or _tuple_shapes(node) is None:
+        return None
+    return axes[source.name]
+
+
 # How each coupling moves the axes of what it reads (``stream_axis``); ops of another
 # coupling are not followed.
 AXIS_MOVES: dict[str, Callable[[fx.Node, dict], tuple[int | None, ...] | None]] = {
@@ -525,7 +847,184 @@ AXIS_MOVES: dict[str, Callable[[fx.Node, dict], tuple[int | None, ...] | None]] 
     "reshape": _first_input(_reshaped_axes),
     "reduce": _first_input(_reduced_axes),
     "cat": _catted_axes,
+    "getitem": _first_input(_indexed_axes),
+    "split": _split_axes,
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Which channels each space keeps
+
+
+class NarrowingError(Exception):
+    """Why the channels of a stage cannot be narrowed as asked: one sentence."""
+
+
+@dataclass
+class Keeps:
+    """Which channels each space keeps (``derive_keeps``), and the literal sizes in the
+    graph that narrowing changes: ``args[(node, key)]`` is the new value of argument ``key``
+    (a position, or a keyword) of ``node`` (a slice's index, a split's sizes), and
+    ``moved`` says in a sentence each what changes."""
+
+    spaces: ChannelSpaces
+    decided: dict[int, tuple[int, ...]]
+    names: dict[int, str]
+    args: dict[tuple[str, int | str], object] = field(default_factory=dict)
+    moved: list[str] = field(default_factory=list)
+
+    def of(self, space: int) -> tuple[int, ...] | None:
+        """The channels ``space`` keeps, None for all of them."""
+        root = self.spaces.find(space)
+        keep = self.decided.get(root)
+        if keep is None or len(keep) == self.spaces[root].width:
+            return None
+        if not keep:
+            raise NarrowingError(f"narrowing would leave '{self.names.get(root, '?')}' no channels")
+        return keep
+
+
+def _chunk_widths(width: int, chunks: int) -> list[int]:
+    """The widths of ``torch.chunk``'s parts of ``width`` channels in ``chunks``."""
+    size = -(-width // chunks) if width else 0
+    return [min(size, width - start) for start in range(0, width, size)] if size else []
+
+
+def derive_keeps(a: Analysis, keeps: dict[int, tuple[int, ...]]) -> Keeps:
+    """Which channels every space of ``a`` keeps, given those of some (``keeps``: the
+    stream's through part, a transition's, scaled inner widths); raises NarrowingError with
+    the reason where that is not possible.
+
+    The relations: a concat keeps its segments' kept channels, in order, and a segment the
+    part of its concat's that falls in it (a chunk or split piece of a narrowed tensor); a
+    channel slice keeps the kept channels of its source in its range, or the source keeps
+    at least the slice's (then only the slice's bounds change). A space nothing narrows keeps
+    every channel. A chunk's parts must keep the widths ``chunk(n)`` gives; a slice's kept
+    channels must be next to each other in its narrowed source. Where a slice's bounds or a
+    split's sizes change, ``args`` holds the new ones.
+    """
+    spaces, find = a.spaces, a.spaces.find
+    names: dict[int, str] = {}  # a node that holds each space, for the reasons
+    for field_ in ("space", "reads", "pieces"):
+        for name, info in a.info.items():
+            value = getattr(info, field_)
+            for space in value if isinstance(value, tuple) else (value,):
+                if space is not None:
+                    names.setdefault(find(space), name)
+    roots = sorted({find(i) for i in range(len(spaces))})
+    concats = {}
+    for root in roots:
+        segments = spaces[root].segments
+        if segments and not any(find(s) == root for s in segments):
+            parts, offset = [], 0
+            for segment in segments:
+                parts.append((find(segment), offset, spaces[segment].width))
+                offset += spaces[segment].width
+            concats[root] = parts
+    for root, parts in concats.items():
+        for part, _, _ in parts:
+            names.setdefault(part, names.get(root, "?"))
+    slices = [(s, find(s.source), find(s.out)) for s in a.slices]
+    outs = {out for _, _, out in slices}
+    decided: dict[int, tuple[int, ...]] = {}
+    origin: dict[int, int] = {}  # root -> the root whose keep decided it
+
+    def decide(root: int, keep: tuple[int, ...], by: int) -> bool:
+        if root not in decided:
+            decided[root], origin[root] = keep, by
+            return True
+        if decided[root] != keep:
+            first, second = (
+                "its own narrowing" if o == root else f"'{names.get(o, '?')}'" for o in (origin[root], by)
+            )
+            how = f"through {first} and through {second}" if first != second else f"twice through {first}"
+            raise NarrowingError(f"'{names.get(root, '?')}' would keep different channels {how}")
+        return False
+
+    for root, keep in keeps.items():
+        decide(find(root), tuple(keep), find(root))
+    while True:
+        changed = True
+        while changed:
+            changed = False
+            for root, parts in concats.items():
+                if root in decided:
+                    keep = decided[root]
+                    for part, offset, width in parts:
+                        changed |= decide(part, tuple(i - offset for i in keep if offset <= i < offset + width), root)
+                elif all(part in decided for part, _, _ in parts):
+                    changed |= decide(root, tuple(offset + i for part, offset, _ in parts for i in decided[part]), parts[0][0])
+            for s, source, out in slices:
+                if source in decided and out not in decided:
+                    changed |= decide(out, tuple(i - s.start for i in decided[source] if s.start <= i < s.stop), source)
+        pending = [r for r in roots if r not in decided and r not in concats]
+        leaves = [r for r in pending if r not in outs] or pending
+        if not leaves:
+            break
+        for root in leaves:  # nothing narrows it: it keeps every channel
+            decided[root], origin[root] = tuple(range(spaces[root].width)), root
+    for root in roots:
+        decided.setdefault(root, tuple(range(spaces[root].width)))
+    result = Keeps(spaces, decided, names)
+    for split in a.splits:
+        _check_split(split, result)
+    for s, source, out in slices:
+        _check_slice(s, source, out, result, a)
+    return result
+
+
+def _check_split(split: Split, keeps: Keeps) -> None:
+    """A chunk's parts keep the widths chunk(n) gives; a split's sizes follow its parts'."""
+    spaces = keeps.spaces
+    for space in (split.source, *split.pieces):
+        if spaces[space].frozen and keeps.of(space) is not None:
+            raise NarrowingError(f"{spaces[space].frozen}, so its channels cannot be narrowed")
+    counts = [len(keeps.decided[spaces.find(p)]) for p in split.pieces]
+    widths = [spaces[p].width for p in split.pieces]
+    if counts == widths:
+        return
+    if 0 in counts:
+        raise NarrowingError(f"narrowing would leave a part of '{split.node}' no channels")
+    if split.chunks is not None:
+        if counts != _chunk_widths(sum(counts), split.chunks):
+            raise NarrowingError(
+                f"'{split.node}' chunks {sum(widths)} channels in {split.chunks}, and narrowing would keep "
+                f"{counts} of its parts, which chunk({split.chunks}) does not give"
+            )
+        return
+    keeps.args[(split.node, split.key)] = counts
+    keeps.moved.append(f"'{split.node}' splits its channels by the literal sizes {widths}, which narrowing changes to {counts}")
+
+
+def _check_slice(s: Slice, source: int, out: int, keeps: Keeps, a: Analysis) -> None:
+    """The slice's kept channels are kept by its source, next to each other; its bounds
+    change where the narrowed source puts them elsewhere."""
+    spaces = keeps.spaces
+    kept_source, kept = keeps.decided[source], keeps.decided[out]
+    name = keeps.names.get(source, "?")
+    if not kept:
+        raise NarrowingError(f"narrowing would leave '{s.node}' no channels")
+    position = {channel: i for i, channel in enumerate(kept_source)}
+    if any(s.start + j not in position for j in kept):
+        raise NarrowingError(f"'{s.node}' reads channels of '{name}' that narrowing drops")
+    places = [position[s.start + j] for j in kept]
+    start, stop = places[0], places[0] + len(places)
+    if places != list(range(start, stop)):
+        raise NarrowingError(f"'{s.node}' would read channels of '{name}' that narrowing leaves apart")
+    node = a.traced.nodes[s.node]
+    index = node.args[1]
+    entry = index if s.entry is None else index[s.entry]
+    if entry.indices(len(kept_source))[:2] == (start, stop):
+        return  # the literal bounds still take the same channels (a full range)
+    for space in (source, out):
+        if spaces[space].frozen and keeps.of(space) is not None:
+            raise NarrowingError(f"{spaces[space].frozen}, so its channels cannot be narrowed")
+    new = slice(start or None, None if stop == len(kept_source) else stop)
+    keeps.args[(s.node, 1)] = new if s.entry is None else (*index[: s.entry], new, *index[s.entry + 1 :])
+    keeps.moved.append(
+        f"'{s.node}' slices channels {s.start}:{s.stop} of '{name}' by literal bounds, "
+        f"which narrowing moves to {start}:{stop}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,5 +1047,38 @@ def analyse(traced: Traced, region, seed: str, seed_axis: int = 1) -> Analysis:
             continue  # a parameter gets its channel axis where it is used (Analysis.of, couple_same)
         op = rule_for(node, traced.gm)
         couple = COUPLINGS[op.couple] if op is not None and op.couple is not None else couple_unknown
+        if couple not in (couple_reshape, couple_getitem):
+            a.freeze_counts(node)  # a channel count read from a shape, used where cspify does not follow it
         couple(node, a)
+    inside = set(region)
+    for name in [*a.sizes, *a.shapes]:  # read inside, used outside: the rewrite would change it there
+        for user in nodes[name].users:
+            if user.name not in inside and user.name in traced.live:
+                a.freeze_counts(user)
+    _partitions(a)
     return a
+
+
+def _partitions(a: Analysis) -> None:
+    """Slices of a tensor that is no concat, which together take each of its channels once
+    (``x[:, :c]`` and ``x[:, c:]``; the full range alone), split it as a chunk would: its
+    space becomes their concat, so narrowing them narrows the layer that writes it."""
+    by_source: dict[int, dict[tuple[int, int], int]] = {}
+    for s in a.slices:
+        intervals = by_source.setdefault(a.spaces.find(s.source), {})
+        if (s.start, s.stop) in intervals:
+            a.spaces.union(intervals[(s.start, s.stop)], s.out)
+        else:
+            intervals[(s.start, s.stop)] = s.out
+    for root, intervals in by_source.items():
+        space = a.spaces[root]
+        edges = sorted(intervals)
+        if space.segments is not None or a.spaces.find(root) != root:
+            continue
+        covered = edges[0][0] == 0 and edges[-1][1] == space.width
+        if not covered or any(first[1] != second[0] for first, second in pairwise(edges)):
+            continue
+        if len(edges) == 1:
+            a.spaces.union(root, intervals[edges[0]])
+        else:
+            a.spaces.union(root, a.spaces.new(space.width, segments=tuple(intervals[e] for e in edges)))

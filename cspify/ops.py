@@ -39,7 +39,8 @@ class Op:
 
     role:         what rules and the planner see it as: "conv", "linear", "norm", "act",
                   "pool", "identity", "permute", "reshape", "reduce", "add", "elementwise",
-                  "cat", "meta"; None for an op without a channel rule.
+                  "cat", "split" (chunk, split), "index" (getitem), "meta"; None for an op
+                  without a channel rule.
     couple:       how its output channels relate to its inputs' (a key of
                   ``cspify.channels.COUPLINGS``); None: cspify cannot follow its channels.
     narrow:       how its layer is narrowed (a key of ``cspify.narrow.NARROWERS``); None for
@@ -216,12 +217,17 @@ register(operator.imul, "mul_", role="elementwise", returns="inplace")
 register("expand_as", role="elementwise", returns="view")
 register(torch.cat, torch.concat, role="cat", couple="cat")
 
+# Views of parts of a tensor: a chunk's or split's pieces, and indexing (a slice of the
+# channels reads part of their space, a spatial crop keeps them; ``cspify.channels``).
+register(torch.chunk, torch.split, "chunk", "split", role="split", couple="split", returns="view")
+register(operator.getitem, role="index", couple="getitem", returns="view")
+
 # Ops that only look at a tensor and make none.
 register("size", "dim", getattr, role="meta", couple="nothing", returns="none")
 
 # Views and in-place ops without a channel rule: a stage that uses them stays as it is.
 register(
-    torch.narrow, operator.getitem, torch.squeeze, torch.unsqueeze, nn.Unflatten,
+    torch.narrow, torch.squeeze, torch.unsqueeze, nn.Unflatten,
     "narrow", "view_as", "squeeze", "unsqueeze", "expand",
     couple=None, returns="view",
 )

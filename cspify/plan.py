@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch.fx as fx
 import torch.nn as nn
 
-from cspify.channels import Analysis, analyse
+from cspify.channels import Analysis, Keeps, NarrowingError, analyse, derive_keeps
 from cspify.config import CSPConfig
 from cspify.graph import shape
 from cspify.narrow import can_mix, layer_width, reparametrization_problem
@@ -213,10 +213,22 @@ def _scale_inner(a: Analysis, region, gamma: float, keeps: dict[int, tuple[int, 
 
 
 class _Resolver:
-    """Keep indices of any space: set directly, or the concat of its segments' keeps."""
+    """Keep indices of any space: set directly (``keeps``), or derived from them through the
+    channel relations of the analysis (``cspify.channels.derive_keeps``: a concat keeps its
+    segments' keeps, a chunk's piece its input's, a channel slice its source's).
 
-    def __init__(self, a: Analysis, keeps: dict[int, tuple[int, ...]]) -> None:
-        self.spaces, self.keeps, self.cache = a.spaces, keeps, {}
+    ``args`` maps (node, argument) to the new value of a literal size that narrowing changes
+    (a slice's bounds, a split's sizes); with ``literal_args=False`` a stage that needs one
+    is skipped with the sentence that says which."""
+
+    def __init__(self, a: Analysis, keeps: dict[int, tuple[int, ...]], literal_args: bool = False) -> None:
+        self.a, self.spaces, self.keeps, self.cache = a, a.spaces, keeps, {}
+        self.literal_args = literal_args
+        self._derived: Keeps | None = None
+
+    @property
+    def args(self) -> dict[tuple[str, int | str], object]:
+        return self._derive().args
 
     def __call__(self, space: int | None) -> tuple[int, ...] | None:
         if space is None:
@@ -226,18 +238,22 @@ class _Resolver:
             self.cache[root] = self._resolve(root)
         return self.cache[root]
 
+    def _derive(self) -> Keeps:
+        if self._derived is None:
+            try:
+                self._derived = derive_keeps(self.a, self.keeps)
+            except NarrowingError as error:
+                raise _Skip(str(error)) from None
+            if self._derived.moved and not self.literal_args:
+                raise _Skip(self._derived.moved[0])
+        return self._derived
+
     def _resolve(self, root: int) -> tuple[int, ...] | None:
         info = self.spaces[root]
-        keep = self.keeps.get(root)
-        if keep is None and info.segments is not None:
-            parts, offset, narrowed = [], 0, False
-            for segment in info.segments:
-                part = self(segment)
-                width = self.spaces[segment].width
-                narrowed |= part is not None
-                parts.extend(offset + i for i in (part if part is not None else range(width)))
-                offset += width
-            keep = tuple(parts) if narrowed else None
+        try:
+            keep = self._derive().of(root)
+        except NarrowingError as error:
+            raise _Skip(str(error)) from None
         if keep is not None and info.frozen:
             raise _Skip(f"{info.frozen}, so its channels cannot be narrowed")
         if keep is not None and len(keep) % info.blocks:

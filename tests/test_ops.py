@@ -35,8 +35,14 @@ def test_memory_facts():
 
 
 def test_views_and_inplace_ops_without_channel_rule_have_no_role():
-    for op in (torch.narrow, operator.getitem, torch.squeeze, operator.isub, torch.relu_, nn.Unflatten):
+    for op in (torch.narrow, torch.squeeze, operator.isub, torch.relu_, nn.Unflatten):
         assert OPS[op].role is None and OPS[op].couple is None
+
+
+def test_slices_chunks_and_splits_are_views_with_a_channel_rule():
+    assert OPS[operator.getitem] == Op(role="index", couple="getitem", returns="view")
+    for op in (torch.chunk, torch.split, "chunk", "split"):
+        assert OPS[op] == Op(role="split", couple="split", returns="view")
 
 
 def test_every_narrow_the_table_names_exists():

@@ -269,3 +269,220 @@ class ConvAndLinear(nn.Module):
 
     def forward(self, x):
         return x + self.conv(x) * self.mix(x)
+
+
+# Channel slices, chunks and splits; partial and multi-branch residuals (issue 12, items 3 and 4)
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module: a primary 1x1 conv, a cheap depthwise conv on its output, both
+    concatenated and sliced to ``cout`` channels: the full range where ``cout`` is even
+    (``out[:, :cout]`` with the concat ``cout`` wide), a strict slice where it is odd."""
+
+    def __init__(self, cin, cout, act=True):
+        super().__init__()
+        self.cout, init = cout, (cout + 1) // 2
+        self.primary = cbr(cin, init, 1, act=act)
+        self.cheap = cbr(init, init, 3, groups=init, act=act)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], 1)[:, : self.cout]
+
+
+class GhostBlock(nn.Module):
+    """GhostNet's bottleneck at stride 1: x + ghost2(ghost1(x)), then a spatial crop and pad
+    (``[:, :, 1:-1, 1:-1]``, not a channel slice) when ``crop``."""
+
+    def __init__(self, c, hidden, crop=False):
+        super().__init__()
+        self.crop = crop
+        self.ghost1, self.ghost2 = GhostModule(c, hidden), GhostModule(hidden, c, act=False)
+
+    def forward(self, x):
+        y = self.ghost1(x)
+        if self.crop:
+            y = nn.functional.pad(y[:, :, 1:-1, 1:-1], (1, 1, 1, 1))
+        return x + self.ghost2(y)
+
+
+class GhostNetLike(nn.Module):
+    """stem (C) -> ``depth`` ghost blocks on C -> head. C = 8: full-range slices; C = 7: the
+    stream's ghost modules slice their 8-channel concat strictly to 7."""
+
+    def __init__(self, c=8, hidden=16, depth=3, crop=False):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.blocks = nn.Sequential(*[GhostBlock(c, hidden, crop) for _ in range(depth)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class C2fBottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.cv1, self.cv2 = cbr(c, c, 3), cbr(c, c, 3)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: cv1's output chunked in two, bottlenecks on the second half, every
+    piece concatenated and fused by cv2."""
+
+    def __init__(self, cin, cout, n=2):
+        super().__init__()
+        c = cout // 2
+        self.cv1 = cbr(cin, 2 * c, 1)
+        self.m = nn.ModuleList(C2fBottleneck(c) for _ in range(n))
+        self.cv2 = cbr((2 + n) * c, cout, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class C2fNet(nn.Module):
+    def __init__(self, c=16, n=2):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.c2f = C2f(c, c, n)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+
+    def forward(self, x):
+        return self.head(self.c2f(self.stem(x)))
+
+
+class ShuffleBlock(nn.Module):
+    """A residual block that splits its stream by literal sizes and works on each part:
+    x + cat(f(a), g(b)) with a, b = x.split(sizes, 1) (``chunk=True``: x.chunk(2, 1))."""
+
+    def __init__(self, sizes=(12, 4), chunk=False):
+        super().__init__()
+        self.sizes, self.chunk = list(sizes), chunk
+        self.f, self.g = cbr(sizes[0], sizes[0], 3), cbr(sizes[1], sizes[1], 3)
+
+    def forward(self, x):
+        a, b = x.chunk(2, 1) if self.chunk else x.split(self.sizes, 1)
+        return x + torch.cat([self.f(a), self.g(b)], 1)
+
+
+class ShuffleNetLike(nn.Module):
+    def __init__(self, sizes=(12, 4), chunk=False, depth=2):
+        super().__init__()
+        c = sum(sizes)
+        self.stem = cbr(3, c, 3)
+        self.blocks = nn.Sequential(*[ShuffleBlock(sizes, chunk) for _ in range(depth)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class PartialResidual(nn.Module):
+    """ReXNet's block: the input added to the first ``cin`` channels of a wider output,
+    cat([y[:, 0:cin] + x, y[:, cin:]]) with y = f(x)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.cin = cin
+        self.f = nn.Sequential(cbr(cin, 2 * cin, 1), cbr(2 * cin, 2 * cin, 3, groups=2 * cin), cbr(2 * cin, cout, 1, act=False))
+
+    def forward(self, x):
+        y = self.f(x)
+        return torch.cat([y[:, 0 : self.cin] + x, y[:, self.cin :]], dim=1)
+
+
+class RexNetLike(nn.Module):
+    """stem (8) -> partial residual blocks 8 -> 10 -> 12 -> 14 -> head."""
+
+    def __init__(self, widths=(8, 10, 12, 14)):
+        super().__init__()
+        self.stem = cbr(3, widths[0], 3)
+        self.blocks = nn.Sequential(*[PartialResidual(a, b) for a, b in zip(widths, widths[1:])])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class ThreeBranch(nn.Module):
+    """relu(x + f(x) + g(x)): a residual block with two branches."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(cbr(c, c, 3), cbr(c, c, 3, act=False))
+        self.g = cbr(c, c, 1, act=False)
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x) + self.g(x))
+
+
+class RepVggBlock(nn.Module):
+    """RepVGG's training-time block: act(conv_1x1(x) + conv_kxk(x) + bn(x)), the identity
+    branch a BatchNorm when the block keeps its width, none where it downsamples."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+        self.conv_kxk, self.conv_1x1 = cbr(cin, cout, 3, stride, act=False), cbr(cin, cout, 1, stride, act=False)
+        self.attn, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv_1x1(x) + self.conv_kxk(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.act(self.attn(y))
+
+
+class MultiBranchNet(nn.Module):
+    """stem -> ``depth`` blocks of ``block`` (ThreeBranch or RepVggBlock) on C -> head; a
+    RepVGG net downsamples with a block that has no identity branch first."""
+
+    def __init__(self, block=ThreeBranch, c=8, depth=3):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        first = [RepVggBlock(c, c, 2)] if block is RepVggBlock else []
+        self.blocks = nn.Sequential(*first, *[block(c, c) if block is RepVggBlock else block(c) for _ in range(depth)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class ViewBlock(nn.Module):
+    """A residual block that reshapes with sizes read from its input's shape:
+    ``"own"``: an SE-like gate on x itself, x.view(B, C, H * W) (fine after narrowing);
+    ``"other"``: C2PSA's attention, a 2C-channel tensor viewed into 2 heads and one head
+    viewed back to (B, C, H, W) with C read from x (C no longer matches once x narrows);
+    ``"literal"``: the SE-like gate with the literal channel count ``c``."""
+
+    def __init__(self, c, kind):
+        super().__init__()
+        self.c, self.kind = c, kind
+        self.qkv, self.proj = nn.Conv2d(c, 2 * c, 1), cbr(c, c, 1, act=False)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if self.kind in ("own", "literal"):
+            c = C if self.kind == "own" else self.c
+            gate = torch.sigmoid(x.view(B, c, H * W).mean(-1)).view(B, c, 1, 1)
+            return x + self.proj(x * gate)
+        t = self.qkv(x)
+        heads = t.view(B, 2, 2 * self.c // 2, H * W).softmax(-1)
+        return x + self.proj(heads[:, 0].view(B, C, H, W))
+
+
+class ViewNet(nn.Module):
+    def __init__(self, kind, c=8, depth=2):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.blocks = nn.Sequential(*[ViewBlock(c, kind) for _ in range(depth)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
