@@ -22,6 +22,7 @@ from cspify.config import CSPConfig
 from cspify.data import ImageData, open_data
 from cspify.errors import CspifyError
 from cspify.finetune import evaluate, finetune
+from cspify.fuse import fuse_for_inference
 from cspify.record import Conversion, conversion_of
 from cspify.report import Report
 from cspify.stage import Stage
@@ -30,4 +31,5 @@ from cspify.sweep import Sweep, sweep
 __all__ = ["convert", "find_stages", "compare", "benchmark", "sweep", "Report", "BenchResult", "Sweep", "CSPConfig",
            "CspifyError", "Stage", "Conversion", "conversion_of"]
 __all__ += ["calibrate", "finetune", "evaluate", "open_data", "ImageData"]
+__all__ += ["fuse_for_inference"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """``cspify convert`` and ``cspify analyze``: one conversion, its report, and (convert) its files.
 
     cspify convert model.py -o m.pt --export-dir m_csp --onnx m.onnx --json r.json --seed 0
+    cspify convert torchvision:resnet50 --inference -o r50.pt      # for inference: norms folded into convs
     cspify analyze torchvision:densenet121 -q
 """
 
@@ -21,6 +22,7 @@ from cspify.cli.common import (
     stage_reports,
 )
 from cspify.export import Outputs, write_onnx, write_source
+from cspify.fuse import fold_norms
 
 
 @click.command(help=f"Convert MODEL's residual and dense stages to CSP and report the savings.\n\n{MODEL_HELP}")
@@ -30,9 +32,10 @@ from cspify.export import Outputs, write_onnx, write_source
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="PATH", help="Export the converted model to ONNX (torch.onnx.export with the example inputs).")
 @plot_option("Draw per-stage flops and memory traffic, before and after, as a PNG.")
 @click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it.")
-def convert(output, export_dir, onnx_path, calibrate_path, **options) -> None:
+@click.option("--inference", is_flag=True, help="Save and export the converted model for inference: in eval mode, each norm that follows a conv folded into it (checked against the unfused model on the example inputs; after --calibrate).")
+def convert(output, export_dir, onnx_path, calibrate_path, inference, **options) -> None:
     with guard(options["debug"]):
-        _convert(options, output, export_dir, onnx_path, calibrate_path)
+        _convert(options, output, export_dir, onnx_path, calibrate_path, inference)
 
 
 @click.command(help=f"Show the stages found in MODEL and what converting each would save.\n\n{MODEL_HELP}")
@@ -43,23 +46,30 @@ def analyze(**options) -> None:
 
 
 def _convert(options: dict, output: str | None = None, export_dir: str | None = None,
-             onnx_path: str | None = None, calibrate_path: str | None = None) -> None:
+             onnx_path: str | None = None, calibrate_path: str | None = None, inference: bool = False) -> None:
     check_options(options, output, export_dir, onnx_path)
     progress = Progress(options["quiet"])
     done = load_convert_measure(options, progress)
     if calibrate_path:
         calibrate_data(calibrate_path, done.model, done.csp, options["model"], progress)
+    csp, folded = done.csp, None
+    if inference:
+        with progress("folding norms into convs"):
+            folded = fold_norms(done.csp.eval(), done.inputs, leaf_modules=options["leaves"])
+        csp = folded.model
     with Outputs(force=options["force"]) as out:  # all written, or none
         if output:
-            out.file(output, lambda f: torch.save(done.csp, f), binary=True)
+            out.file(output, lambda f: torch.save(csp, f), binary=True)
         if export_dir:
             with progress(f"writing {export_dir}"):
-                out.folder(export_dir, lambda folder: write_source(done.csp, folder))
+                out.folder(export_dir, lambda folder: write_source(csp, folder))
         if onnx_path:
             with progress(f"exporting {onnx_path}"):
-                out.path(onnx_path, lambda tmp: write_onnx(done.csp, done.inputs, tmp), suffix=".onnx")
+                out.path(onnx_path, lambda tmp: write_onnx(csp, done.inputs, tmp), suffix=".onnx")
         stage_reports(out, options, done.report, plot=_plot)
     click.echo(str(done.report))  # after the files: an error never follows a report
+    if folded is not None:
+        click.echo(f"\nfor inference: {folded.summary()}")
     saved = [(p, what) for p, what in ((output, "the converted model"), (export_dir, "its source and weights"),
                                         (onnx_path, "its ONNX export")) if p]
     for i, (path, what) in enumerate(saved):
