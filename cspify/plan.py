@@ -230,6 +230,11 @@ class _Resolver:
     def args(self) -> dict[tuple[str, int | str], object]:
         return self._derive().args
 
+    @property
+    def moved(self) -> list[str]:
+        """One sentence per literal size in ``args``: what it was, what it becomes."""
+        return self._derive().moved
+
     def __call__(self, space: int | None) -> tuple[int, ...] | None:
         if space is None:
             return None

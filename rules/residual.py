@@ -66,8 +66,8 @@ def _on_shortcut(node, gm) -> bool:
 
 
 def _add_tree(add: fx.Node, gm) -> tuple[list[fx.Node], set[str]]:
-    """The leaves of the adds nested in ``add`` (an add of two tensors that only this tree
-    reads, reached through ops on every channel alike), and the tree's inner nodes."""
+    """The leaves of the adds nested in ``add`` (an add of two tensors of its shape that only
+    this tree reads, reached through ops on every channel alike), and the tree's inner nodes."""
     leaves, inner = [], set()
 
     def visit(node: fx.Node) -> None:
@@ -76,9 +76,10 @@ def _add_tree(add: fx.Node, gm) -> tuple[list[fx.Node], set[str]]:
             while _alike_on_channels(found, gm) and len(found.users) == 1:
                 path.append(found.name)
                 found = tensor_inputs(found)[0]
+            terms = tensor_inputs(found)
             nested = (
-                role_of(found, gm) == "add" and len(found.users) == 1 and len(tensor_inputs(found)) == 2
-                and shape(found) == shape(add)
+                role_of(found, gm) == "add" and len(found.users) == 1 and len(terms) == 2
+                and all(shape(term) == shape(add) for term in terms)  # not a bias added to a tensor
             )
             if nested:
                 inner.update(path, {found.name})
@@ -213,9 +214,11 @@ def find(traced: Traced) -> list[Stage]:
             if block is not None:
                 found.append(block)
                 nested.update(block.nested)
+    inside = {n for block in found for n in block.nodes if n != block.output}
     by_input: dict[str, Block] = {}
     for block in reversed(found):
-        by_input.setdefault(block.input, block)
+        if block.output not in inside:  # a block inside another's branch is that branch's, not a stage of its own
+            by_input.setdefault(block.input, block)
 
     def follows(prev: Block, nxt: Block) -> bool:
         return all(user.name in nxt.nodes for user in nodes[prev.output].users)

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 import cspify
 from cspify import rules
+from cspify.rules import residual
 from cspify.channels import NarrowingError, Slice, analyse, derive_keeps, index_axes, stream_axis
 from cspify.errors import CspifyError, NoStageError
 from cspify.measure import measure
@@ -478,3 +479,64 @@ class FourBranch(nn.Module):
 def test_adds_nested_deeper_make_one_block():
     (stage,) = cspify.find_stages(seeded(FourBranch), X)
     assert len(stage.blocks) == 1 and {"add", "add_1", "add_2"} <= set(stage.blocks[0])
+
+
+class RepGhostModule(nn.Module):
+    """RepGhost's module: relu(dw(x1) + bn(x1)) with x1 a 1x1 conv of x: a residual block of
+    its own (a depthwise branch and a BatchNorm identity)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.primary = cbr(cin, cout, 1)
+        self.cheap, self.fusion_bn = cbr(cout, cout, 3, groups=cout, act=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.relu(self.cheap(x1) + self.fusion_bn(x1))
+
+
+class Affine(nn.Module):
+    """HGNetV2's learnable affine: x * scale + bias, one number each."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.bias = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x * self.scale + self.bias
+
+
+class Residual(nn.Module):
+    def __init__(self, *branch):
+        super().__init__()
+        self.f = nn.Sequential(*branch)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class RepGhostNet(nn.Module):
+    """Residual blocks x + affine(ghost2(ghost1(x))) whose branches hold RepGhost modules."""
+
+    def __init__(self, c=8, depth=3):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.blocks = nn.Sequential(*[Residual(RepGhostModule(c, 2 * c), RepGhostModule(2 * c, c), Affine()) for _ in range(depth)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def test_a_block_inside_another_blocks_branch_is_no_stage_of_its_own():
+    model = model_of(RepGhostNet)
+    stages = cspify.find_stages(model, X)
+    assert [(s.name, s.base, len(s.blocks)) for s in stages] == [("blocks", "stem_2", 3)]
+    assert {"add", "add_1", "add_2", "add_3"} <= set(stages[0].blocks[0])  # the ghost modules' adds are the block's
+    assert_exact(model, list(model.blocks), cspify.convert(model, X))
+
+
+def test_a_bias_added_to_a_branch_is_no_branch():
+    traced = trace(seeded(RepGhostNet), X)
+    leaves, nested = residual._add_tree(traced.nodes["add_3"], traced.gm)
+    assert [leaf.name for leaf in leaves] == ["stem_2", "add_2"] and nested == set()
