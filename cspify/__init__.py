@@ -17,6 +17,7 @@ if not _os.path.isdir(_os.path.join(_here, "rules")) and _os.path.isfile(
 
 from cspify.api import compare, convert, find_stages
 from cspify.bench import BenchResult, benchmark
+from cspify.budget import Search
 from cspify.calibrate import calibrate
 from cspify.config import CSPConfig
 from cspify.data import ImageData, open_data
@@ -31,5 +32,5 @@ from cspify.sweep import Sweep, sweep
 __all__ = ["convert", "find_stages", "compare", "benchmark", "sweep", "Report", "BenchResult", "Sweep", "CSPConfig",
            "CspifyError", "Stage", "Conversion", "conversion_of"]
 __all__ += ["calibrate", "finetune", "evaluate", "open_data", "ImageData"]
-__all__ += ["fuse_for_inference"]
+__all__ += ["fuse_for_inference", "Search"]
 __version__ = "0.1.0"

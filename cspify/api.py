@@ -1,6 +1,7 @@
 """The three verbs, each a short walk down the pipeline:
 
     trace ─▶ find ─▶ plan ─▶ rewrite          convert(model, inputs, gamma=0.5)
+    (convert ─▶ measure | time) x n ─▶ convert   convert(model, inputs, target_flops=0.7)  (cspify.budget)
     trace ─▶ find                             find_stages(model, inputs)
     measure x2 ─▶ report                      compare(model, converted, inputs)
 """
@@ -16,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from cspify import rules
+from cspify import budget, rules
 from cspify.channels import stream_axis
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
@@ -25,7 +26,7 @@ from cspify.host import keep_host_attributes
 from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.modes import trace_in_mode
-from cspify.plan import plan_stage
+from cspify.plan import plan_stage, stage_flops
 from cspify.record import Conversion, StageRecord, attach, conversion_of
 from cspify.report import Report, build_report
 from cspify.rewrite import rewrite
@@ -66,6 +67,10 @@ def convert(
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
     config: CSPConfig | None = None,
+    objective: str = "flops",
+    target_flops: float | None = None,
+    target_latency: float | None = None,
+    search: budget.Search | None = None,
 ) -> nn.Module:
     """The CSP version of ``model`` as a new GraphModule; ``model`` itself is not touched.
 
@@ -80,8 +85,18 @@ def convert(
     shapes and dtypes. ``cspify.record.conversion_of(gm)`` says what was done.
 
     ``config`` (a CSPConfig) replaces the six conversion options; giving both is refused.
+
+    ``objective="latency"`` converts only the stages that make the model faster on the
+    target device (each timed alone); ``target_flops=0.7`` (or ``target_latency=0.8``)
+    chooses each stage's gamma and inner widths so the model lands at that fraction of the
+    original's flops (or measured time); ``search`` (a ``cspify.budget.Search``) says which
+    options are searched and how stages are timed. See ``cspify.budget``.
     """
     config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds)
+    goal = budget.Goal(objective, target_flops, target_latency)
+    if goal.active or search is not None:
+        return _convert_by_goal(model, example_inputs, config, goal, search or budget.Search(), scope,
+                                tuple(leaf_modules), seed)
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)  # lazy modules initialised, on a copy
     if scope:
@@ -117,6 +132,60 @@ def convert(
     kept = tuple(traced.kept_whole.items())  # submodules torch.fx cannot trace, kept whole as leaves
     attach(gm, _record(config, plans, added, seed, tuple(leaf_modules) + tuple(m for m, _ in kept), kept))
     return gm
+
+
+def _convert_by_goal(model, example_inputs, config, goal, search, scope, leaf_modules, seed) -> nn.Module:
+    """``convert`` with the stages and options a goal chooses (``cspify.budget.choose``)."""
+    inputs = as_inputs(example_inputs)
+    model = ready_to_trace(model, inputs)
+    pipeline = _Pipeline(model, inputs, scope, leaf_modules, seed)
+    return budget.choose(model, inputs, config, goal, search, pipeline, scope)
+
+
+class _Pipeline:
+    """What ``cspify.budget`` asks of the pipeline, for one model: conversions, reports
+    against the original (measured once), and the planner's flops estimate per stage (on
+    one trace of the model, planned afresh for each config, nothing rewritten)."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, scope: str | None, leaf_modules: tuple[str, ...],
+                 seed: int) -> None:
+        self.model, self.inputs, self.scope, self.leaf_modules, self.seed = model, inputs, scope, leaf_modules, seed
+        self._part = None      # (the original, or its submodule at scope; its inputs)
+        self._before = None    # its Measurement
+        self._traced = None    # (Traced, stages found, the kinds they were found for)
+
+    def convert(self, config: CSPConfig) -> nn.Module:
+        return convert(self.model, self.inputs, config=config, scope=self.scope, leaf_modules=self.leaf_modules,
+                       seed=self.seed)
+
+    def part(self) -> tuple[nn.Module, tuple]:
+        if self._part is None:
+            self._part = capture_inputs(self.model, self.inputs, self.scope) if self.scope else (self.model, self.inputs)
+        return self._part
+
+    def original(self):
+        if self._before is None:
+            part, inputs = self.part()
+            self._before = measure(part, inputs, self.leaf_modules)
+        return self._before
+
+    def original_flops(self) -> int:
+        return self.original().totals.flops
+
+    def report(self, converted: nn.Module) -> Report:
+        part = converted.get_submodule(self.scope) if self.scope else converted
+        return build_report(self.original(), measure(part, self.part()[1], self.leaf_modules), conversion_of(part))
+
+    def estimate(self, config: CSPConfig) -> dict[str, tuple[int, int]]:
+        if self._traced is None or self._traced[2] != config.kinds:
+            part, inputs = self.part()
+            _check_leaves(part, self.leaf_modules)
+            traced = trace_in_mode(part, inputs, self.leaf_modules)
+            self._traced = (traced, rules.find_stages(traced, config.kinds), config.kinds)
+        traced, found, _ = self._traced
+        _check_filter(config, found)
+        plans = (plan_stage(traced, stage, config) for stage in found)
+        return {plan.name: stage_flops(traced, plan) for plan in plans if plan.converted}
 
 
 def _refuse_if_none(model: nn.Module, plans: list[StagePlan]) -> None:
@@ -279,10 +348,9 @@ def _check_leaves(model: nn.Module, leaf_modules: Iterable[str]) -> None:
 
 
 def _check_filter(config: CSPConfig, found: list[Stage]) -> None:
-    if config.stages is None:
-        return
     names = [stage.name for stage in found]
-    unknown = [s for s in config.stages if s not in names]
+    named = (config.stages or ()) + tuple(n for n, _ in config.stage_gammas + config.stage_hidden)
+    unknown = list(dict.fromkeys(s for s in named if s not in names))
     if unknown:
         raise ConfigError(
             f"no stage is named {', '.join(repr(s) for s in unknown)}.",
@@ -319,5 +387,6 @@ def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[st
             bypass_channels=p.bypass_channels, through_channels=p.through_channels, base=p.stage.base,
             blocks=len(p.stage.blocks), nodes=tuple(p.stage.nodes), added=new, output=p.through_output,
             converted_output=new[-1] if p.converted and new else "", notes=tuple(p.notes),
+            gamma=config.for_stage(p.name).gamma, hidden=config.for_stage(p.name).hidden,
         ))
     return Conversion(config, tuple(stages), seed=seed, leaf_modules=leaf_modules, kept_whole=kept_whole)

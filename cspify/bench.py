@@ -15,6 +15,10 @@ runs on a given machine: ``python benchmarks/stability.py``. The example input's
 sample is repeated to each batch size. On CUDA, the Timer synchronizes the device around
 each measurement.
 
+Where ``converted`` was converted with ``objective="latency"`` (or a latency budget), its
+record holds each stage's time, measured with that stage alone converted; the result
+shows them as a per-stage table (``BenchResult.stages``).
+
 The share of the process's CPU time spent in the kernel while each model ran is kept
 too. On Linux with glibc's malloc, large activations are mapped afresh and handed back
 to the OS on every forward pass; zeroing those pages took 32% of the CPU time for
@@ -35,6 +39,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from cspify.errors import ConfigError
+from cspify.record import conversion_of
 from cspify.trace import as_inputs
 
 DEVICES = ("auto", "cpu", "cuda")  # auto: the CPU, and CUDA too when present
@@ -88,14 +93,30 @@ class BenchRow:
 
 
 @dataclass
+class StageTime:
+    """One stage, timed as the conversion's objective timed it: the whole model's median ms,
+    original and with this stage alone converted."""
+
+    name: str
+    original_ms: float
+    converted_ms: float
+
+    @property
+    def saved(self) -> float:
+        return 1.0 - self.converted_ms / self.original_ms
+
+
+@dataclass
 class BenchResult:
-    """Timings of both models per batch size; ``flops`` (original, converted) when known."""
+    """Timings of both models per batch size; ``flops`` (original, converted) when known;
+    ``stages``: per stage, the times the conversion's latency objective measured."""
 
     rows: list[BenchRow]
     device: str
     threads: int
     flops: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    stages: list[StageTime] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -108,6 +129,7 @@ class BenchResult:
                                    for key in ("latency_ratio", "fastest_ratio", "speedup", "latency_saved")}}
                 for row in self.rows
             ],
+            "stages": [{**asdict(s), "saved": round(s.saved, 4)} for s in self.stages],
         }
 
     def table(self, fmt: str = "simple") -> str:
@@ -129,6 +151,12 @@ class BenchResult:
         return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True,
                         colalign=("right",) * len(headers))
 
+    def stage_table(self, fmt: str = "simple") -> str:
+        """Per stage: the whole model's ms, original and with that stage alone converted."""
+        rows = [[s.name, f"{s.original_ms:.2f}", f"{s.converted_ms:.2f}", f"{100 * s.saved:.1f}%"] for s in self.stages]
+        return tabulate(rows, headers=["stage", "model ms", "stage alone converted", "saved"], tablefmt=fmt,
+                        disable_numparse=True, colalign=("left", "right", "right", "right"))
+
     def __str__(self) -> str:
         runs = min((t.runs for row in self.rows for t in (row.original, row.converted)), default=0)
         parts = [f"latency on {self.device}, {self.threads} thread(s), torch {torch.__version__} "
@@ -140,11 +168,16 @@ class BenchResult:
             parts[-1] += ("; flops ratio = converted / original fvcore flops; latency saved / flops saved: "
                           "1.0 means the time fell as much as the flops")
         parts[-1] += ")"
+        if self.stages:
+            parts += ["", "per stage, as the latency objective timed it when converting:", self.stage_table()]
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
 
     def to_markdown(self) -> str:
-        return f"## Latency ({self.device}, {self.threads} threads)\n\n{self.table('github')}\n"
+        text = f"## Latency ({self.device}, {self.threads} threads)\n\n{self.table('github')}\n"
+        if self.stages:
+            text += f"\n### Per stage, as the latency objective timed it\n\n{self.stage_table('github')}\n"
+        return text
 
 
 def benchmark(
@@ -183,7 +216,16 @@ def benchmark(
         for batch in sizes:
             batch_inputs = tuple(_batched(x, batch, where) for x in inputs)
             rows.append(_time_side_by_side(batch, where, models, batch_inputs, threads, min_run_time, rounds))
-    return BenchResult(rows, ", ".join(devices), threads, notes=_notes(rows))
+    return BenchResult(rows, ", ".join(devices), threads, notes=_notes(rows), stages=_stage_times(converted))
+
+
+def _stage_times(converted: nn.Module) -> list[StageTime]:
+    """The per-stage times a latency objective left in the conversion record, if any."""
+    record = conversion_of(converted)
+    if record is None:
+        record = next((conversion_of(m) for m in converted.modules() if conversion_of(m) is not None), None)
+    return [StageTime(s.name, s.time_before_ms, s.time_after_ms) for s in (record.stages if record else ())
+            if s.time_before_ms is not None and s.time_after_ms is not None]
 
 
 def _notes(rows: list[BenchRow]) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cspify.errors import ConfigError
 from cspify.rules import KINDS
@@ -26,6 +26,10 @@ class CSPConfig:
     kinds:  the kinds of stage to look for (``cspify.rules.KINDS``: residual, dense,
             aggregation, plain); ``None`` looks for every kind. ``("residual", "dense")``
             is the paper's transform alone.
+    stage_gammas, stage_hidden: per stage, a gamma or an inner-width choice that replaces
+            ``gamma`` or ``hidden`` for that stage alone (``(("layer3", 0.75),)``, or a
+            dict); what a budget (``convert(target_flops=...)``) chooses. ``for_stage``
+            gives the options one stage is planned with.
     """
 
     gamma: float = 0.5
@@ -34,35 +38,88 @@ class CSPConfig:
     stages: tuple[str, ...] | None = None
     allow_costlier: bool = False
     kinds: tuple[str, ...] | None = None
+    stage_gammas: tuple[tuple[str, float], ...] = ()
+    stage_hidden: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        try:
-            gamma = float(self.gamma)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"gamma must be a number, got {self.gamma!r}.",
-                "pass the bypass fraction, for example --gamma 0.5",
-            ) from None
-        if not 0.0 < gamma < 1.0:
-            raise ConfigError(
-                f"gamma must lie strictly between 0 and 1, got {gamma}.",
-                "gamma is the fraction of channels that bypass the stage; the paper uses 0.5",
-            )
-        object.__setattr__(self, "gamma", gamma)
+        object.__setattr__(self, "gamma", _gamma(self.gamma))
         if self.fusion not in FUSIONS:
             raise ConfigError(
                 f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}.",
                 "use 'last' (the paper's choice) unless you are reproducing its ablation",
             )
-        if self.hidden not in HIDDEN:
-            raise ConfigError(
-                f"hidden must be one of {', '.join(HIDDEN)}, got {self.hidden!r}.",
-                "'keep' keeps the blocks' inner widths, 'scale' narrows them by 1 - gamma",
-            )
+        _hidden(self.hidden)
         if self.stages is not None:
             object.__setattr__(self, "stages", tuple(self.stages))
         if self.kinds is not None:
             object.__setattr__(self, "kinds", _kinds(self.kinds))
+        object.__setattr__(self, "stage_gammas", _per_stage(self.stage_gammas, "stage_gammas", _gamma))
+        object.__setattr__(self, "stage_hidden", _per_stage(self.stage_hidden, "stage_hidden", _hidden))
+
+    def for_stage(self, name: str) -> CSPConfig:
+        """The options the stage ``name`` is planned with: its own gamma and hidden where
+        ``stage_gammas`` or ``stage_hidden`` name it, else the global ones."""
+        gamma = dict(self.stage_gammas).get(name, self.gamma)
+        hidden = dict(self.stage_hidden).get(name, self.hidden)
+        if (gamma, hidden) == (self.gamma, self.hidden):
+            return self
+        return replace(self, gamma=gamma, hidden=hidden, stage_gammas=(), stage_hidden=())
+
+    @property
+    def per_stage(self) -> bool:
+        """Whether some stage has options of its own."""
+        return bool(self.stage_gammas or self.stage_hidden)
+
+
+def _gamma(value) -> float:
+    try:
+        gamma = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"gamma must be a number, got {value!r}.",
+            "pass the bypass fraction, for example --gamma 0.5",
+        ) from None
+    if not 0.0 < gamma < 1.0:
+        raise ConfigError(
+            f"gamma must lie strictly between 0 and 1, got {gamma}.",
+            "gamma is the fraction of channels that bypass the stage; the paper uses 0.5",
+        )
+    return gamma
+
+
+def _hidden(value) -> str:
+    if value not in HIDDEN:
+        raise ConfigError(
+            f"hidden must be one of {', '.join(HIDDEN)}, got {value!r}.",
+            "'keep' keeps the blocks' inner widths, 'scale' narrows them by 1 - gamma",
+        )
+    return value
+
+
+def _per_stage(pairs, field: str, check) -> tuple:
+    """``{"layer3": 0.75}`` or ``(("layer3", 0.75),)`` as a tuple of checked (stage, value) pairs."""
+    try:
+        items = tuple((name, value) for name, value in (pairs.items() if isinstance(pairs, dict) else pairs))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{field} must map stage names to values, got {pairs!r}.",
+            f"pass a dict such as {{'layer3': {0.75 if field == 'stage_gammas' else repr('scale')}}}",
+        ) from None
+    names = [name for name, _ in items]
+    if any(not isinstance(name, str) for name in names):
+        raise ConfigError(f"{field} names stages by their names (strings), got {names!r}.",
+                          "use the names `cspify analyze` prints")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"{field} names {', '.join(map(repr, twice))} more than once.",
+                          "give each stage one value")
+    checked = []
+    for name, value in items:
+        try:
+            checked.append((name, check(value)))
+        except ConfigError as error:
+            raise ConfigError(f"stage {name!r}: {error.message}", error.hint) from None
+    return tuple(checked)
 
 
 def _kinds(kinds) -> tuple[str, ...]:

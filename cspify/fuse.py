@@ -21,6 +21,7 @@ statistics, which only a model in eval mode uses: a model in training mode is re
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -151,7 +152,7 @@ def _difference(expected: list, got: list) -> tuple[float, float]:
             return float("inf"), tolerance
         if a.numel():
             delta = (a.double() - b.double()).abs().max().item()
-            if delta != delta:  # NaN where the unfused model gave NaN too: compare where it did not
+            if math.isnan(delta):  # NaN where the unfused model gave NaN too: compare where it did not
                 same_nan = torch.equal(a.isnan(), b.isnan())
                 delta = (a.double() - b.double()).nan_to_num(0.0).abs().max().item() if same_nan else float("inf")
             diff = max(diff, delta)

@@ -182,6 +182,19 @@ register(
     role="act",
 )
 register("relu_", "sigmoid_", role="act", returns="inplace")
+# Elementwise math of one tensor (RMS norms written out, as MobileNetV5's: x.pow(2), rsqrt).
+register(
+    operator.pow, operator.neg, torch.pow, torch.sqrt, torch.rsqrt, torch.exp, torch.log, torch.abs, torch.neg,
+    torch.square, torch.clamp, "pow", "sqrt", "rsqrt", "exp", "log", "abs", "neg", "square", "clamp",
+    role="elementwise",
+)
+# Padding layers pad the spatial axes only (a pad over the channels would be F.pad's 6-tuple).
+register(
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    role="pool",
+)
 register(
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,

@@ -61,8 +61,10 @@ def per_block_keep(width: int, keep: int, blocks: int) -> tuple[int, ...]:
 
 
 def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
-    """Decide every width of one stage's CSP version; unconvertible stages say why (with
-    the notes planning made before it found the reason)."""
+    """Decide every width of one stage's CSP version, with the options ``config`` gives this
+    stage (``CSPConfig.for_stage``); unconvertible stages say why (with the notes planning
+    made before it found the reason)."""
+    config = config.for_stage(stage.name)
     notes: list[str] = []
     try:
         if config.stages is not None and stage.name not in config.stages:
@@ -391,6 +393,16 @@ def _norm_cost(norm: nn.Module | None) -> int:
     if norm is None:
         return 0
     return 2 if isinstance(norm, nn.modules.batchnorm._BatchNorm) else 5
+
+
+def stage_flops(traced: Traced, plan: StagePlan) -> tuple[int, int]:
+    """The converted stage's flops before and after, as the planner estimates them (the
+    partial stage's convs, linears and norms, and the new partial transition), counted as
+    fvcore counts them; what ``cspify.budget`` chooses options by, without rewriting."""
+    before, after = _cost(traced, plan.partial_stage, {n.node: n for n in plan.narrowings})
+    norm = traced.gm.get_submodule(traced.nodes[plan.norm_template].target) if plan.norm_template else None
+    transition = _transition_cost(plan.new_transition, traced.nodes[plan.through_output], plan.stage.channel_axis, norm)
+    return before, after + transition
 
 
 def _cost(traced: Traced, region, narrowings: dict[str, Narrowing]) -> tuple[int, int]:

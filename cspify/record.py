@@ -42,6 +42,10 @@ class StageRecord:
     output: str = ""
     converted_output: str = ""
     notes: tuple[str, ...] = ()
+    gamma: float | None = None          # the options this stage was planned with (CSPConfig.for_stage)
+    hidden: str = ""
+    time_before_ms: float | None = None  # with objective latency: the whole model's median ms on the
+    time_after_ms: float | None = None   # target device, original and with this stage alone converted
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,23 @@ class Conversion:
     scope: str | None = None
     leaf_modules: tuple[str, ...] = ()
     kept_whole: tuple[tuple[str, str], ...] = ()  # (module, why): leaves tracing chose itself
+    objective: str = "flops"                      # what chose the stages and their options (cspify.budget)
+    targets: tuple[tuple[str, float], ...] = ()   # (("flops", 0.7),): the budget asked for
+    notes: tuple[str, ...] = ()                   # what the choice measured and chose, one sentence each
 
     @property
     def converted(self) -> tuple[StageRecord, ...]:
         return tuple(stage for stage in self.stages if stage.converted)
 
     def summary(self) -> dict:
-        """The options a report's title shows."""
-        return {"gamma": self.config.gamma, "fusion": self.config.fusion, "hidden": self.config.hidden}
+        """The options a report's title shows ("per stage" where stages have their own)."""
+        config = self.config
+        options = {"gamma": "per stage" if config.stage_gammas else config.gamma, "fusion": config.fusion,
+                   "hidden": "per stage" if config.stage_hidden else config.hidden}
+        if self.objective != "flops":
+            options["objective"] = self.objective
+        options.update((f"target_{what}", value) for what, value in self.targets)
+        return options
 
 
 def conversion_of(model: nn.Module, scope: str | None = None) -> Conversion | None:

@@ -45,6 +45,10 @@ class StageRow:
     through_channels: int = 0
     base: str = ""
     blocks: int = 0
+    gamma: float | None = None
+    hidden: str = ""
+    time_before_ms: float | None = None  # objective latency: whole model, original / this stage alone converted
+    time_after_ms: float | None = None
 
     def to_dict(self) -> dict:
         row = {
@@ -60,6 +64,8 @@ class StageRow:
             row[f"{key}_before"] = before[key]
             row[f"{key}_after"] = after[key]
         row["notes"] = list(self.notes)
+        row.update(gamma=self.gamma, hidden=self.hidden, time_before_ms=self.time_before_ms,
+                   time_after_ms=self.time_after_ms)
         return row
 
 
@@ -71,6 +77,7 @@ class Report:
     options: dict = field(default_factory=dict)
     flop_note: str = FLOP_NOTE
     kept_whole: dict[str, str] = field(default_factory=dict)  # submodules tracing kept whole, and why
+    notes: list[str] = field(default_factory=list)  # what a budget or objective measured and chose
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +91,7 @@ class Report:
             "stages": [row.to_dict() for row in self.stages],
             "flop_note": self.flop_note,
             "kept_whole": dict(self.kept_whole),
+            "notes": list(self.notes),
         }
 
     def _tables(self, fmt: str) -> tuple[str, str, list[str]]:
@@ -105,23 +113,27 @@ class Report:
         else:
             totals.append(["peak measured", human(measured[0], "B"), human(measured[1], "B"), percent(*measured)])
         rows, skipped = [], []
+        per_stage = "per stage" in (self.options.get("gamma"), self.options.get("hidden"))
+        timed = any(row.time_before_ms is not None for row in self.stages if row.converted)
         for row in self.stages:
             if not row.converted:
                 skipped.append(f"{row.name} ({row.kind}, {row.channels} ch): {row.reason}")
                 continue
             rows.append([
                 row.name, row.kind, f"{row.bypass_channels}/{row.channels}",
+                *([f"{row.gamma:g} {row.hidden}" if row.gamma is not None else "-"] if per_stage else []),
                 human(row.before.flops), human(row.after.flops), percent(row.before.flops, row.after.flops),
                 human(row.before.params), human(row.after.params), percent(row.before.params, row.after.params),
                 human(row.before.memory_bytes, "B"), human(row.after.memory_bytes, "B"),
                 percent(row.before.memory_bytes, row.after.memory_bytes),
+                *(_times(row) if timed else []),
             ])
         total_table = tabulate(totals, headers=["total", "original", "converted", "saved"], tablefmt=fmt,
                                colalign=("left", "right", "right", "right"))
-        headers = ["stage", "kind", "bypass/ch", "flops", "->", "saved", "params", "->", "saved",
-                   "traffic", "->", "saved"]
-        stage_table = tabulate(rows, headers=headers, tablefmt=fmt,
-                               colalign=("left", "left", "right", *["right"] * 9)) if rows else ""
+        headers = ["stage", "kind", "bypass/ch", *(["gamma hidden"] if per_stage else []), "flops", "->", "saved",
+                   "params", "->", "saved", "traffic", "->", "saved", *(["model ms", "->", "saved"] if timed else [])]
+        stage_table = tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True,
+                               colalign=("left", "left", *["right"] * (len(headers) - 2))) if rows else ""
         if rows:
             memory = self._memory_table(fmt)
             if fmt == "simple":  # set apart under its own heading, indented below the first stage table
@@ -129,6 +141,7 @@ class Report:
             stage_table += "\n\n" + memory
         notes = [f"{row.name}: {note}" for row in self.stages for note in row.notes]
         notes += [f"'{module}' kept whole ({why})" for module, why in self.kept_whole.items()]
+        notes += self.notes
         return total_table, stage_table, skipped + [f"note: {n}" for n in notes]
 
     def _memory_table(self, fmt: str) -> str:
@@ -187,9 +200,18 @@ def build_report(before: Measurement, after: Measurement, record: Conversion | N
             name=stage.name, kind=stage.kind, channels=stage.channels, bypass_channels=stage.bypass_channels,
             converted=stage.converted, reason=stage.reason, before=fig_before, after=fig_after,
             notes=list(stage.notes), through_channels=stage.through_channels, base=stage.base, blocks=stage.blocks,
+            gamma=stage.gamma, hidden=stage.hidden, time_before_ms=stage.time_before_ms,
+            time_after_ms=stage.time_after_ms,
         ))
     return Report(before.totals, after.totals, rows, record.summary() if record else {},
-                  kept_whole=dict(record.kept_whole) if record else {})
+                  kept_whole=dict(record.kept_whole) if record else {}, notes=list(record.notes) if record else [])
+
+
+def _times(row: StageRow) -> list[str]:
+    """The whole model's measured ms, original and with this stage alone converted (objective latency)."""
+    if row.time_before_ms is None or row.time_after_ms is None:
+        return ["-", "-", "-"]
+    return [f"{row.time_before_ms:.2f}", f"{row.time_after_ms:.2f}", percent(row.time_before_ms, row.time_after_ms)]
 
 
 def stage_diagram(row: StageRow, fusion: str = "last") -> str:

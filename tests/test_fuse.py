@@ -3,10 +3,9 @@ outputs kept, the record and the model's class kept, the user's model untouched,
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
-
-import pytest
 
 import cspify
 from cspify.errors import CspifyError, TraceError
@@ -30,7 +29,7 @@ def converted():
 
 
 def test_folded_model_gives_the_same_outputs_with_fewer_layers(converted):
-    model, csp = converted
+    _, csp = converted
     state = {k: v.clone() for k, v in csp.state_dict().items()}
     folded = fold_norms(csp, X)
     assert _norms(csp) > 0 and _norms(folded.model) == 0

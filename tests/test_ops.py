@@ -117,3 +117,34 @@ def test_channel_dim_is_the_axis_each_layer_reads_as_channels():
             ("conv", "bn", "prelu_c", "prelu_1", "ln", "ln2d", "ln_chw", "linear", "relu")}
     assert dims == {"conv": 1, "bn": 1, "prelu_c": 1, "prelu_1": None, "ln": 3, "ln2d": 1, "ln_chw": None,
                     "linear": 3, "relu": None}
+
+
+class _PaddedRMSBlock(nn.Module):
+    """A residual block with a padding layer before its conv and an RMS norm written out
+    (x * rsqrt(mean(x ** 2) + eps) * weight), as timm's CPUBone and MobileNetV5 write them."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d(1)
+        self.conv = nn.Conv2d(c, c, 3, bias=False)
+        self.weight = nn.Parameter(torch.ones(1, c, 1, 1))
+        self.project = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.conv(self.pad(x))
+        y = y * torch.rsqrt(y.pow(2).mean((2, 3), keepdim=True) + 1e-5) * self.weight
+        return x + self.project(torch.relu(y))
+
+
+def test_padding_layers_and_elementwise_math_keep_their_input_channels():
+    assert OPS[nn.ZeroPad2d].role == "pool" and OPS[nn.ReflectionPad2d].couple == "same"
+    assert all(OPS[op].role == "elementwise" for op in (operator.pow, torch.rsqrt, "pow", "sqrt", "exp"))
+    import cspify
+    from cspify.verify import drop_in_problems
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _PaddedRMSBlock(16), _PaddedRMSBlock(16)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    csp = cspify.convert(model, x, kinds="residual")
+    assert drop_in_problems(model, csp, x) == []
+    assert csp.get_submodule("1.conv").in_channels == 8  # the through part's conv runs at half the width

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from cspify import api
+from cspify.budget import OBJECTIVES, Goal
 from cspify.calibrate import calibrate
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
 from cspify.data import ImageData, open_data
@@ -72,6 +73,17 @@ _STAGES = (
     click.option("--allow-costlier", is_flag=True,
                  help="Also convert stages whose new partial transition costs more than they save."),
 )
+_OBJECTIVE = (
+    click.option("--objective", type=click.Choice(OBJECTIVES), default="flops", show_default=True,
+                 help="What chooses the stages: flops (fvcore's count), or latency (each stage timed alone on the "
+                      "target device, CUDA when present, else the CPU; converted only where the model then runs "
+                      "faster)."),
+    click.option("--target-flops", default=None, metavar="FRACTION",
+                 help="Choose each stage's gamma and inner widths so the model keeps this fraction of the "
+                      "original's flops (0.7: 30% fewer); with --objective latency, the cuts that buy the most time."),
+    click.option("--target-latency", default=None, metavar="FRACTION",
+                 help="The same for the measured time on the target device (0.8: 20% faster)."),
+)
 _POINT = (
     click.option("--gamma", default="0.5", show_default=True,
                  help="Fraction of channels that bypass each stage (0 < gamma < 1)."),
@@ -100,6 +112,11 @@ def stage_options(fn):
     return _apply(fn, _STAGES)
 
 
+def objective_options(fn):
+    """How the stages and their options are chosen: --objective, --target-flops, --target-latency."""
+    return _apply(fn, _OBJECTIVE)
+
+
 def point_options(fn):
     """One conversion's choices: --gamma, --fusion, --hidden, --seed."""
     return _apply(fn, _POINT)
@@ -125,13 +142,19 @@ def plot_option(help: str):
 
 def conversion_options(fn):
     """Everything one conversion takes (convert, analyze, bench)."""
-    return point_options(stage_options(model_options(output_options()(fn))))
+    return point_options(objective_options(stage_options(model_options(output_options()(fn)))))
 
 
 def config_from(options: dict) -> CSPConfig:
     """The conversion options as one validated record."""
     return CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
                      options["allow_costlier"], options["kinds"])
+
+
+def goal_from(options: dict) -> Goal:
+    """--objective, --target-flops and --target-latency as one validated Goal (the default
+    where a command has none of them)."""
+    return Goal(options.get("objective", "flops"), options.get("target_flops"), options.get("target_latency"))
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:
@@ -151,6 +174,8 @@ def check_options(options: dict, *outputs: str | None) -> None:
     --json/--markdown/--plot and ``outputs``)."""
     if "gamma" in options:
         config_from(options)
+    if "objective" in options:
+        goal_from(options)
     if options["input_shape"] is not None:
         parse_shape(options["input_shape"])
     if options["weights"] is not None:
@@ -197,15 +222,23 @@ def load_model_step(options: dict, progress: Progress) -> Loaded:
 
 def load_convert_measure(options: dict, progress: Progress, measuring: str = "measuring both models") -> Converted:
     """Load MODEL, convert it with the options, measure both: one progress line per step."""
-    config = config_from(options)
+    config, goal = config_from(options), goal_from(options)
     loaded = load_model_step(options, progress)
-    with progress("tracing and converting"):
+    with progress(_choosing(goal) if goal.active else "tracing and converting"):
         csp = api.convert(loaded.model, loaded.example_inputs, config=config, scope=options["scope"],
-                          leaf_modules=options["leaves"], seed=options["seed"])
+                          leaf_modules=options["leaves"], seed=options["seed"], objective=goal.objective,
+                          target_flops=goal.target_flops, target_latency=goal.target_latency)
     with progress(measuring):
         report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
                              leaf_modules=options["leaves"])
     return Converted(loaded.model, loaded.example_inputs, csp, report)
+
+
+def _choosing(goal: Goal) -> str:
+    """The progress line of a conversion a goal chooses (it converts, measures or times many times)."""
+    what = [f"{what} {value:g}" for what, value in goal.targets] or ["the stages that pay"]
+    how = "timing each stage" if goal.timed else "measuring every stage at each option"
+    return f"choosing stages for {' and '.join(what)} by {goal.objective} ({how})"
 
 
 def stage_reports(out: Outputs, options: dict, result, plot: Callable | None = None) -> None:

@@ -1,7 +1,7 @@
 """``cspify convert`` and ``cspify analyze``: one conversion, its report, and (convert) its files.
 
     cspify convert model.py -o m.pt --export-dir m_csp --onnx m.onnx --json r.json --seed 0
-    cspify convert torchvision:resnet50 --inference -o r50.pt      # for inference: norms folded into convs
+    cspify convert torchvision:resnet50 --target-flops 0.7 --inference -o r50.pt   # a flops budget; norms folded
     cspify analyze torchvision:densenet121 -q
 """
 
