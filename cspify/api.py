@@ -131,6 +131,7 @@ def convert(
             )
     kept = tuple(traced.kept_whole.items())  # submodules torch.fx cannot trace, kept whole as leaves
     attach(gm, _record(config, plans, added, seed, tuple(leaf_modules) + tuple(m for m, _ in kept), kept))
+    keep_host_attributes(model, gm)  # what a host framework reads on the model (ultralytics' names, stride)
     return gm
 
 

@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cspify import rules
 from cspify.errors import ConfigError
+from cspify.graph import uncast
 from cspify.plan import plan_stage
 from cspify.record import Conversion, StageRecord, conversion_of
 from cspify.taps import Taps, module_nodes, node_named, run_until_tapped
@@ -451,7 +452,7 @@ class _Transition:
 def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -> _Transition | str | None:
     """The partial transition to fit, a reason why it cannot be, or None where there is none
     (fusion first without a new transition: the stage's own transition reads the concat)."""
-    out = node_named(gm, stage.converted_output)
+    out = uncast(node_named(gm, stage.converted_output))
     rank = len(out.meta["tensor_meta"].shape)
     concat = out.op == "call_function" and out.target is torch.cat
     if record.config.fusion == "last":

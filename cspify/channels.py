@@ -486,7 +486,10 @@ def _sizes_arg(node: fx.Node, a: Analysis) -> list:
 
 
 def couple_reduce(node: fx.Node, a: Analysis) -> None:
-    """mean / sum / amax over some dims: fine while the channel dim is not reduced."""
+    """mean / sum / amax over some dims: the channel dim moves where the others leave it.
+    Over the channel dim (an RMS or layer norm written out: ``x.pow(2).mean(1, keepdim=True)``)
+    the output has no channels (size 1 broadcasts back): narrowed, it reduces over the
+    channels the narrowed stream has, as a narrowed LayerNorm does."""
     x = a.of(node.args[0])
     rank_in, rank_out = len(shape(node.args[0])), len(shape(node) or ())
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -494,7 +497,7 @@ def couple_reduce(node: fx.Node, a: Analysis) -> None:
         return _moved(node, a, None, "reduces over every dim")
     dims = [d % rank_in for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if x.axis in dims:
-        return _moved(node, a, None, "reduces over the channel dim")
+        return a.set(node, None, None)
     axis = x.axis if rank_out == rank_in else x.axis - sum(d < x.axis for d in dims)
     _moved(node, a, axis, "")
 

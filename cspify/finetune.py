@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cspify.calibrate import find_conversion, traced_original
 from cspify.errors import ConfigError, OutputError
+from cspify.graph import uncast
 from cspify.taps import tapping
 
 __all__ = ["finetune", "evaluate", "FinetuneRun", "EpochRecord", "Recipe", "DEFAULT_RECIPE", "init_distributed"]
@@ -355,7 +356,7 @@ def _kd_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> 
 def _through_part(gm, stage) -> tuple[int, int] | None:
     """(channel axis, bypass width) of a fusion-last stage output: the concat's axis, which
     is not 1 for a channels-last stream; None where the output is no concat."""
-    node = next((n for n in gm.graph.nodes if n.name == stage.converted_output), None)
+    node = next((uncast(n) for n in gm.graph.nodes if n.name == stage.converted_output), None)
     if node is None or node.op != "call_function" or node.target is not torch.cat:
         return None
     axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

@@ -69,7 +69,7 @@ def fold_norms(model: nn.Module, example_inputs, *, leaf_modules=()) -> Folded:
     fused = copy.deepcopy(model)
     parts = _graph_modules(fused)
     if not parts:  # an original model: cspify traces it (a copy) first
-        fused = symbolic_trace(ready_to_trace(model, inputs), leaf_modules)
+        fused = symbolic_trace(ready_to_trace(model, inputs), leaf_modules, inputs)
         fused.eval()
         parts = [("", fused)]
     norms = tuple((f"{prefix}{norm}", f"{prefix}{conv}") for path, gm in parts

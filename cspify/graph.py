@@ -6,6 +6,7 @@
     single_entry(traced, region, "maxpool")        # does the region read only that node (and constants)?
     with_constants(traced, region)                 # the region plus the parameters it reads
     parts, dim = cat_args(traced.nodes["cat"])     # the tensors a torch.cat joins, and along which dim
+    uncast(node)                                   # the node a rewrite's dtype cast (x.to(y.dtype)) reads
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def shape(node: fx.Node) -> tuple[int, ...] | None:
     """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def uncast(node: fx.Node) -> fx.Node:
+    """The node a dtype cast ``x.to(y.dtype)`` casts (the rewrite ends each converted stage
+    with one, a no-op outside autocast), or ``node`` itself where it is no such cast."""
+    dtype = node.args[1] if node.op == "call_method" and node.target == "to" and len(node.args) == 2 else None
+    is_cast = isinstance(dtype, fx.Node) and dtype.target is getattr and dtype.args[1:] == ("dtype",)
+    return node.args[0] if is_cast else node
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

@@ -8,6 +8,10 @@ step) and pickling (``torch.save`` of a checkpoint).
 
     keep_host_attributes(original_layer, graph_module)
 
+``convert`` does the same for a whole model, so that a framework's wrapper that reads the
+model's own attributes (ultralytics' ``YOLO.predict``: ``names``, ``stride``, ``yaml``)
+takes the converted model in its place.
+
 GraphModule rebuilds itself when copied or unpickled and keeps only what its graph uses;
 its deepcopy restores the attributes listed in its meta, and its unpickling restores
 the others but not names that shadow a Module method (``type``), so both paths are
@@ -16,24 +20,32 @@ given the attributes explicitly here.
 
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 
 def keep_host_attributes(original: nn.Module, replacement: fx.GraphModule) -> None:
-    """Give ``replacement`` the public plain attributes ``original`` carries (not its
-    parameters, buffers or submodules), for good: through deepcopy and pickling."""
-    own = {k: v for k, v in vars(original).items() if not k.startswith("_") and k != "training"}
-    _host(replacement, own)
+    """Give ``replacement`` copies of the public plain attributes ``original`` carries (not
+    its parameters, buffers or submodules, nor names the GraphModule uses itself), for good:
+    through deepcopy and pickling."""
+    own = {k: v for k, v in vars(original).items() if not k.startswith("_") and k not in _GRAPH_MODULE_NAMES}
+    _host(replacement, copy.deepcopy(own))
+
+
+# The names a GraphModule sets or defines itself (graph, code, meta, training, ...).
+_GRAPH_MODULE_NAMES = frozenset(vars(fx.GraphModule(nn.Module(), fx.Graph()))) | frozenset(vars(fx.GraphModule))
 
 
 def _host(module: fx.GraphModule, attributes: dict) -> None:
     for name, value in attributes.items():
         setattr(module, name, value)
-    module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(attributes)
+    kept = module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+    kept.update(attributes)
     # Every GraphModule has a class of its own, so this changes how this one pickles only.
-    type(module).__reduce__ = _reduce_keeping(attributes)
+    type(module).__reduce__ = _reduce_keeping(dict(kept))
     if _rehost_copy not in getattr(module, "_deepcopy_hooks", []):
         module._register_deepcopy_hook(_rehost_copy)
 

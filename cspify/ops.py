@@ -210,6 +210,7 @@ register(
     role="identity",
 )
 register(nn.Identity, "contiguous", role="identity", returns="view")
+register("to", role="identity", returns="view")  # a dtype cast, as the rewrite adds them (a no-op outside autocast)
 
 # Ops that move the channel axis or reduce over others.
 register(torch.permute, torch.transpose, "permute", "transpose", role="permute", couple="permute", returns="view")

@@ -117,6 +117,7 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
         notes.extend(_scale_inner(a, partial, config.gamma, keeps))
     resolve = _Resolver(a, keeps)
     narrowings = _narrowings(a, partial, resolve)
+    notes.extend(resolve.moved)
     _check_single_use(traced, narrowings)
 
     output_channels = shape(traced.nodes[through_output])[stage.channel_axis]
@@ -146,7 +147,7 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
         partial_stage=tuple(partial), through_output=through_output,
         through_output_channels=through_output_channels, output_channels=output_channels,
         new_transition=new_transition, norm_template=norm_template, act_template=act_template,
-        narrowings=tuple(narrowings.values()), notes=tuple(notes),
+        narrowings=tuple(narrowings.values()), args=tuple(resolve.args.items()), notes=tuple(notes),
     )
 
 
@@ -220,12 +221,11 @@ class _Resolver:
     segments' keeps, a chunk's piece its input's, a channel slice its source's).
 
     ``args`` maps (node, argument) to the new value of a literal size that narrowing changes
-    (a slice's bounds, a split's sizes); with ``literal_args=False`` a stage that needs one
-    is skipped with the sentence that says which."""
+    (a slice's bounds, a split's sizes), which the rewrite writes in; ``moved`` says each in
+    a sentence."""
 
-    def __init__(self, a: Analysis, keeps: dict[int, tuple[int, ...]], literal_args: bool = False) -> None:
+    def __init__(self, a: Analysis, keeps: dict[int, tuple[int, ...]]) -> None:
         self.a, self.spaces, self.keeps, self.cache = a, a.spaces, keeps, {}
-        self.literal_args = literal_args
         self._derived: Keeps | None = None
 
     @property
@@ -251,8 +251,6 @@ class _Resolver:
                 self._derived = derive_keeps(self.a, self.keeps)
             except NarrowingError as error:
                 raise _Skip(str(error)) from None
-            if self._derived.moved and not self.literal_args:
-                raise _Skip(self._derived.moved[0])
         return self._derived
 
     def _resolve(self, root: int) -> tuple[int, ...] | None:

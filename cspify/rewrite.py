@@ -80,6 +80,12 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
     for name in plan.partial_stage:
         nodes[name].replace_input_with(base, through)
     _narrow_layers(gm, plan, nodes)
+    for (node, key), value in plan.args:  # literal sizes narrowing changes: slice bounds, split sizes
+        target = nodes[node]
+        if isinstance(key, int):
+            target.args = (*target.args[:key], value, *target.args[key + 1:])
+        else:
+            target.kwargs = {**target.kwargs, key: value}
 
     out = nodes[plan.through_output]
     users = list(out.users)
@@ -93,10 +99,23 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
             if plan.new_transition:
                 with graph.inserting_after(fused):
                     fused = transition(fused)
+    with graph.inserting_after(fused):  # the stage's output dtype, as before (autocast: see _as_dtype_of)
+        fused = _as_dtype_of(graph, fused, out, slug, added)
     for user in users:
         user.replace_input_with(out, fused)
     fused_outputs[out.name] = fused
     return tuple(added)
+
+
+def _as_dtype_of(graph: fx.Graph, fused: fx.Node, out: fx.Node, slug: str, added: list[str]) -> fx.Node:
+    """``fused.to(out.dtype)``: under autocast, the bypass keeps the base's dtype and a new
+    transition conv computes in the low one, so the concat could differ from the dtype the
+    stage's output had (that of its through output, ``out``); outside autocast a no-op."""
+    dtype = graph.create_node("call_function", getattr, (out, "dtype"), name=f"{slug}_dtype")
+    with graph.inserting_after(dtype):
+        cast = graph.create_node("call_method", "to", (fused, dtype), name=f"{slug}_as_dtype")
+    added += [dtype.name, cast.name]
+    return cast
 
 
 def _narrow_layers(gm: fx.GraphModule, plan: StagePlan, nodes: dict[str, fx.Node]) -> None:

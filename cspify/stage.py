@@ -99,7 +99,10 @@ class StagePlan:
     norm_template,           the norm and activation nodes whose layers the new transition
     act_template:            copies after its conv (None: no such layer).
     narrowings:              the layers and parameters to narrow, with what each keeps.
-    notes:                   what a user should know about the plan (roundings, cost).
+    args:                    the literal sizes narrowing changes, ((node, argument), new
+                             value) pairs: a channel slice's index, a split's sizes.
+    notes:                   what a user should know about the plan (roundings, cost, the
+                             literal sizes changed).
     """
 
     stage: Stage
@@ -117,6 +120,7 @@ class StagePlan:
     norm_template: str | None = None
     act_template: str | None = None
     narrowings: tuple[Narrowing, ...] = ()
+    args: tuple[tuple[tuple[str, int | str], object], ...] = ()
     notes: tuple[str, ...] = ()
 
     @property

@@ -156,21 +156,24 @@ def eval_mode(module: torch.nn.Module):
             m.training = flag
 
 
-def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
+def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = (), example_inputs=None) -> fx.GraphModule:
     """torch.fx tracing of a deep copy of ``model``.
 
     A submodule whose tracing fails, in the model's mode or the other one (a head that
     returns early in training), is kept whole as a leaf and tracing starts again, so that
     both modes trace to one graph; ``kept_whole(gm)`` lists those modules and why.
-    Only a failure in the model's own forward is an error, which names its cause."""
+    Only a failure in the model's own forward is an error, which names its cause.
+    An example input that is a list, tuple or dict of tensors (a detection head's feature
+    maps) is traced as one placeholder per tensor, the GraphModule taking it as it comes."""
     if isinstance(model, fx.GraphModule):
         return clone_module(model)
+    concrete = _containers(model, as_inputs(example_inputs)) if example_inputs is not None else None
     leaves, kept = list(leaf_modules), {}
     while True:
         copy = clone_module(model)  # a failed trace may leave proxies on the modules it ran
         tracer = Tracer(leaves)
         try:
-            graph = _trace_both_modes(tracer, copy)
+            graph = _trace_both_modes(tracer, copy, concrete)
             break
         except Exception as exc:  # torch.fx raises many kinds; all mean "not traceable"
             where = tracer.scope_path[-1] if tracer.scope_path else ""
@@ -193,20 +196,34 @@ def kept_whole(gm: fx.GraphModule) -> dict[str, str]:
     return dict(getattr(gm, "meta", {}).get(KEPT_WHOLE_KEY, {}))
 
 
-def _trace_both_modes(tracer: Tracer, model: torch.nn.Module) -> fx.Graph:
+def _trace_both_modes(tracer: Tracer, model: torch.nn.Module, concrete_args: dict | None = None) -> fx.Graph:
     """The graph of ``model`` in its own mode, once its submodules trace in the other mode
     too (a failure of the model's own forward in the other mode is left to ``cspify.modes``)."""
     flags = {m: m.training for m in model.modules()}
     model.train(not model.training)
     try:
-        tracer.trace(model)
+        tracer.trace(model, concrete_args)
     except Exception:
         if tracer.scope_path:  # a submodule's: keep it whole
             raise
     finally:
         for m, flag in flags.items():
             m.training = flag
-    return tracer.trace(model)
+    return tracer.trace(model, concrete_args)
+
+
+def _containers(model: torch.nn.Module, inputs: tuple) -> dict | None:
+    """torch.fx's ``concrete_args`` for the inputs that are lists, tuples or dicts of
+    tensors: the structure with a placeholder (``fx.PH``) for every tensor, by the name of
+    the positional parameter it binds to; None where every input is a tensor."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    containers = {params[i]: torch.utils._pytree.tree_map(lambda _: fx.PH, x)
+                  for i, x in enumerate(inputs[: len(params)]) if isinstance(x, (list, tuple, dict))}
+    return containers or None
 
 
 # Splits whose number of parts their first argument fixes: name -> (keyword, count of an
@@ -330,7 +347,7 @@ def networkx_view(gm: fx.GraphModule) -> nx.DiGraph:
 
 def trace(model: torch.nn.Module, example_inputs, leaf_modules: Iterable[str] = ()) -> Traced:
     """Trace, propagate shapes and build the networkx view: the pipeline's first step."""
-    gm = symbolic_trace(model, leaf_modules)
+    gm = symbolic_trace(model, leaf_modules, example_inputs)
     propagate_shapes(gm, as_inputs(example_inputs))
     return Traced(gm, networkx_view(gm))
 

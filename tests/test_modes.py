@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import cspify
 from cspify.errors import TraceError
+from cspify.record import conversion_of
 
 from tiny_models import cbr
 
@@ -91,7 +92,41 @@ def test_the_branch_kept_as_a_leaf_converts():
             return (y, self.aux(y.mean((2, 3)))) if self.training else y
 
     model = Wrapped().eval()
-    csp = cspify.convert(model, X, leaf_modules=["head"])
-    csp.train()
-    model.train()
-    assert [t.shape for t in csp(X)] == [t.shape for t in model(X)]
+    for leaves in (["head"], []):  # named, or found where the paths part: kept whole either way
+        csp = cspify.convert(model, X, leaf_modules=leaves)
+        assert "head" in conversion_of(csp).leaf_modules
+        assert conversion_of(csp).kept_whole == (() if leaves else (("head", KEPT_FOR_MODES),))
+        csp.train()
+        model.train()
+        assert [t.shape for t in csp(X)] == [t.shape for t in model(X)]
+        model.eval()
+
+
+KEPT_FOR_MODES = "its forward takes another path in training mode than in eval mode"
+
+
+class CachedBias(nn.Module):
+    """A layer that caches a computed bias in eval mode and recomputes it in training, as
+    timm's EfficientFormer attention does: its graph differs between the modes."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.cache = None
+
+    def forward(self, x):
+        if self.training:
+            return x + self.bias.view(1, -1, 1, 1) * 2
+        if self.cache is None:
+            self.cache = self.bias.detach() * 2
+        return x + self.cache.view(1, -1, 1, 1)
+
+
+def test_a_submodule_whose_modes_part_is_kept_whole_and_the_rest_converts():
+    model = nn.Sequential(cbr(3, 8, 3), Block(8), Block(8), CachedBias(8), Block(8), Block(8)).eval()
+    csp = cspify.convert(model, X)
+    record = conversion_of(csp)
+    assert dict(record.kept_whole) == {"3": KEPT_FOR_MODES}
+    assert record.converted
+    for mode in (True, False):
+        assert csp.train(mode)(X).shape == model.train(mode)(X).shape

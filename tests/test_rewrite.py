@@ -425,10 +425,12 @@ def test_last_added_node_carries_the_stage_output(cls, fusion):
         carrier = nodes[added[plan.name][-1]]
         assert all(carrier in nodes[r].all_input_nodes for r in readers[plan.name]), plan.name
         assert carrier.meta["tensor_meta"].shape == shapes[plan.name]
+        assert carrier.target == "to"  # the stage's output dtype (rewrite._as_dtype_of), of:
+        fused = carrier.args[0]
         if fusion == "last" or plan.new_transition is None:
-            assert carrier.target is torch.cat  # the concat
+            assert fused.target is torch.cat  # the concat
         else:
-            assert "csp_transition" in carrier.name  # the new transition's last node
+            assert "csp_transition" in fused.name  # the new transition's last node
 
 
 # --------------------------------------------------------------------------- layouts, layers, lazy modules
@@ -533,3 +535,16 @@ def test_new_layers_are_in_the_mode_of_the_model_they_join():
     fused = fuse(csp)  # torch's conv-bn folding asserts every layer it folds is in eval mode
     with torch.no_grad():
         assert torch.allclose(fused(x), csp(x), atol=1e-5)
+
+
+def test_a_stage_keeps_its_output_dtype_under_autocast():
+    """A plain stage on the model's float32 input: its bypass stays float32 while the new
+    transition conv computes in bfloat16 under autocast; the stage's output is cast back to
+    the dtype the through part gives, as the original's output had."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())])
+    x = torch.randn(2, 16, 8, 8)
+    csp = cspify.convert(model.eval(), x, kinds="plain")
+    assert conversion_of(csp).converted
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert csp(x).dtype == model(x).dtype == torch.bfloat16

@@ -157,3 +157,25 @@ def test_an_error_in_the_models_own_forward_names_its_cause():
     assert error.value.message == "torch.fx cannot trace the model (IteratesItsInput): Proxy object cannot be iterated."
     assert error.value.hint.startswith("its forward iterates over or unpacks a traced value")
     assert "--scope NAME" in error.value.hint and "body (Body)" in error.value.hint
+
+
+class Pyramid(nn.Module):
+    """A head that takes its feature maps as a list, as torchvision's detection heads do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Sequential(*[Bottleneck(8, 8, 8) for _ in range(3)])
+        self.coarse = cbr(8, 4, 1)
+
+    def forward(self, features: list[torch.Tensor]):
+        return [self.fine(features[0]), self.coarse(features[1])]
+
+
+def test_a_list_input_is_traced_as_one_placeholder_per_tensor_and_taken_as_it_comes():
+    model, features = seeded(Pyramid).eval(), [torch.randn(1, 8, 16, 16), torch.randn(1, 8, 8, 8)]
+    traced = trace(model, (features,))
+    assert [n.op for n in traced.gm.graph.nodes].count("placeholder") == 2
+    csp = cspify.convert(model, (features,))
+    assert cspify.record.conversion_of(csp).converted
+    assert drop_in_problems(model, csp, (features,)) == []
+    assert [t.shape for t in csp(features)] == [t.shape for t in model(features)]

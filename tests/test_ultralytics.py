@@ -135,6 +135,19 @@ def test_a_block_converted_in_place_keeps_working_in_the_yolo_wrapper():
     assert (restored.model[6].f, restored.model[6].i) == (-1, 6)
 
 
+def test_a_whole_converted_yolo_takes_the_models_place_in_the_yolo_wrapper(yolov8n):
+    """The GraphModule keeps the attributes the wrapper reads on its model (names, stride,
+    yaml, args), so ``YOLO.predict`` runs it."""
+    model, csp = yolov8n
+    yolo = ultralytics.YOLO("yolov8n.yaml", verbose=False)
+    yolo.model = copy.deepcopy(csp)
+    assert (yolo.model.names, yolo.model.stride.tolist()) == (model.names, model.stride.tolist())
+    assert yolo.model.names is not model.names  # copies: the user's model is not shared
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    (result,) = yolo.predict(image, imgsz=64, device="cpu", verbose=False, save=False)
+    assert result.boxes.data.shape[1] == 6 and result.names == model.names
+
+
 def test_the_spec_builds_a_yaml_the_package_ships_offline():
     loaded = load_model("ultralytics:yolov8n.yaml", (1, 3, 64, 64))
     assert type(loaded.model) is DetectionModel and not loaded.model.training
