@@ -210,6 +210,18 @@ class Split:
 
 
 @dataclass(frozen=True)
+class Sized:
+    """A reshape that writes the channel count of ``space`` as a literal (``scale.view(64,
+    1, 1)``): entry ``index`` (None: the argument itself) of argument ``key`` follows
+    narrowing."""
+
+    node: str
+    space: int
+    key: int | str
+    index: int | None
+
+
+@dataclass(frozen=True)
 class Size:
     """A channel count read from a tensor's shape: the width of ``space``, read from
     ``source``'s shape by ``node``."""
@@ -228,6 +240,7 @@ class Analysis:
     info: dict[str, ChannelInfo] = field(default_factory=dict)
     slices: list[Slice] = field(default_factory=list)
     splits: list[Split] = field(default_factory=list)
+    sized: list[Sized] = field(default_factory=list)
     sizes: dict[str, Size] = field(default_factory=dict)  # nodes whose value is a channel count
     shapes: dict[str, tuple[Size | None, ...]] = field(default_factory=dict)  # x.shape, x.size(): per axis
 
@@ -365,9 +378,10 @@ def couple_linear(node: fx.Node, a: Analysis) -> None:
     x = a.of(node.args[0])
     dims = shape(node.args[0])
     if x.axis is None or x.axis != len(dims) - 1:
+        why = "is a linear layer over a non-channel axis" if x.axis is not None else "reads a tensor whose channels cspify cannot follow"
         if x.space is not None:
-            a.spaces.freeze(x.space, f"'{node.name}' is a linear layer over a non-channel axis")
-        a.fresh(node, axis=len(shape(node)) - 1, frozen=f"'{node.name}' output")
+            a.spaces.freeze(x.space, f"'{node.name}' {why}")
+        a.fresh(node, axis=len(shape(node)) - 1, frozen=f"'{node.name}' {why}")
         return
     a.fresh(node, axis=len(shape(node)) - 1)
     a.info[node.name].reads = x.space
@@ -462,7 +476,11 @@ def couple_reshape(node: fx.Node, a: Analysis) -> None:
     if axis is not None and len(sizes) == len(after):
         size = sizes[axis]
         if isinstance(size, int) and size != -1 and before[x.axis] > 1:
-            axis, reason = None, f"reshapes the channels to the constant size {size}"
+            literal = _literal_size(node, axis, x.space)
+            if literal is None:
+                axis, reason = None, f"reshapes the channels to the constant size {size}"
+            else:
+                a.sized.append(literal)
         elif isinstance(size, Size) and a.spaces.find(size.space) != a.spaces.find(x.space):
             axis = None
             reason = f"reshapes the channels to the channel count of '{size.source}' ('{size.node}'), another tensor"
@@ -470,6 +488,19 @@ def couple_reshape(node: fx.Node, a: Analysis) -> None:
         if isinstance(size, Size) and (j != axis or len(sizes) != len(after)):
             a.spaces.freeze(size.space, f"'{node.name}' reshapes to the channel count of '{size.source}' ('{size.node}')")
     _moved(node, a, axis, reason)
+
+
+def _literal_size(node: fx.Node, axis: int, space: int) -> Sized | None:
+    """Where a view or reshape writes its channel count, at ``axis`` of its sizes, as a
+    literal int: a ``Sized`` that says which argument; None where it is not written so."""
+    if node.op != "call_method" and node.target is not torch.reshape:
+        return None
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return Sized(node.name, space, 1, axis) if isinstance(node.args[1][axis], int) else None
+    if len(node.args) > 2:
+        return Sized(node.name, space, 1 + axis, None) if isinstance(node.args[1 + axis], int) else None
+    key = next((k for k in ("shape", "size") if isinstance(node.kwargs.get(k), (list, tuple))), None)
+    return Sized(node.name, space, key, axis) if key else None
 
 
 def _sizes_arg(node: fx.Node, a: Analysis) -> list:
@@ -863,6 +894,14 @@ class NarrowingError(Exception):
     """Why the channels of a stage cannot be narrowed as asked: one sentence."""
 
 
+class EmptyPart(NarrowingError):
+    """A chunk or split would leave one of its parts no channels (``split``: which one)."""
+
+    def __init__(self, message: str, split: Split) -> None:
+        super().__init__(message)
+        self.split = split
+
+
 @dataclass
 class Keeps:
     """Which channels each space keeps (``derive_keeps``), and the literal sizes in the
@@ -973,7 +1012,22 @@ def derive_keeps(a: Analysis, keeps: dict[int, tuple[int, ...]]) -> Keeps:
         _check_split(split, result)
     for s, source, out in slices:
         _check_slice(s, source, out, result, a)
+    for sized in a.sized:
+        _check_sized(sized, result, a)
     return result
+
+
+def _check_sized(sized: Sized, keeps: Keeps, a: Analysis) -> None:
+    """A literal channel count in a reshape becomes the narrowed width."""
+    keep = keeps.of(sized.space)
+    if keep is None:
+        return
+    node = a.traced.nodes[sized.node]
+    value = node.args[sized.key] if isinstance(sized.key, int) else node.kwargs[sized.key]
+    old = value if sized.index is None else value[sized.index]
+    new = len(keep) if sized.index is None else type(value)((*value[: sized.index], len(keep), *value[sized.index + 1 :]))
+    keeps.args[(sized.node, sized.key)] = new
+    keeps.moved.append(f"'{sized.node}' reshapes the channels to the literal size {old}, which narrowing changes to {len(keep)}")
 
 
 def _check_split(split: Split, keeps: Keeps) -> None:
@@ -987,7 +1041,7 @@ def _check_split(split: Split, keeps: Keeps) -> None:
     if counts == widths:
         return
     if 0 in counts:
-        raise NarrowingError(f"narrowing would leave a part of '{split.node}' no channels")
+        raise EmptyPart(f"narrowing would leave a part of '{split.node}' no channels", split)
     if split.chunks is not None:
         if counts != _chunk_widths(sum(counts), split.chunks):
             raise NarrowingError(

@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch.fx as fx
 import torch.nn as nn
 
-from cspify.channels import Analysis, Keeps, NarrowingError, analyse, derive_keeps
+from cspify.channels import Analysis, EmptyPart, Keeps, NarrowingError, analyse, derive_keeps
 from cspify.config import CSPConfig
 from cspify.graph import shape
 from cspify.narrow import can_mix, layer_width, reparametrization_problem
@@ -87,6 +87,14 @@ class _Costlier(_Skip):
     """The stage's conversion would not save multiply-adds."""
 
 
+class _EmptyPart(_Skip):
+    """Narrowing would leave a part of a split no channels (``split``: which)."""
+
+    def __init__(self, error: EmptyPart) -> None:
+        super().__init__(str(error))
+        self.split = error.split
+
+
 def _scale_hint(traced: Traced, stage: Stage, config: CSPConfig) -> str:
     """Where a stage (typically a single block) does not pay with its inner widths kept,
     whether narrowing them too (hidden='scale') would make it pay."""
@@ -109,15 +117,28 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
     a = analyse(traced, partial, stage.base, stage.channel_axis)
 
     bypass, through = _split(a, stage, config.gamma, notes)
-    keeps = {a.spaces.find(a.info[stage.base].space): tuple(range(bypass, stage.channels))}
-    if fusion_last and stage.transition:
-        keeps.update(_transition_keep(a, stage, bypass))
-    notes.extend(_scale_inner(a, stage.inner, config.gamma, keeps))  # the stage's own widths
-    if config.hidden == "scale":
-        notes.extend(_scale_inner(a, partial, config.gamma, keeps))
-    resolve = _Resolver(a, keeps)
-    narrowings = _narrowings(a, partial, resolve)
-    notes.extend(resolve.moved)
+    stream = a.spaces.find(a.info[stage.base].space)
+    through_index = tuple(range(bypass, stage.channels))  # the last channels, unless a split needs them spread
+    while True:
+        keeps = {stream: through_index}
+        if fusion_last and stage.transition:
+            keeps.update(_transition_keep(a, stage, bypass))
+        scaled = _scale_inner(a, stage.inner, config.gamma, keeps)  # the stage's own widths
+        if config.hidden == "scale":
+            scaled += _scale_inner(a, partial, config.gamma, keeps)
+        resolve = _Resolver(a, keeps)
+        try:
+            narrowings = _narrowings(a, partial, resolve)
+            break
+        except _EmptyPart as empty:
+            spread = _spread(a, stream, empty.split, through) if not stage.transition else None
+            if spread is None or spread == through_index:
+                raise
+            through_index, spread_over = spread, empty.split.node
+    notes += scaled + resolve.moved
+    if through_index != tuple(range(bypass, stage.channels)):
+        notes.append(f"the through part takes the last channels of each part of '{spread_over}' "
+                     f"({through} of {stage.channels}), so that every part keeps some")
     _check_single_use(traced, narrowings)
 
     output_channels = shape(traced.nodes[through_output])[stage.channel_axis]
@@ -148,7 +169,30 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
         through_output_channels=through_output_channels, output_channels=output_channels,
         new_transition=new_transition, norm_template=norm_template, act_template=act_template,
         narrowings=tuple(narrowings.values()), args=tuple(resolve.args.items()), notes=tuple(notes),
+        through_index=None if through_index == tuple(range(bypass, stage.channels)) else through_index,
     )
+
+
+def _spread(a: Analysis, stream: int, split, through: int) -> tuple[int, ...] | None:
+    """Where a split of the stream would leave a part no channels with the last channels
+    as the through part: the through part taken from every part instead, the last channels
+    of each, in proportion to its width (largest remainders). None where the split is not
+    the stream's own or a part would still be empty."""
+    if a.spaces.find(split.source) != stream:
+        return None
+    widths = [a.spaces[p].width for p in split.pieces]
+    total = sum(widths)
+    shares = [w * through / total for w in widths]
+    counts = [int(x) for x in shares]
+    for i in sorted(range(len(widths)), key=lambda i: counts[i] - shares[i])[: through - sum(counts)]:
+        counts[i] += 1
+    if 0 in counts:
+        return None
+    index, offset = [], 0
+    for width, count in zip(widths, counts):
+        index += range(offset + width - count, offset + width)
+        offset += width
+    return tuple(index)
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,6 +293,8 @@ class _Resolver:
         if self._derived is None:
             try:
                 self._derived = derive_keeps(self.a, self.keeps)
+            except EmptyPart as error:
+                raise _EmptyPart(error) from None
             except NarrowingError as error:
                 raise _Skip(str(error)) from None
         return self._derived

@@ -46,6 +46,7 @@ class StageRecord:
     hidden: str = ""
     time_before_ms: float | None = None  # with objective latency: the whole model's median ms on the
     time_after_ms: float | None = None   # target device, original and with this stage alone converted
+    through_index: tuple[int, ...] | None = None  # the base channels of the through part, where not the last ones
 
 
 @dataclass(frozen=True)

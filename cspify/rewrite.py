@@ -73,10 +73,17 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
         mix = fresh_mix(in_channels, out_channels, rank, axis, bias=plan.norm_template is None)
         return _partial_transition(gm, source, mix, out_channels, templates, _home(gm, stage.name, slug), added)
 
-    with graph.inserting_after(base):
-        bypass = call(torch.narrow, (base, axis, 0, plan.bypass_channels), "bypass")
-    with graph.inserting_after(bypass):
-        through = call(torch.narrow, (base, axis, plan.bypass_channels, plan.through_channels), "through")
+    if plan.through_index is None:  # the first channels bypass, the last run through
+        with graph.inserting_after(base):
+            bypass = call(torch.narrow, (base, axis, 0, plan.bypass_channels), "bypass")
+        with graph.inserting_after(bypass):
+            through = call(torch.narrow, (base, axis, plan.bypass_channels, plan.through_channels), "through")
+    else:
+        width = plan.bypass_channels + plan.through_channels
+        others = [i for i in range(width) if i not in set(plan.through_index)]
+        bypass = _gather(call, base, axis, others, "bypass", after=base)
+        through = _gather(call, base, axis, plan.through_index, "through", after=bypass)
+        added[:] = [bypass.name, through.name] + [n for n in added if n not in (bypass.name, through.name)]
     for name in plan.partial_stage:
         nodes[name].replace_input_with(base, through)
     _narrow_layers(gm, plan, nodes)
@@ -99,20 +106,41 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
             if plan.new_transition:
                 with graph.inserting_after(fused):
                     fused = transition(fused)
-    with graph.inserting_after(fused):  # the stage's output dtype, as before (autocast: see _as_dtype_of)
-        fused = _as_dtype_of(graph, fused, out, slug, added)
+    fused = _as_dtype_of(graph, fused, out, slug, added)  # the stage's output dtype, as before (autocast)
     for user in users:
         user.replace_input_with(out, fused)
     fused_outputs[out.name] = fused
     return tuple(added)
 
 
+def _gather(call, base: fx.Node, axis: int, index, name: str, after: fx.Node) -> fx.Node:
+    """The channels ``index`` of ``base``: one narrow per run of consecutive channels, and
+    a concat of them where there are several, inserted in order after ``after``."""
+    runs = []
+    for i in index:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    graph, parts = base.graph, []
+    for k, (start, length) in enumerate(runs):
+        with graph.inserting_after(after):
+            after = call(torch.narrow, (base, axis, start, length), name if len(runs) == 1 else f"{name}_{k}")
+        parts.append(after)
+    if len(parts) == 1:
+        return parts[0]
+    with graph.inserting_after(after):
+        return call(torch.cat, (parts, axis), name)
+
+
 def _as_dtype_of(graph: fx.Graph, fused: fx.Node, out: fx.Node, slug: str, added: list[str]) -> fx.Node:
     """``fused.to(out.dtype)``: under autocast, the bypass keeps the base's dtype and a new
     transition conv computes in the low one, so the concat could differ from the dtype the
-    stage's output had (that of its through output, ``out``); outside autocast a no-op."""
-    dtype = graph.create_node("call_function", getattr, (out, "dtype"), name=f"{slug}_dtype")
-    with graph.inserting_after(dtype):
+    stage's output had (that of its through output, ``out``); outside autocast a no-op.
+    The dtype is read right after ``out``, so that reading it keeps no tensor alive longer."""
+    with graph.inserting_after(out):
+        dtype = graph.create_node("call_function", getattr, (out, "dtype"), name=f"{slug}_dtype")
+    with graph.inserting_after(fused):
         cast = graph.create_node("call_method", "to", (fused, dtype), name=f"{slug}_as_dtype")
     added += [dtype.name, cast.name]
     return cast

@@ -103,6 +103,9 @@ class StagePlan:
                              value) pairs: a channel slice's index, a split's sizes.
     notes:                   what a user should know about the plan (roundings, cost, the
                              literal sizes changed).
+    through_index:           the base channels the through part takes where they are not
+                             its last ``through_channels`` (a split of the stream that needs
+                             some of every part); the bypass takes the others, in order.
     """
 
     stage: Stage
@@ -122,6 +125,7 @@ class StagePlan:
     narrowings: tuple[Narrowing, ...] = ()
     args: tuple[tuple[tuple[str, int | str], object], ...] = ()
     notes: tuple[str, ...] = ()
+    through_index: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:

@@ -27,7 +27,7 @@ from cspify.record import conversion_of
 from cspify.trace import trace
 from cspify.verify import drop_in_problems
 from tiny_models import (
-    C2fNet, GhostNetLike, MultiBranchNet, RepVggBlock, RexNetLike, ShuffleNetLike, TinyResNet, ViewNet, cbr,
+    C2fNet, GhostNetLike, MultiBranchNet, RepVggBlock, RexNetLike, ScaleViewNet, ShuffleNetLike, TinyResNet, ViewNet, cbr,
     randomize_norms, seeded,
 )
 
@@ -46,13 +46,18 @@ def stages_of(model):
 
 def through_output(model, blocks, csp, stage=None):
     """(the converted stage's through output, the original's last block output with the
-    bypass channels zeroed at every block input, the bypass width), in eval mode."""
+    bypass channels zeroed at every block input, the through part's channels), in eval mode."""
     record = next(s for s in conversion_of(csp).stages if s.converted and stage in (None, s.name))
-    bypass = record.bypass_channels
+    width = record.bypass_channels + record.through_channels
+    if record.through_index:  # spread over the parts of a split: the output's are the input's
+        through = list(record.through_index)
+        bypass = [i for i in range(width) if i not in through]
+    else:  # the last channels (of a block's input, and of a wider output as ReXNet's)
+        through, bypass = slice(record.bypass_channels, None), slice(0, record.bypass_channels)
 
     def zero(module, args):
         x = args[0].clone()
-        x[:, :bypass] = 0
+        x[:, bypass] = 0
         return (x,)
 
     found = {}
@@ -68,13 +73,12 @@ def through_output(model, blocks, csp, stage=None):
     with torch.no_grad():
         interpreter.run(X)
     got = next(value for node, value in interpreter.env.items() if node.name == record.output)
-    return got, found["out"], bypass
+    return got, found["out"], through
 
 
 def assert_exact(model, blocks, csp, stage=None):
-    got, want, bypass = through_output(model, blocks, csp, stage)
-    assert got.shape[1] == want.shape[1] - bypass
-    torch.testing.assert_close(got, want[:, bypass:])
+    got, want, through = through_output(model, blocks, csp, stage)
+    torch.testing.assert_close(got, want[:, through])
     assert drop_in_problems(model, csp, X) == []
 
 
@@ -210,20 +214,32 @@ def test_split_sizes_follow_their_parts():
 # --------------------------------------------------------------------------- channel counts read from shapes
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("other", "'view_1' reshapes to the channel count of 'stem_2' ('getitem_1'), so its channels cannot be narrowed"),
-    ("literal", "'view' reshapes the channels to the constant size 8, so its channels cannot be narrowed"),
-])
-def test_a_reshape_whose_sizes_tie_the_stream_to_a_number_is_refused_at_planning(kind, reason):
+def test_a_reshape_to_another_tensors_channel_count_is_refused_at_planning():
     with pytest.raises(NoStageError) as refused:
-        cspify.convert(model_of(ViewNet, kind=kind), X)
+        cspify.convert(model_of(ViewNet, kind="other"), X)
+    reason = "'view_1' reshapes to the channel count of 'stem_2' ('getitem_1'), so its channels cannot be narrowed"
     assert reason in refused.value.message
     assert "failed a check" not in refused.value.message
 
 
-def test_a_reshape_of_the_stream_to_its_own_channel_count_converts():
-    model = model_of(ViewNet, kind="own")
-    assert_exact(model, list(model.blocks), cspify.convert(model, X))
+@pytest.mark.parametrize("kind", ["own", "literal"])
+def test_a_reshape_of_the_stream_to_its_own_channel_count_converts(kind):
+    """Read from its shape, the count follows narrowing; written as a literal, the rewrite
+    writes the narrowed count in (a note says so)."""
+    model = model_of(ViewNet, kind=kind)
+    csp = cspify.convert(model, X)
+    assert_exact(model, list(model.blocks), csp)
+    notes = [n for s in conversion_of(csp).converted for n in s.notes]
+    assert ("'view' reshapes the channels to the literal size 8, which narrowing changes to 4" in notes) == (kind == "literal")
+
+
+def test_a_per_channel_parameter_viewed_with_its_literal_width_narrows():
+    """timm's PoolFormer layer scale: ``x * self.scale.view(C, 1, 1)``."""
+    model = model_of(ScaleViewNet)
+    csp = cspify.convert(model, X)
+    assert_exact(model, list(model.blocks), csp)
+    views = [n.args[1:] for n in csp.graph.nodes if n.op == "call_method" and n.target == "view"]
+    assert views and all(v == (4, 1, 1) for v in views)
 
 
 class CountUser(nn.Module):
@@ -263,14 +279,27 @@ def test_a_split_stream_converts_with_its_split_sizes_narrowed():
     assert [v for k, v in literal_args(csp).items() if k.startswith("split")] == [[4, 4], [4, 4]]
 
 
-@pytest.mark.parametrize("kwargs, reason", [
-    ({"sizes": (4, 12)}, "narrowing would leave a part of 'split' no channels"),
-    ({"sizes": (8, 8), "chunk": True}, "narrowing would leave a part of 'chunk' no channels"),
+@pytest.mark.parametrize("kwargs, through, sizes", [
+    ({"sizes": (4, 12)}, [2, 3, *range(10, 16)], [2, 6]),
+    ({"sizes": (8, 8), "chunk": True}, [4, 5, 6, 7, 12, 13, 14, 15], None),
 ])
-def test_a_split_whose_part_the_bypass_takes_whole_is_refused(kwargs, reason):
-    with pytest.raises(NoStageError) as refused:
-        cspify.convert(model_of(ShuffleNetLike, **kwargs), X)
-    assert reason in refused.value.message
+def test_a_split_whose_part_the_last_channels_miss_takes_the_through_part_from_every_part(kwargs, through, sizes):
+    """FasterNet's and InceptionNeXt's blocks split the stream by literal sizes: the last
+    channels as the through part would leave the first part none, so it takes the last
+    channels of each part, in proportion (two narrows and a concat), and converts exactly."""
+    model = model_of(ShuffleNetLike, **kwargs)
+    csp = cspify.convert(model, X)
+    (record,) = conversion_of(csp).converted
+    assert list(record.through_index) == through
+    assert any("the through part takes the last channels of each part" in note for note in record.notes)
+    assert_exact(model, list(model.blocks), csp)
+    if sizes:
+        assert [v for k, v in literal_args(csp).items() if k.startswith("split")] == [sizes, sizes]
+
+
+def test_a_split_the_through_part_cannot_reach_in_every_part_is_refused():
+    with pytest.raises(NoStageError, match="narrowing would leave a part of 'split' no channels"):
+        cspify.convert(model_of(ShuffleNetLike, sizes=(1, 15)), X, gamma=0.75)
 
 
 def test_c2f_converts_its_bottlenecks_on_a_chunk():

@@ -477,6 +477,28 @@ class ViewBlock(nn.Module):
         return x + self.proj(heads[:, 0].view(B, C, H, W))
 
 
+class ScaleViewBlock(nn.Module):
+    """A residual block with a layer scale viewed to (C, 1, 1) by its literal width."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(cbr(c, c, 3), cbr(c, c, 3, act=False))
+        self.scale, self.c = nn.Parameter(torch.linspace(0.5, 1.5, c)), c
+
+    def forward(self, x):
+        return x + self.f(x) * self.scale.view(self.c, 1, 1)
+
+
+class ScaleViewNet(nn.Module):
+    def __init__(self, c=8, depth=2):
+        super().__init__()
+        self.stem = cbr(3, c, 3)
+        self.blocks = nn.Sequential(*[ScaleViewBlock(c) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
 class ViewNet(nn.Module):
     def __init__(self, kind, c=8, depth=2):
         super().__init__()
