@@ -87,13 +87,17 @@ def head_part(path: str) -> str:
     return path.split(".")[0]
 
 
+def tower_part(path: str) -> str:
+    return "classification head's conv tower"
+
+
 # (title, builder, [(scope, parts of the measured module)])
 MODELS = [
     ("YOLOv3 (ultralytics:yolov3.yaml)", yolov3, [(None, None)]),
     ("Faster R-CNN (torchvision fasterrcnn_resnet50_fpn)", torchvision_detector("fasterrcnn_resnet50_fpn"),
      [("backbone", body_or_fpn)]),
     ("RetinaNet (torchvision retinanet_resnet50_fpn)", torchvision_detector("retinanet_resnet50_fpn"),
-     [("backbone", body_or_fpn), ("head", head_part), ("head.classification_head.conv", head_part)]),
+     [("backbone", body_or_fpn), ("head", head_part), ("head.classification_head.conv", tower_part)]),
 ]
 
 
@@ -283,7 +287,8 @@ def summary(facts: dict, kept: dict) -> list[str]:
         short = title.split(" (")[0] + (f" {scope}" if scope else "")
         o, c = report.original, report.converted
         name, label = where_largest(parts, o.max_layer_flops)
-        bottleneck.append([f"{short}: largest layer", pct(o.max_layer_flops, c.max_layer_flops), f"`{name}`, {label}"])
+        qualified = f"{scope}.{name}" if scope and name != "?" else name
+        bottleneck.append([f"{short}: largest layer", pct(o.max_layer_flops, c.max_layer_flops), f"`{qualified}`, {label}"])
         bottleneck.append([f"{short}: layer max/mean", pct(o.layer_balance, c.layer_balance), ""])
         rows = [row for row in report.stages if row.converted]
         if rows:
@@ -339,13 +344,20 @@ def summary(facts: dict, kept: dict) -> list[str]:
             "detector, and its trained head, still fit: that redesign is out of its scope."
         )
     refused = [(title, scope, fact) for (title, scope), fact in facts.items() if isinstance(fact, str)]
-    if refused:
+    towers = [(title, scope, report) for (title, scope), (report, _) in converted.items()
+              if scope and scope.startswith("head.")]
+    if refused or towers:
         prose.append(
             "**Heads.** " + " ".join(
                 f"{title.split(' (')[0]} with `scope={scope!r}` is not converted: cspify says \"{message.rstrip('.')}\""
                 + (f" (tracing keeps {whole} whole)"
                    if (whole := kept.get((title, scope))) and "kept whole" not in message else "") + "."
                 for title, scope, message in refused)
+            + "".join(
+                f" A module the head calls at every level converts on its own: with `scope={scope!r}` its one "
+                f"conversion runs at every level, flops {pct(r.original.flops, r.converted.flops)} and memory "
+                f"traffic {pct(r.original.memory_bytes, r.converted.memory_bytes)} (measured on the first level's "
+                "input)." for _, scope, r in towers)
         )
     return [table, "", *(p + "\n" for p in prose)]
 

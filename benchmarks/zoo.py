@@ -173,7 +173,8 @@ LEFT_OUT = {
 }
 
 # Rows that convert a submodule of a torchvision detector (MODEL@SCOPE).
-DETECTORS = ["torchvision:retinanet_resnet50_fpn@backbone", "torchvision:retinanet_resnet50_fpn@head"]
+DETECTORS = ["torchvision:retinanet_resnet50_fpn@backbone", "torchvision:retinanet_resnet50_fpn@head",
+             "torchvision:retinanet_resnet50_fpn@head.classification_head.conv"]  # the head's shared conv tower
 
 
 def torchvision_names() -> list[str]:

@@ -350,7 +350,8 @@ def _check_single_use(traced: Traced, narrowings: dict[str, Narrowing]) -> None:
         node = traced.nodes[name]
         count = uses[(node.op, node.target)] + (len(node.users) - 1 if node.op == "get_attr" else 0)
         if count > 1:
-            raise _Skip(f"'{node.target}' is used {count} times and cannot be narrowed for one use")
+            raise _Skip(f"'{node.target}' is used {count} times and cannot be narrowed for one use "
+                        "(a module the model calls several times converts on its own with --scope, scope=)")
 
 
 # ---------------------------------------------------------------------------------------
