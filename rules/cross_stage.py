@@ -27,6 +27,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from cspify.graph import cat_args, shape
 from cspify.ops import role_of
 from cspify.stage import Stage
 from cspify.trace import Traced
@@ -43,7 +44,7 @@ def mark(traced: Traced, stages: list[Stage]) -> list[Stage]:
 
 def _marked(traced: Traced, stage: Stage) -> Stage:
     cat = _concat_after(traced, traced.nodes[stage.output])
-    if cat is None:
+    if cat is None or not _joins_channels(stage, traced.nodes[stage.output], cat):
         return stage
     base, graph = traced.nodes[stage.base], traced.graph
     after = nx.descendants(graph, stage.output) | {stage.output}
@@ -72,6 +73,14 @@ def _concat_after(traced: Traced, node: fx.Node) -> fx.Node | None:
             return None
         node = next(iter(node.users))
     return None
+
+
+def _joins_channels(stage: Stage, output: fx.Node, cat: fx.Node) -> bool:
+    """Does the concat join along the stage's channels (same layout, same axis)? A concat
+    of tokens (CoaT's class token before its image tokens) is no cross stage partial."""
+    _, dim = cat_args(cat)
+    rank = len(shape(cat) or ())
+    return rank == len(shape(output) or ()) and stage.channel_axis is not None and dim % rank == stage.channel_axis
 
 
 def _is_split(node) -> bool:

@@ -276,6 +276,29 @@ def test_parallel_branches_without_a_fusing_conv_are_no_csp_block():
     assert stages and not any(s.cross_stage for s in stages)
 
 
+def test_a_concat_of_tokens_is_no_csp_block():
+    """CoaT's conv position encoding: the image tokens, split from the class token, run
+    through convs as an image and are concatenated after the class token again, along the
+    tokens, not the channels."""
+
+    class ClassToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.cls = cbr(3, 8, 3), nn.Parameter(torch.zeros(1, 1, 8))
+            self.convs = nn.Sequential(cbr(8, 8, 3), cbr(8, 8, 3))
+
+        def forward(self, x):
+            x = self.stem(x)
+            b, c, h, w = x.shape
+            tokens = torch.cat([self.cls.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], 1)
+            cls, img = tokens[:, :1], tokens[:, 1:]
+            img = self.convs(img.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+            return torch.cat([cls, img], 1)
+
+    stages = cspify.find_stages(seeded(ClassToken), X)
+    assert [s.name for s in stages] == ["convs"] and not stages[0].cross_stage
+
+
 def test_plain_chains_of_branches_that_read_one_input_are_each_found():
     class TwoBranches(nn.Module):
         def __init__(self):
