@@ -24,14 +24,6 @@ X = torch.randn(1, 3, 16, 16)
 QUICK = Search(gammas=(0.25, 0.5, 0.75), min_run_time=0.01, rounds=1)  # 6 options: a few seconds per budget
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ThreeStages(nn.Module):
     """Three residual stages of 16, 32 and 64 channels: enough stages for a budget to land finely."""
 

@@ -26,15 +26,6 @@ RESNET_STAGES = ["stages.0", "stages.1", "stages.2"]  # its residual stages; its
 RESNET_FOUND = sorted(RESNET_STAGES + ["stages.0.0.branch"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread, above all on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _runner() -> CliRunner:
     try:
         return CliRunner(mix_stderr=False)  # click < 8.2

@@ -16,15 +16,6 @@ from cspify.load import DEFAULT_SHAPE, load_model, parse_shape
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread, above all on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model_file(folder: Path, source: str, name: str = "model.py") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(source))
