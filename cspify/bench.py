@@ -16,7 +16,7 @@ sample is repeated to each batch size. On CUDA, the Timer synchronizes the devic
 each measurement.
 
 Where ``converted`` was converted with ``objective="latency"`` (or a latency budget), its
-record holds each stage's time, measured with that stage alone converted; the result
+record holds each stage's times, the whole model without it and with it; the result
 shows them as a per-stage table (``BenchResult.stages``).
 
 The share of the process's CPU time spent in the kernel while each model ran is kept
@@ -95,15 +95,15 @@ class BenchRow:
 @dataclass
 class StageTime:
     """One stage, timed as the conversion's objective timed it: the whole model's median ms,
-    original and with this stage alone converted."""
+    without this stage and with it (the other chosen stages converted in both)."""
 
     name: str
-    original_ms: float
-    converted_ms: float
+    without_ms: float
+    with_ms: float
 
     @property
     def saved(self) -> float:
-        return 1.0 - self.converted_ms / self.original_ms
+        return 1.0 - self.with_ms / self.without_ms
 
 
 @dataclass
@@ -152,9 +152,9 @@ class BenchResult:
                         colalign=("right",) * len(headers))
 
     def stage_table(self, fmt: str = "simple") -> str:
-        """Per stage: the whole model's ms, original and with that stage alone converted."""
-        rows = [[s.name, f"{s.original_ms:.2f}", f"{s.converted_ms:.2f}", f"{100 * s.saved:.1f}%"] for s in self.stages]
-        return tabulate(rows, headers=["stage", "model ms", "stage alone converted", "saved"], tablefmt=fmt,
+        """Per stage: the whole model's ms without that stage and with it."""
+        rows = [[s.name, f"{s.without_ms:.2f}", f"{s.with_ms:.2f}", f"{100 * s.saved:.1f}%"] for s in self.stages]
+        return tabulate(rows, headers=["stage", "model ms without it", "with it", "saved"], tablefmt=fmt,
                         disable_numparse=True, colalign=("left", "right", "right", "right"))
 
     def __str__(self) -> str:

@@ -7,10 +7,12 @@
     conversion_of(csp).notes                                 # what was measured and chosen
 
 ``objective="latency"``: every stage that converts at the given options is timed on the
-target device (CUDA when present, else the CPU; ``Search.device``) by converting the model
-with that stage alone and timing the whole model against the original side by side
-(``cspify.benchmark``); a stage is converted only where the model then runs faster. The
-record keeps each stage's two times (``StageRecord.time_before_ms``, ``time_after_ms``).
+target device (CUDA when present, else the CPU; ``Search.device``) where it will run: the
+model with every such stage converted against the model with that one left whole, side by
+side (``cspify.benchmark``); a stage is converted only where the model runs faster with it.
+(Timed alone against the original, stages do not add up: ``benchmarks/stage_times.py``.)
+The record keeps each stage's two times (``StageRecord.time_before_ms``: without it,
+``time_after_ms``: with it).
 
 ``target_flops=T``: every stage's flops saved at every option of a grid (``Search.gammas``
 x ``Search.hidden``: gamma 0.125 to 0.75, inner widths kept or scaled) come from the
@@ -214,7 +216,7 @@ class _Walk:
     def __init__(self, model, inputs, config, goal, search, pipeline: Pipeline, scope, device) -> None:
         self.model, self.inputs, self.config, self.goal, self.search = model, inputs, config, goal, search
         self.pipeline, self.convert, self.scope, self.device = pipeline, pipeline.convert, scope, device
-        self.times: dict[str, tuple[float, float]] = {}   # stage -> (original ms, ms with it alone converted)
+        self.times: dict[str, tuple[float, float]] = {}   # stage -> (ms without it, ms with it), the others converted
         self.left: dict[str, str] = {}                    # stage -> why the objective left it
         self.searched: set[str] = set()                   # the stages a budget could cut
         self.notes: list[str] = []
@@ -222,9 +224,9 @@ class _Walk:
     # -- objective latency: the stages that pay at the given options
 
     def paying_stages(self) -> nn.Module:
-        found = conversion_of(self.convert(self.config), self.scope)
-        candidates = [s.name for s in found.converted]
-        paying = [name for name in candidates if self._pays(name, self.config)]
+        everything = self.convert(self.config)
+        candidates = [s.name for s in conversion_of(everything, self.scope).converted]
+        paying = self._in_context(candidates, self.config, everything)
         if not paying:
             raise NoStageError(
                 f"none of the {len(candidates)} stages that convert makes the model faster on {self.device} "
@@ -232,21 +234,30 @@ class _Walk:
                 "convert by flops (the default objective), or try other options or another device",
             )
         self.notes.append(f"objective latency: {len(paying)} of {len(candidates)} stages pay in time on "
-                          f"{self.device} (batch {self.search.batch_size}, each stage alone timed against the original)")
+                          f"{self.device} (batch {self.search.batch_size}, each stage timed in the converted model, "
+                          "with it and without it)")
         return self._reattach(self._final(replace(self.config, stages=tuple(paying)), timed_total=True))
 
-    def _pays(self, name: str, config: CSPConfig) -> bool:
-        """Time the model with stage ``name`` alone converted (with ``config``'s options for it)."""
-        alone = self.convert(replace(config, stages=(name,)))
-        before, after = time_models(self.model, alone, self.inputs, self.search, self.device)
-        self.times[name] = (before, after)
-        if after >= before:
-            self.left[name] = (f"with it alone converted the model ran {after:.2f} ms against {before:.2f} ms on "
-                               f"{self.device}: it does not pay in time (objective latency)")
-        return after < before
+    def _in_context(self, names: list[str], config: CSPConfig, everything: nn.Module) -> list[str]:
+        """The stages of ``names`` that pay in time where they run: ``everything`` (every one
+        converted, with ``config``) timed against the model with each one left whole. Stages
+        timed alone against the original do not add up (``benchmarks/stage_times.py``), so
+        each is timed in the model it will be part of."""
+        paying = []
+        for name in names:
+            others = tuple(n for n in names if n != name)
+            without = self.convert(replace(config, stages=others)) if others else self.model
+            before, after = time_models(without, everything, self.inputs, self.search, self.device)
+            self.times[name] = (before, after)
+            if after < before:
+                paying.append(name)
+            else:
+                self.left[name] = (f"the converted model ran {after:.2f} ms with it and {before:.2f} ms without it on "
+                                   f"{self.device}: it does not pay in time (objective latency)")
+        return paying
 
     def _times_text(self, names: Iterable[str]) -> str:
-        return "; ".join(f"{n}: {self.times[n][1]:.2f} ms against {self.times[n][0]:.2f} ms" for n in names)
+        return "; ".join(f"{n}: {self.times[n][1]:.2f} ms with it, {self.times[n][0]:.2f} ms without" for n in names)
 
     # -- a budget: one option per stage
 
@@ -298,14 +309,16 @@ class _Walk:
         return {row.name: (row.before.flops, row.after.flops) for row in report.stages if row.converted}
 
     def _time_per_flop(self, stages: list[_Stage]) -> None:
-        """Time every stage once, at the given options where it converts there (else the nearest
-        option it converts at): its measured ms saved per flop saved."""
+        """Time every stage once, in the model with every stage converted at the given options
+        (or the nearest option a stage converts at): its measured ms saved per flop saved."""
+        options = {s.name: min(s.saved, key=lambda o: (o[1] != self.config.hidden, abs(o[0] - self.config.gamma)))
+                   for s in stages}
+        config = self._config_of(options)
+        paying = set(self._in_context(list(options), config, self.convert(config)))
         for stage in stages:
-            gamma, hidden = min(stage.saved, key=lambda o: (o[1] != self.config.hidden, abs(o[0] - self.config.gamma)))
-            config = replace(self.config, stage_gammas=((stage.name, gamma),), stage_hidden=((stage.name, hidden),))
-            if self._pays(stage.name, config):
+            if stage.name in paying:
                 before, after = self.times[stage.name]
-                stage.per_flop_ms = (before - after) / stage.saved[(gamma, hidden)]
+                stage.per_flop_ms = (before - after) / stage.saved[options[stage.name]]
 
     def _land_flops(self, stages: list[_Stage], exact: bool = False) -> nn.Module:
         target, original = self.goal.target_flops, self.pipeline.original_flops()

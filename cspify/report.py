@@ -47,7 +47,7 @@ class StageRow:
     blocks: int = 0
     gamma: float | None = None
     hidden: str = ""
-    time_before_ms: float | None = None  # objective latency: whole model, original / this stage alone converted
+    time_before_ms: float | None = None  # objective latency: whole model, without this stage / with it
     time_after_ms: float | None = None
 
     def to_dict(self) -> dict:
@@ -208,7 +208,7 @@ def build_report(before: Measurement, after: Measurement, record: Conversion | N
 
 
 def _times(row: StageRow) -> list[str]:
-    """The whole model's measured ms, original and with this stage alone converted (objective latency)."""
+    """The whole model's measured ms without this stage and with it (objective latency)."""
     if row.time_before_ms is None or row.time_after_ms is None:
         return ["-", "-", "-"]
     return [f"{row.time_before_ms:.2f}", f"{row.time_after_ms:.2f}", percent(row.time_before_ms, row.time_after_ms)]

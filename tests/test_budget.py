@@ -157,24 +157,29 @@ def test_knapsack_picks_the_least_cost_inside_the_window():
 
 
 class FakeTimer:
-    """The original takes 10 ms; each converted stage changes that by ``effect[stage]`` ms per
-    stage, scaled by its flops saved (deterministic: the selection logic is what is tested)."""
+    """The original takes 10 ms; each converted stage changes that by ``effect[stage]`` ms,
+    scaled by its bypass share where ``reference`` gives the share the effect is for
+    (deterministic and additive: the selection logic is what is tested). Both models given
+    are timed so; ``calls`` lists the stages converted in each pair."""
 
     def __init__(self, effect: dict[str, float], reference: dict[str, float] | None = None):
         self.effect, self.reference, self.calls, self.devices = effect, reference or {}, [], set()
 
-    def __call__(self, original, converted, inputs, search, device):
-        record = conversion_of(converted)
-        self.devices.add(device)
-        names = tuple(s.name for s in record.converted)
-        self.calls.append(names)
+    def ms(self, model) -> float:
+        record = conversion_of(model)
         ms = 10.0
-        for s in record.converted:
+        for s in record.converted if record else ():
             share = 1.0
-            if s.name in self.reference:  # the effect scales with the stage's bypass share
+            if s.name in self.reference:
                 share = s.bypass_channels / s.channels / self.reference[s.name]
             ms += self.effect[s.name] * share
-        return 10.0, ms
+        return ms
+
+    def __call__(self, first, second, inputs, search, device):
+        self.devices.add(device)
+        self.calls.append(tuple(tuple(s.name for s in (conversion_of(m).converted if conversion_of(m) else ()))
+                                for m in (first, second)))
+        return self.ms(first), self.ms(second)
 
 
 def test_objective_latency_converts_only_the_stages_that_pay(three, monkeypatch):
@@ -184,13 +189,31 @@ def test_objective_latency_converts_only_the_stages_that_pay(three, monkeypatch)
     record = conversion_of(csp)
     assert [s.name for s in record.converted] == ["stage1", "stage3"]
     stages = {s.name: s for s in record.stages}
-    assert (stages["stage1"].time_before_ms, stages["stage1"].time_after_ms) == (10.0, 9.0)
-    assert stages["stage2"].time_after_ms == 10.5 and "does not pay in time" in stages["stage2"].reason
-    assert timer.calls[:3] == [("stage1",), ("stage2",), ("stage3",)] and timer.devices == {"cpu"}
+    # each stage timed in the model with all three: without it, then with it (9.3 ms)
+    assert (stages["stage1"].time_before_ms, stages["stage1"].time_after_ms) == pytest.approx((10.3, 9.3))
+    assert stages["stage2"].time_before_ms == pytest.approx(8.8) and "does not pay in time" in stages["stage2"].reason
+    everything = ("stage1", "stage2", "stage3")
+    assert timer.calls[:3] == [(("stage2", "stage3"), everything), (("stage1", "stage3"), everything),
+                               (("stage1", "stage2"), everything)] and timer.devices == {"cpu"}
     assert record.objective == "latency" and any("2 of 3 stages pay" in n for n in record.notes)
     assert any("the chosen stages together: 8.80 ms" in n for n in record.notes)
     text = str(cspify.compare(three, csp, X))
-    assert "model ms" in text and "objective=latency" in text and "9.00" in text
+    assert "model ms" in text and "objective=latency" in text and "9.30" in text
+
+
+def test_objective_latency_times_each_stage_where_it_runs(three, monkeypatch):
+    """A stage that costs time alone but saves it beside the others (its cost shared): timed
+    in the model with the others converted, it pays."""
+
+    class Shared(FakeTimer):
+        def ms(self, model):  # a fixed 1 ms for converting anything, then 0.6 ms saved per stage
+            record = conversion_of(model)
+            n = len(record.converted) if record else 0
+            return 10.0 + (1.0 - 0.6 * n if n else 0.0)
+
+    monkeypatch.setattr("cspify.budget.time_models", Shared({}))
+    csp = cspify.convert(three, X, objective="latency", search=QUICK)
+    assert len(conversion_of(csp).converted) == 3
 
 
 def test_objective_latency_times_on_cuda_when_present(three, monkeypatch):
@@ -210,7 +233,7 @@ def test_objective_latency_refuses_when_no_stage_pays(three, monkeypatch):
     monkeypatch.setattr("cspify.budget.time_models", FakeTimer({"stage1": 0.0, "stage2": 1.0, "stage3": 2.0}))
     with pytest.raises(NoStageError, match="none of the 3 stages that convert makes the model faster on cpu") as error:
         cspify.convert(three, X, objective="latency", search=QUICK)
-    assert "stage2: 11.00 ms against 10.00 ms" in error.value.message
+    assert "stage2: 13.00 ms with it, 12.00 ms without" in error.value.message
 
 
 def test_target_flops_by_latency_cuts_where_time_is_bought(three, monkeypatch):
@@ -340,10 +363,10 @@ def test_bench_shows_the_stage_times_the_objective_measured(three, monkeypatch):
     monkeypatch.setattr("cspify.budget.time_models", FakeTimer({"stage1": -1.0, "stage2": -0.5, "stage3": 1.0}))
     csp = cspify.convert(three, X, objective="latency", search=QUICK)
     result = cspify.benchmark(three, csp, X, threads=1, min_run_time=0.01, rounds=1)
-    assert [(s.name, s.original_ms, s.converted_ms) for s in result.stages] == [
-        ("stage1", 10.0, 9.0), ("stage2", 10.0, 9.5), ("stage3", 10.0, 11.0)]
-    assert "per stage, as the latency objective timed it" in str(result) and "-10.0%" in str(result)
-    assert json.loads(json.dumps(result.to_dict()))["stages"][0]["saved"] == 0.1
+    assert [(s.name, s.without_ms, s.with_ms) for s in result.stages] == pytest.approx([
+        ("stage1", 10.5, 9.5), ("stage2", 10.0, 9.5), ("stage3", 8.5, 9.5)])
+    assert "per stage, as the latency objective timed it" in str(result)
+    assert json.loads(json.dumps(result.to_dict()))["stages"][0]["saved"] == pytest.approx(0.0952, abs=1e-4)
     assert "### Per stage" in result.to_markdown()
     plain = cspify.benchmark(three, cspify.convert(three, X), X, threads=1, min_run_time=0.01, rounds=1)
     assert plain.stages == [] and "per stage" not in str(plain)

@@ -75,9 +75,9 @@ _STAGES = (
 )
 _OBJECTIVE = (
     click.option("--objective", type=click.Choice(OBJECTIVES), default="flops", show_default=True,
-                 help="What chooses the stages: flops (fvcore's count), or latency (each stage timed alone on the "
-                      "target device, CUDA when present, else the CPU; converted only where the model then runs "
-                      "faster)."),
+                 help="What chooses the stages: flops (fvcore's count), or latency (each stage timed on the "
+                      "target device, CUDA when present, else the CPU, in the converted model with it and without "
+                      "it; converted only where the model runs faster with it)."),
     click.option("--target-flops", default=None, metavar="FRACTION",
                  help="Choose each stage's gamma and inner widths so the model keeps this fraction of the "
                       "original's flops (0.7: 30% fewer); with --objective latency, the cuts that buy the most time."),
