@@ -373,11 +373,16 @@ def test_bench_shows_the_stage_times_the_objective_measured(three, monkeypatch):
 
 
 def test_cli_bench_with_objective_latency_prints_the_stage_times(monkeypatch):
-    monkeypatch.setattr("cspify.budget.time_models", lambda m, c, i, s, d: (10.0, 9.0))
+    searches = []
+    monkeypatch.setattr("cspify.budget.time_models", lambda m, c, i, s, d: searches.append((s, d)) or (10.0, 9.0))
     result = cli("bench", "examples/resnet_like.py", "--input-shape", "1,3,32,32", "--objective", "latency",
-                 "--min-run-time", "0.01", "--rounds", "1", "--threads", "1", "--device", "cpu", "-q")
+                 "--batch-sizes", "2,4", "--min-run-time", "0.01", "--rounds", "1", "--threads", "1", "--device", "cpu",
+                 "-q")
     assert result.exit_code == 0, result.output
     assert "per stage, as the latency objective timed it" in result.output and "stages.1" in result.output
+    # the stages are timed as bench times the models: its threads, device, run time, rounds, first batch size
+    search, device = searches[0]
+    assert (search.batch_size, search.threads, search.min_run_time, search.rounds, device) == (2, 1, 0.01, 1, "cpu")
 
 
 def test_stages_a_budget_leaves_say_so(three):

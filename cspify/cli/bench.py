@@ -32,12 +32,15 @@ from cspify.export import Outputs
 def bench(sizes, threads, device, min_run_time, rounds, **options) -> None:
     with guard(options["debug"]):
         from cspify.bench import benchmark, resolve_devices
+        from cspify.budget import Search
 
         check_options(options)
         sizes = batch_sizes(sizes)
         devices = resolve_devices(device)
         progress = Progress(options["quiet"])
-        done = load_convert_measure(options, progress, measuring="counting flops")
+        # --objective latency times the stages as this command times the models (at the first batch size)
+        search = Search(batch_size=sizes[0], threads=threads, device=device, min_run_time=min_run_time, rounds=rounds)
+        done = load_convert_measure(options, progress, measuring="counting flops", search=search)
         with progress(f"timing both models on {' and '.join(devices)} at batch sizes {','.join(map(str, sizes))}"):
             result = benchmark(done.model, done.csp, done.inputs, sizes, threads, device,
                                min_run_time=min_run_time, rounds=rounds)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from cspify import api
-from cspify.budget import OBJECTIVES, Goal
+from cspify.budget import OBJECTIVES, Goal, Search
 from cspify.calibrate import calibrate
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
 from cspify.data import ImageData, open_data
@@ -220,14 +220,18 @@ def load_model_step(options: dict, progress: Progress) -> Loaded:
         return load_model(options["model"], shape, weights=weights)
 
 
-def load_convert_measure(options: dict, progress: Progress, measuring: str = "measuring both models") -> Converted:
-    """Load MODEL, convert it with the options, measure both: one progress line per step."""
+def load_convert_measure(options: dict, progress: Progress, measuring: str = "measuring both models",
+                         search: Search | None = None) -> Converted:
+    """Load MODEL, convert it with the options, measure both: one progress line per step.
+    ``search``: how a budget or the latency objective times stages (``bench`` times them as
+    it times the models)."""
     config, goal = config_from(options), goal_from(options)
     loaded = load_model_step(options, progress)
     with progress(_choosing(goal) if goal.active else "tracing and converting"):
         csp = api.convert(loaded.model, loaded.example_inputs, config=config, scope=options["scope"],
                           leaf_modules=options["leaves"], seed=options["seed"], objective=goal.objective,
-                          target_flops=goal.target_flops, target_latency=goal.target_latency)
+                          target_flops=goal.target_flops, target_latency=goal.target_latency,
+                          search=search if goal.active else None)
     with progress(measuring):
         report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
                              leaf_modules=options["leaves"])
