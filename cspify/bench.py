@@ -241,10 +241,13 @@ def _notes(rows: list[BenchRow]) -> list[str]:
     kernel = max((t.kernel_share for row in rows if row.device == "cpu" for t in (row.original, row.converted)),
                  default=0.0)  # on CUDA the host's page faults are not what is timed
     if kernel > KERNEL_SHARE_NOTE:
+        settled = all(os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
         notes.append(
-            f"{100 * kernel:.0f}% of the CPU time went to the kernel, mostly page faults on freshly mapped "
-            f"activations, so these timings measure the memory allocator as much as the models; rerun with "
-            f"{ALLOCATOR_HINT}")
+            f"{100 * kernel:.0f}% of the CPU time went to the kernel, mostly page faults"
+            + (" even with glibc's allocator settings, so these timings measure the system as much as the models; "
+               "try jemalloc or tcmalloc preloaded" if settled else
+               f" on freshly mapped activations, so these timings measure the memory allocator as much as the "
+               f"models; rerun with {ALLOCATOR_HINT}"))
     return notes
 
 

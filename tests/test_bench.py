@@ -38,8 +38,11 @@ def test_benchmark_times_both_models_at_each_batch_size(pair):
     assert json.loads(json.dumps(result.to_dict()))["rows"][1]["batch_size"] == 3
 
 
-def test_notes_flag_spread_and_kernel_time():
+def test_notes_flag_spread_and_kernel_time(monkeypatch):
     from cspify.bench import BenchRow, Timing, _notes
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
 
     steady = Timing(median_ms=100, iqr_ms=2, min_ms=98, runs=9, kernel_share=0.05)
     assert _notes([BenchRow(16, steady, steady)]) == []
@@ -50,6 +53,10 @@ def test_notes_flag_spread_and_kernel_time():
     (kernel,) = _notes([BenchRow(16, faulting, steady)])
     assert kernel.startswith("40% of the CPU time went to the kernel") and "MALLOC_TRIM_THRESHOLD_" in kernel
     assert _notes([BenchRow(16, faulting, steady, "cuda")]) == []
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
+    (kernel,) = _notes([BenchRow(16, faulting, steady)])  # the settings are on already: not "rerun with" them
+    assert "even with glibc's allocator settings" in kernel and "rerun with" not in kernel
 
 
 def test_auto_device_is_the_cpu_and_cuda_when_present(monkeypatch):
