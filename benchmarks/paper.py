@@ -1,5 +1,6 @@
 """cspify's conversion next to the CSPNet paper and timm's hand-designed CSP models, with
-measured CPU latency, written to BENCHMARKS.md in the repo root.
+measured CPU latency, written to BENCHMARKS.md in the repo root (its own two sections; the
+sections other scripts write there, as benchmarks/detectors.py's, are kept as they are).
 
     python benchmarks/paper.py                     # every model below, threads = torch's default
     python benchmarks/paper.py --threads 1 resnet50 resnext50_32x4d
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -146,7 +148,20 @@ def write(path, size_rows, latency_rows, spreads, kernel, threads, min_run_time)
                                         "of fastest", "flops ratio", "lat/flops"], tablefmt="github"),
         "",
     ]
-    Path(path).write_text("\n".join(header + body))
+    others = other_sections(path)
+    Path(path).write_text("\n".join(header + body) + ("\n" + "\n".join(others) if others else ""))
+
+
+OWN_SECTIONS = ("## Size:", "## Latency:")
+
+
+def other_sections(path) -> list[str]:
+    """The sections of the file at ``path`` that other scripts write (benchmarks/detectors.py's
+    "## Detectors"), kept as they are when this script rewrites its own."""
+    if not Path(path).exists():
+        return []
+    parts = re.split(r"(?m)^(?=## )", Path(path).read_text())
+    return [part.rstrip("\n") + "\n" for part in parts[1:] if not part.startswith(OWN_SECTIONS)]
 
 
 if __name__ == "__main__":
