@@ -87,7 +87,8 @@ def convert(
     ``config`` (a CSPConfig) replaces the six conversion options; giving both is refused.
 
     ``objective="latency"`` converts only the stages that make the model faster on the
-    target device (each timed alone); ``target_flops=0.7`` (or ``target_latency=0.8``)
+    target device (each timed in the converted model, with it and without it, then the
+    chosen ones together against the original); ``target_flops=0.7`` (or ``target_latency=0.8``)
     chooses each stage's gamma and inner widths so the model lands at that fraction of the
     original's flops (or measured time); ``search`` (a ``cspify.budget.Search``) says which
     options are searched and how stages are timed. See ``cspify.budget``.
@@ -140,7 +141,7 @@ def _convert_by_goal(model, example_inputs, config, goal, search, scope, leaf_mo
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)
     pipeline = _Pipeline(model, inputs, scope, leaf_modules, seed)
-    return budget.choose(model, inputs, config, goal, search, pipeline, scope)
+    return budget.choose(model, inputs, config, goal, search, pipeline, scope, leaf_modules)
 
 
 class _Pipeline:

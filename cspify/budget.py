@@ -11,6 +11,9 @@ target device (CUDA when present, else the CPU; ``Search.device``) where it will
 model with every such stage converted against the model with that one left whole, side by
 side (``cspify.benchmark``); a stage is converted only where the model runs faster with it.
 (Timed alone against the original, stages do not add up: ``benchmarks/stage_times.py``.)
+The stages that pay are then timed together against the original; where that model is not
+faster, the stage that saved least is left and the rest timed again, so the model returned
+is faster than the original where it was timed, or refused.
 The record keeps each stage's two times (``StageRecord.time_before_ms``: without it,
 ``time_after_ms``: with it).
 
@@ -38,6 +41,7 @@ what was measured and the choice made again (twice at most). The measured ratio 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -49,6 +53,7 @@ import torch.nn as nn
 from cspify import bench
 from cspify.config import HIDDEN, CSPConfig
 from cspify.errors import ConfigError, NoStageError
+from cspify.fuse import fuse_for_inference
 from cspify.record import Conversion, attach, conversion_of
 from cspify.report import Report
 
@@ -104,6 +109,8 @@ class Search:
     tolerance:      how far below a target the model may land (a fraction of the original).
     device:         "auto" (CUDA when present, else the CPU), "cpu" or "cuda".
     batch_size, threads, min_run_time, rounds: as ``cspify.benchmark`` takes them.
+    fold:           time both models with each norm folded into the conv before it, in eval
+                    mode (``cspify.fuse_for_inference``), as ``convert --inference`` saves them.
     """
 
     gammas: tuple[float, ...] = GAMMAS
@@ -114,6 +121,7 @@ class Search:
     threads: int | None = None
     min_run_time: float = 0.5
     rounds: int = 5
+    fold: bool = False
 
     def __post_init__(self) -> None:
         gammas = tuple(self.gammas) if not isinstance(self.gammas, (int, float, str)) else (self.gammas,)
@@ -199,23 +207,25 @@ class _Stage:
 
 
 def choose(model: nn.Module, inputs: tuple, config: CSPConfig, goal: Goal, search: Search, pipeline: Pipeline,
-           scope: str | None = None) -> nn.Module:
+           scope: str | None = None, leaf_modules: tuple[str, ...] = ()) -> nn.Module:
     """The model converted with the stages and options ``goal`` chooses, its record saying
-    what was measured and chosen; ``pipeline`` is the api's."""
+    what was measured and chosen; ``pipeline`` is the api's; ``leaf_modules``, as convert's,
+    for tracing the original where ``search.fold`` folds it."""
     if config.per_stage:
         raise ConfigError("a budget or objective chooses every stage's options, so it cannot take stage_gammas or "
                           "stage_hidden too.", "leave them out, or convert with them and no objective")
     device = target_device(search) if goal.timed else None
-    walk = _Walk(model, inputs, config, goal, search, pipeline, scope, device)
+    walk = _Walk(model, inputs, config, goal, search, pipeline, scope, device, leaf_modules)
     if goal.target_flops is None and goal.target_latency is None:
         return walk.paying_stages()
     return walk.budget()
 
 
 class _Walk:
-    def __init__(self, model, inputs, config, goal, search, pipeline: Pipeline, scope, device) -> None:
+    def __init__(self, model, inputs, config, goal, search, pipeline: Pipeline, scope, device, leaf_modules) -> None:
         self.model, self.inputs, self.config, self.goal, self.search = model, inputs, config, goal, search
         self.pipeline, self.convert, self.scope, self.device = pipeline, pipeline.convert, scope, device
+        self.leaf_modules = leaf_modules
         self.times: dict[str, tuple[float, float]] = {}   # stage -> (ms without it, ms with it), the others converted
         self.left: dict[str, str] = {}                    # stage -> why the objective left it
         self.searched: set[str] = set()                   # the stages a budget could cut
@@ -227,16 +237,17 @@ class _Walk:
         everything = self.convert(self.config)
         candidates = [s.name for s in conversion_of(everything, self.scope).converted]
         paying = self._in_context(candidates, self.config, everything)
+        self.notes.append(f"objective latency: {len(paying)} of {len(candidates)} stages pay in time on "
+                          f"{self.device} (batch {self.search.batch_size}, each stage timed in the converted model, "
+                          "with it and without it)")
+        paying, gm = self._together(paying)
         if not paying:
             raise NoStageError(
                 f"none of the {len(candidates)} stages that convert makes the model faster on {self.device} "
                 f"({self._times_text(candidates)}).",
                 "convert by flops (the default objective), or try other options or another device",
             )
-        self.notes.append(f"objective latency: {len(paying)} of {len(candidates)} stages pay in time on "
-                          f"{self.device} (batch {self.search.batch_size}, each stage timed in the converted model, "
-                          "with it and without it)")
-        return self._reattach(self._final(replace(self.config, stages=tuple(paying)), timed_total=True))
+        return self._reattach(gm)
 
     def _in_context(self, names: list[str], config: CSPConfig, everything: nn.Module) -> list[str]:
         """The stages of ``names`` that pay in time where they run: ``everything`` (every one
@@ -247,7 +258,7 @@ class _Walk:
         for name in names:
             others = tuple(n for n in names if n != name)
             without = self.convert(replace(config, stages=others)) if others else self.model
-            before, after = time_models(without, everything, self.inputs, self.search, self.device)
+            before, after = self._time(without, everything)
             self.times[name] = (before, after)
             if after < before:
                 paying.append(name)
@@ -255,6 +266,34 @@ class _Walk:
                 self.left[name] = (f"the converted model ran {after:.2f} ms with it and {before:.2f} ms without it on "
                                    f"{self.device}: it does not pay in time (objective latency)")
         return paying
+
+    def _together(self, paying: list[str]) -> tuple[list[str], nn.Module | None]:
+        """The stages of ``paying`` the model runs faster with than the original, all converted
+        together, and that model: each paid where it was timed, but where the model with all
+        of them is not faster than the original, the one that saved least is left and the
+        others timed again."""
+        paying = list(paying)
+        while paying:
+            gm = self.convert(replace(self.config, stages=tuple(paying)))
+            before, after = self._time(self.model, gm)
+            self.notes.append(f"the chosen stages together: {after:.2f} ms against {before:.2f} ms "
+                              f"({after / before:.3f}) on {self.device}")
+            if after < before:
+                return paying, gm
+            least = min(paying, key=lambda name: self.times[name][0] - self.times[name][1])
+            self.left[least] = (f"with it and the other chosen stages the model ran {after:.2f} ms against the "
+                                f"original's {before:.2f} ms on {self.device}; it saved least of them, so it was "
+                                "left (objective latency)")
+            paying.remove(least)
+        return [], None
+
+    def _time(self, first: nn.Module, second: nn.Module) -> tuple[float, float]:
+        """Median ms of both models side by side, each folded for inference first where
+        ``search.fold`` says so."""
+        if self.search.fold:
+            first, second = (fuse_for_inference(copy.deepcopy(m).eval(), self.inputs, leaf_modules=self.leaf_modules)
+                             for m in (first, second))
+        return time_models(first, second, self.inputs, self.search, self.device)
 
     def _times_text(self, names: Iterable[str]) -> str:
         return "; ".join(f"{n}: {self.times[n][1]:.2f} ms with it, {self.times[n][0]:.2f} ms without" for n in names)
@@ -339,7 +378,7 @@ class _Walk:
                 f"{1 - deepest / original:.3f} of the original's flops.",
                 f"ask for {math.ceil(1000 * (1 - deepest / original)) / 1000:g} or more, or search larger gammas",
             )
-        gm = self._final(self._config_of(picked))
+        gm = self.convert(self._config_of(picked))
         achieved = self.pipeline.report(gm).converted.flops / original
         predicted = 1 - sum(s.saved[picked[s.name]] for s in stages if s.name in picked) / original
         if not exact and abs(achieved - predicted) > self.search.tolerance / 4:
@@ -379,8 +418,8 @@ class _Walk:
                     f"{self.device}.",
                     f"ask for {math.ceil(100 * (1 - best / original_ms)) / 100:g} or more, or use target_flops",
                 )
-            gm = self._final(self._config_of(picked))
-            before, after = time_models(self.model, gm, self.inputs, self.search, self.device)
+            gm = self.convert(self._config_of(picked))
+            before, after = self._time(self.model, gm)
             predicted = sum(s.per_flop_ms * s.saved[picked[s.name]] for s in stages if s.name in picked)
             self.notes.append(f"target latency {target:g}, choice {attempt + 1}: {len(picked)} stages cut, the model "
                               f"runs {after:.2f} ms against {before:.2f} ms ({after / before:.3f}) on {self.device}")
@@ -393,20 +432,12 @@ class _Walk:
                               "quiet machine, or with more rounds and a longer min_run_time (cspify.Search)")
         return self._reattach(gm)
 
-    # -- the final conversion and its record
+    # -- the chosen options, and the record
 
     def _config_of(self, picked: dict[str, tuple[float, str]]) -> CSPConfig:
         return replace(self.config, stages=tuple(picked),
                        stage_gammas=tuple((name, g) for name, (g, _) in picked.items()),
                        stage_hidden=tuple((name, h) for name, (_, h) in picked.items()))
-
-    def _final(self, config: CSPConfig, timed_total: bool = False) -> nn.Module:
-        gm = self.convert(config)
-        if timed_total and len(config.stages) > 1:
-            before, after = time_models(self.model, gm, self.inputs, self.search, self.device)
-            self.notes.append(f"the chosen stages together: {after:.2f} ms against {before:.2f} ms "
-                              f"({after / before:.3f}) on {self.device}")
-        return gm
 
     def _reattach(self, gm: nn.Module) -> nn.Module:
         """Leave the record with the objective, the times and why stages were left."""

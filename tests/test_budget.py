@@ -5,6 +5,7 @@ a flops budget landing on its target, objective latency and target latency with 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -216,6 +217,31 @@ def test_objective_latency_times_each_stage_where_it_runs(three, monkeypatch):
     assert len(conversion_of(csp).converted) == 3
 
 
+def test_objective_latency_leaves_stages_until_the_model_is_faster_than_the_original(three, monkeypatch):
+    """Each stage pays beside the others, but all three together are slower than the
+    original: the stage that saved least is left, then the next, until the model is faster."""
+
+    class Table(FakeTimer):
+        TIMES = {(): 10.0, ("stage1", "stage2", "stage3"): 10.2, ("stage2", "stage3"): 10.5,
+                 ("stage1", "stage3"): 10.3, ("stage1", "stage2"): 10.25, ("stage1",): 9.7}
+
+        def ms(self, model):
+            record = conversion_of(model)
+            return self.TIMES[tuple(s.name for s in record.converted) if record else ()]
+
+    monkeypatch.setattr("cspify.budget.time_models", Table({}))
+    record = conversion_of(cspify.convert(three, X, objective="latency", search=QUICK))
+    assert [s.name for s in record.converted] == ["stage1"]
+    stages = {s.name: s for s in record.stages}
+    for name, ms in (("stage3", "10.20"), ("stage2", "10.25")):
+        assert f"the model ran {ms} ms against the original's 10.00 ms" in stages[name].reason
+        assert "saved least" in stages[name].reason
+    assert [n for n in record.notes if "together" in n][-1] == "the chosen stages together: 9.70 ms against 10.00 ms (0.970) on cpu"
+    Table.TIMES[("stage1",)] = 10.1  # and where no subset is faster, it refuses
+    with pytest.raises(NoStageError, match="none of the 3 stages that convert makes the model faster"):
+        cspify.convert(three, X, objective="latency", search=QUICK)
+
+
 def test_objective_latency_times_on_cuda_when_present(three, monkeypatch):
     timer = FakeTimer({"stage1": -1.0, "stage2": -1.0, "stage3": -1.0})
     monkeypatch.setattr("cspify.budget.time_models", timer)
@@ -370,6 +396,37 @@ def test_bench_shows_the_stage_times_the_objective_measured(three, monkeypatch):
     assert "### Per stage" in result.to_markdown()
     plain = cspify.benchmark(three, cspify.convert(three, X), X, threads=1, min_run_time=0.01, rounds=1)
     assert plain.stages == [] and "per stage" not in str(plain)
+
+
+def test_objective_latency_times_folded_models_where_asked(three, monkeypatch):
+    """Search(fold=True): both models of every pair timed with their norms folded into the
+    convs (as --inference saves them), the converted ones still carrying their record."""
+    timer = FakeTimer({"stage1": -1.0, "stage2": -0.5, "stage3": -0.2})
+    timed = []
+
+    def folded_only(first, second, inputs, search, device):
+        timed.extend((first, second))
+        return timer(first, second, inputs, search, device)
+
+    monkeypatch.setattr("cspify.budget.time_models", folded_only)
+    csp = cspify.convert(three.train(), X, objective="latency", search=replace(QUICK, fold=True))
+    three.eval()
+    assert len(conversion_of(csp).converted) == 3 and csp.training  # the model returned is not folded
+    assert timed and not any(isinstance(m, nn.BatchNorm2d) for model in timed for m in model.modules())
+    assert not any(model.training for model in timed)
+
+
+def test_cli_convert_inference_times_stages_folded(tmp_path, monkeypatch):
+    searches = []
+    monkeypatch.setattr("cspify.budget.time_models", lambda m, c, i, s, d: searches.append(s) or (10.0, 9.0))
+    result = cli("convert", "examples/resnet_like.py", "--input-shape", "1,3,32,32", "--objective", "latency",
+                 "--inference", "-o", tmp_path / "csp.pt", "-q")
+    assert result.exit_code == 0, result.output
+    assert searches and all(s.fold for s in searches)
+    searches.clear()
+    assert cli("analyze", "examples/resnet_like.py", "--input-shape", "1,3,32,32", "--objective", "latency",
+               "-q").exit_code == 0
+    assert searches and not any(s.fold for s in searches)
 
 
 def test_cli_bench_with_objective_latency_prints_the_stage_times(monkeypatch):

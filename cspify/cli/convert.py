@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 import torch
 
+from cspify.budget import Search
 from cspify.cli.common import (
     MODEL_HELP,
     Progress,
@@ -32,7 +33,7 @@ from cspify.fuse import fold_norms
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="PATH", help="Export the converted model to ONNX (torch.onnx.export with the example inputs).")
 @plot_option("Draw per-stage flops and memory traffic, before and after, as a PNG.")
 @click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it.")
-@click.option("--inference", is_flag=True, help="Save and export the converted model for inference: in eval mode, each norm that follows a conv folded into it (checked against the unfused model on the example inputs; after --calibrate).")
+@click.option("--inference", is_flag=True, help="Save and export the converted model for inference: in eval mode, each norm that follows a conv folded into it (checked against the unfused model on the example inputs; after --calibrate). With --objective latency or --target-latency, stages are timed folded too.")
 def convert(output, export_dir, onnx_path, calibrate_path, inference, **options) -> None:
     with guard(options["debug"]):
         _convert(options, output, export_dir, onnx_path, calibrate_path, inference)
@@ -49,7 +50,7 @@ def _convert(options: dict, output: str | None = None, export_dir: str | None = 
              onnx_path: str | None = None, calibrate_path: str | None = None, inference: bool = False) -> None:
     check_options(options, output, export_dir, onnx_path)
     progress = Progress(options["quiet"])
-    done = load_convert_measure(options, progress)
+    done = load_convert_measure(options, progress, search=Search(fold=True) if inference else None)
     if calibrate_path:
         calibrate_data(calibrate_path, done.model, done.csp, options["model"], progress)
     csp, folded = done.csp, None
