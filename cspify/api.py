@@ -63,6 +63,7 @@ def convert(
     stages: Iterable[str] | None = None,
     allow_costlier: bool = False,
     kinds: Iterable[str] | str | None = None,
+    round_to: int = 1,
     scope: str | None = None,
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
@@ -83,8 +84,10 @@ def convert(
     converted unless ``stages`` names a subset, or its conversion
     would cost more multiply-adds than it saves (``allow_costlier=True`` converts those too). Outputs keep their
     shapes and dtypes. ``cspify.record.conversion_of(gm)`` says what was done.
+    ``round_to=8`` (or 16) rounds every width the conversion narrows to a multiple of that
+    many channels, as fast kernels want them (``CSPConfig.round_to``).
 
-    ``config`` (a CSPConfig) replaces the six conversion options; giving both is refused.
+    ``config`` (a CSPConfig) replaces the seven conversion options; giving both is refused.
 
     ``objective="latency"`` converts only the stages that make the model faster on the
     target device (each timed in the converted model, with it and without it, then the
@@ -93,7 +96,7 @@ def convert(
     original's flops (or measured time); ``search`` (a ``cspify.budget.Search``) says which
     options are searched and how stages are timed. See ``cspify.budget``.
     """
-    config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds)
+    config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to)
     goal = budget.Goal(objective, target_flops, target_latency)
     if goal.active or search is not None:
         return _convert_by_goal(model, example_inputs, config, goal, search or budget.Search(), scope,
@@ -192,7 +195,10 @@ class _Pipeline:
 
 def _refuse_if_none(model: nn.Module, plans: list[StagePlan]) -> None:
     if not any(plan.converted for plan in plans):
-        reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans)
+        stages_by_reason: dict[str, list[str]] = {}
+        for plan in plans:
+            stages_by_reason.setdefault(plan.reason, []).append(plan.name)
+        reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in stages_by_reason.items())
         hints = ["try another gamma, or allow_costlier (--allow-costlier) where a stage costs more than it saves"]
         if any(plan.stage.cross_stage for plan in plans):
             hints.insert(0, "blocks that are cross stage partial already convert only when named: --stage (stages=) "
@@ -365,14 +371,16 @@ def _output_shapes(gm: fx.GraphModule) -> list:
     return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in _output_node(gm).all_input_nodes]
 
 
-def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds) -> CSPConfig:
+def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to) -> CSPConfig:
     """One validated CSPConfig from either the record or the separate options, never both."""
-    separate = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier, kinds)
+    separate = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier, kinds,
+                         round_to=round_to)
     if config is None:
         return separate
     if separate != CSPConfig():
         raise ConfigError(
-            "convert() got both config= and separate conversion options (gamma, fusion, hidden, stages, allow_costlier, kinds).",
+            "convert() got both config= and separate conversion options (gamma, fusion, hidden, stages, allow_costlier, "
+            "kinds, round_to).",
             "put every option in the CSPConfig, or pass them separately without config=",
         )
     return config

@@ -14,9 +14,10 @@ stage cannot be converted raises ``_Skip`` with the reason the report shows.
 Widths are rounded by one rule, half up: the bypass takes ``floor(gamma * C + 0.5)`` of
 the stream's C channels (7 channels at gamma 0.5: a bypass of 4; 13: a bypass of 7), and
 with ``hidden="scale"`` an inner width W becomes ``floor((1 - gamma) * W + 0.5)``
-(``half_up``). Where the stream's layers need a multiple of their groups, the through part
-``C - bypass`` then goes to the nearest such multiple, the smaller one on a tie (so the
-bypass gets the extra channels, as the half-up rule gives them), with a note.
+(``half_up``). Where the stream's layers need a multiple of their groups, or
+``round_to`` asks for one, the through part ``C - bypass`` then goes to the nearest such
+multiple, the smaller one on a tie (so the bypass gets the extra channels, as the half-up
+rule gives them), with a note; scaled inner widths the same way.
 
 The through part is the *last* ``C - bypass`` channels of the base output, along the axis
 the stream's layers read as channels (``Stage.channel_axis``), so narrowed layers keep the
@@ -116,16 +117,16 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
     through_output = stage.transition[-1] if fusion_last and stage.transition else stage.output
     a = analyse(traced, partial, stage.base, stage.channel_axis)
 
-    bypass, through = _split(a, stage, config.gamma, notes)
+    bypass, through = _split(a, stage, config, notes)
     stream = a.spaces.find(a.info[stage.base].space)
     through_index = tuple(range(bypass, stage.channels))  # the last channels, unless a split needs them spread
     while True:
         keeps = {stream: through_index}
         if fusion_last and stage.transition:
             keeps.update(_transition_keep(a, stage, bypass))
-        scaled = _scale_inner(a, stage.inner, config.gamma, keeps)  # the stage's own widths
+        scaled = _scale_inner(a, stage.inner, config, keeps)  # the stage's own widths
         if config.hidden == "scale":
-            scaled += _scale_inner(a, partial, config.gamma, keeps)
+            scaled += _scale_inner(a, partial, config, keeps)
         resolve = _Resolver(a, keeps)
         try:
             narrowings = _narrowings(a, partial, resolve)
@@ -199,23 +200,29 @@ def _spread(a: Analysis, stream: int, split, through: int) -> tuple[int, ...] | 
 # Widths
 
 
-def _split(a: Analysis, stage: Stage, gamma: float, notes: list[str]) -> tuple[int, int]:
+def _split(a: Analysis, stage: Stage, config: CSPConfig, notes: list[str]) -> tuple[int, int]:
     """(bypass, through) channels of the base output, the through part rounded to the
-    groups the stream's layers need (with a note where it was rounded)."""
+    groups the stream's layers need and to ``config.round_to`` (with a note where it was
+    rounded)."""
     stream = a.spaces[a.info[stage.base].space]
-    channels = stage.channels
+    channels, gamma = stage.channels, config.gamma
     if stream.grouped:
         raise _Skip(
             f"grouped conv '{stream.grouped}' reads or writes its stream, and a contiguous "
             "through part would mix its groups"
         )
     wanted = channels - half_up(gamma * channels)
-    through = round_to(wanted, stream.blocks, 1, channels - 1)
-    if wanted < 1 or wanted > channels - 1 or through == 0:
-        part = "through" if wanted < 1 else "bypass"
-        raise _Skip(f"gamma {gamma} leaves the {part} part of its {channels} channels empty")
+    if wanted < 1 or wanted > channels - 1:
+        raise _Skip(f"gamma {gamma} leaves the {'through' if wanted < 1 else 'bypass'} part of its {channels} "
+                    "channels empty")
+    multiple = math.lcm(stream.blocks, config.round_to)
+    through = round_to(wanted, multiple, 1, channels - 1)
+    if through == 0:
+        why = "round_to and its layers' groups" if config.round_to > 1 else "its layers' groups"
+        raise _Skip(f"no through part of 1 to {channels - 1} of its {channels} channels is a multiple of {multiple} "
+                    f"({why})")
     if through != wanted:
-        notes.append(f"through part rounded from {wanted} to {through} channels (multiple of {stream.blocks})")
+        notes.append(f"through part rounded from {wanted} to {through} channels (multiple of {multiple})")
     return channels - through, through
 
 
@@ -231,10 +238,11 @@ def _transition_keep(a: Analysis, stage: Stage, bypass: int) -> dict[int, tuple[
     return {root: tuple(range(bypass, space.width))}
 
 
-def _scale_inner(a: Analysis, region, gamma: float, keeps: dict[int, tuple[int, ...]]) -> list[str]:
+def _scale_inner(a: Analysis, region, config: CSPConfig, keeps: dict[int, tuple[int, ...]]) -> list[str]:
     """Narrow every width the region's convs and linears write by ``1 - gamma`` (adds to
     ``keeps``): a plain or aggregation stage's ``inner`` layers always, every layer of the
-    partial stage with hidden='scale'. Returns a note for each width rounded to its groups."""
+    partial stage with hidden='scale'. Returns a note for each width rounded to its groups
+    or to ``config.round_to``."""
     spaces, notes = a.spaces, []
     for name in region:
         node = a.traced.nodes[name]
@@ -245,12 +253,13 @@ def _scale_inner(a: Analysis, region, gamma: float, keeps: dict[int, tuple[int, 
         space = spaces[root]
         if root in keeps or space.frozen or space.segments is not None:
             continue
-        wanted = half_up((1 - gamma) * space.width)
-        width = round_to(wanted, space.blocks, 1, space.width)
+        wanted = half_up((1 - config.gamma) * space.width)
+        multiple = math.lcm(space.blocks, config.round_to)
+        width = round_to(wanted, multiple, 1, space.width)
         if width == 0 or width == space.width:
             continue
         if width != wanted:
-            notes.append(f"inner width of '{name}' rounded from {wanted} to {width} (multiple of {space.blocks})")
+            notes.append(f"inner width of '{name}' rounded from {wanted} to {width} (multiple of {multiple})")
         keeps[root] = per_block_keep(space.width, width, space.blocks)
     return notes
 

@@ -72,6 +72,8 @@ class Conversion:
         config = self.config
         options = {"gamma": "per stage" if config.stage_gammas else config.gamma, "fusion": config.fusion,
                    "hidden": "per stage" if config.stage_hidden else config.hidden}
+        if config.round_to > 1:
+            options["round_to"] = config.round_to
         if self.objective != "flops":
             options["objective"] = self.objective
         options.update((f"target_{what}", value) for what, value in self.targets)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import cspify
 from cspify.errors import ConfigError, NoStageError
 from cspify.record import conversion_of
-from tiny_models import TinyResNet, seeded
+from tiny_models import TinyResNet, cbr, seeded
 from test_cli import PLAIN, RESNET, SMALL, TINY_RES, check_error, cli, listing, models, run_error, work  # noqa: F401
 
 HEADER = "import torch\nimport torch.nn as nn\n"
@@ -228,6 +228,25 @@ def test_api_no_residual_or_dense_stage():
     with pytest.raises(NoStageError, match="no residual, dense, aggregation or plain stage") as info:
         cspify.convert(model, X)
     assert "analyze" in info.value.hint
+
+
+class SharedTower(nn.Module):
+    """One conv chain called at two levels, as a detector head's tower is."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = nn.Sequential(*[cbr(16, 16, 3) for _ in range(3)])
+
+    def forward(self, a, b):
+        return self.tower(a), self.tower(b)
+
+
+def test_stages_refused_for_one_reason_are_named_together():
+    with pytest.raises(NoStageError) as info:
+        cspify.convert(seeded(SharedTower), (torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4)))
+    assert info.value.message.startswith("none of the 2 stages found in SharedTower can be converted (stage1, stage2: "
+                                         "'tower.0.0' is used 2 times")
+    assert info.value.message.count("is used 2 times") == 1
 
 
 def test_converting_a_converted_model_again_works():

@@ -323,6 +323,18 @@ def test_gamma_and_options_reach_the_report(work):
     assert "gamma=0.25" in result.stdout and "hidden=scale" in result.stdout
 
 
+def test_round_to_reaches_the_plan_and_the_report(work):
+    """gamma 0.375 of 64 channels asks for a through part of 40: 32 as a multiple of 16."""
+    result = cli("convert", RESNET, *SMALL, "--gamma", "0.375", "--hidden", "scale", "--round-to", "16", "--json", "r.json",
+                 "-q")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    data = json.loads((work / "r.json").read_text())
+    assert [r["bypass_channels"] for r in data["stages"] if r["kind"] == "residual"] == [32, 48, 96]
+    assert "round_to=16" in result.stdout and "rounded from 40 to 32 channels (multiple of 16)" in result.stdout
+    bad = cli("analyze", RESNET, *SMALL, "--round-to", "0")
+    assert bad.exit_code == 2 and "round_to must be a positive whole number" in bad.stderr and "hint:" in bad.stderr
+
+
 def test_force_overwrites_an_existing_output(work):
     (work / "out.pt").write_bytes(b"old content")
     result = cli("convert", RESNET, *SMALL, "-o", "out.pt", "--force", "-q")

@@ -8,6 +8,7 @@ import torch
 
 from cspify import rules
 from cspify.config import CSPConfig
+from cspify.errors import ConfigError
 import torch.nn as nn
 
 from cspify.plan import half_up, per_block_keep, plan_stage, round_to
@@ -107,6 +108,36 @@ def test_one_rounding_rule_half_up():
 def test_hidden_scale_rounds_inner_widths_half_up():
     plan = plans_of(seeded(TinyResNet, c=7), hidden="scale")["layer1"]  # (1 - 0.5) * 7 = 3.5 -> 4
     assert len(plan.narrowing("layer1_0_reduce_0").out_keep) == 4
+
+
+def test_round_to_rounds_the_through_part_and_scaled_inner_widths_to_its_multiple():
+    """24 channels at gamma 0.5: through 12, inner widths 12. round_to 8: 12 lies as near 8
+    as 16, and a tie goes to the smaller (the bypass gets the extra channels, as half up
+    gives them), so 8, each with a note; layer2 (48 channels, through 24) is a multiple
+    already. At gamma 0.375 the through part of 15 goes to 16."""
+    plan = plans_of(seeded(TinyResNet, c=24), hidden="scale", round_to=8)
+    layer1, layer2 = plan["layer1"], plan["layer2"]
+    assert (layer1.bypass_channels, layer1.through_channels) == (16, 8)
+    assert "through part rounded from 12 to 8 channels (multiple of 8)" in layer1.notes
+    assert len(layer1.narrowing("layer1_0_reduce_0").out_keep) == 8
+    assert "inner width of 'layer1_0_reduce_0' rounded from 12 to 8 (multiple of 8)" in layer1.notes
+    assert (layer2.bypass_channels, layer2.through_channels) == (24, 24)
+    assert not any("rounded" in note and "through" in note for note in layer2.notes)
+    plan = plans_of(seeded(TinyResNet, c=24), gamma=0.375, round_to=8)["layer1"]  # through 15 -> 16
+    assert (plan.bypass_channels, plan.through_channels) == (8, 16)
+
+
+def test_round_to_that_leaves_no_through_part_is_refused_with_why():
+    plan = plans_of(seeded(TinyResNet, c=12), round_to=16)["layer1"]
+    assert not plan.converted
+    assert plan.reason == "no through part of 1 to 11 of its 12 channels is a multiple of 16 (round_to and its layers' groups)"
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.5, "eight", None])
+def test_bad_round_to_is_refused(value):
+    with pytest.raises(ConfigError, match="round_to must be a positive whole number of channels"):
+        CSPConfig(round_to=value)
+    assert CSPConfig(round_to="16").round_to == 16
 
 
 def test_a_stage_whose_channel_axis_is_not_clear_is_refused_with_why():

@@ -91,6 +91,9 @@ _POINT = (
                  help="Transition then concat (last) or concat then transition (first)."),
     click.option("--hidden", type=click.Choice(HIDDEN), default="keep", show_default=True,
                  help="Keep the blocks' inner widths, or scale them by 1 - gamma."),
+    click.option("--round-to", default="1", show_default=True, metavar="N",
+                 help="Round every narrowed width to a multiple of N channels (8 or 16 keeps CPU and GPU kernels "
+                      "on their fast paths)."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seed of the new layers' initialisation (same seed, same model)."),
 )
@@ -118,7 +121,7 @@ def objective_options(fn):
 
 
 def point_options(fn):
-    """One conversion's choices: --gamma, --fusion, --hidden, --seed."""
+    """One conversion's choices: --gamma, --fusion, --hidden, --round-to, --seed."""
     return _apply(fn, _POINT)
 
 
@@ -148,7 +151,7 @@ def conversion_options(fn):
 def config_from(options: dict) -> CSPConfig:
     """The conversion options as one validated record."""
     return CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
-                     options["allow_costlier"], options["kinds"])
+                     options["allow_costlier"], options["kinds"], round_to=options["round_to"])
 
 
 def goal_from(options: dict) -> Goal:
