@@ -54,6 +54,7 @@ from cspify import bench
 from cspify.config import HIDDEN, CSPConfig
 from cspify.errors import ConfigError, NoStageError
 from cspify.fuse import fuse_for_inference
+from cspify.plan import NOT_SELECTED
 from cspify.record import Conversion, attach, conversion_of
 from cspify.report import Report
 
@@ -230,12 +231,15 @@ class _Walk:
         self.left: dict[str, str] = {}                    # stage -> why the objective left it
         self.searched: set[str] = set()                   # the stages a budget could cut
         self.notes: list[str] = []
+        self.reasons: dict[str, str] | None = None       # stage -> why it converts at no option given
 
     # -- objective latency: the stages that pay at the given options
 
     def paying_stages(self) -> nn.Module:
         everything = self.convert(self.config)
-        candidates = [s.name for s in conversion_of(everything, self.scope).converted]
+        record = conversion_of(everything, self.scope)
+        candidates = [s.name for s in record.converted]
+        self.reasons = {s.name: s.reason for s in record.stages if not s.converted}
         paying = self._in_context(candidates, self.config, everything)
         self.notes.append(f"objective latency: {len(paying)} of {len(candidates)} stages pay in time on "
                           f"{self.device} (batch {self.search.batch_size}, each stage timed in the converted model, "
@@ -294,6 +298,20 @@ class _Walk:
             first, second = (fuse_for_inference(copy.deepcopy(m).eval(), self.inputs, leaf_modules=self.leaf_modules)
                              for m in (first, second))
         return time_models(first, second, self.inputs, self.search, self.device)
+
+    def _why_not(self) -> dict[str, str]:
+        """Why each stage that converts at no option chosen does not convert with the options
+        given (every stage the user's filter selects, converted at once)."""
+        if self.reasons is None:
+            try:
+                record = conversion_of(self.convert(self.config), self.scope)
+            except NoStageError:
+                return {}
+            at = f"gamma {self.config.gamma:g}, hidden {self.config.hidden}"
+            self.reasons = {s.name: s.reason if s.reason == NOT_SELECTED else
+                            f"it saves flops at no option searched (at {at}: {s.reason})"
+                            for s in record.stages if not s.converted}
+        return self.reasons
 
     def _times_text(self, names: Iterable[str]) -> str:
         return "; ".join(f"{n}: {self.times[n][1]:.2f} ms with it, {self.times[n][0]:.2f} ms without" for n in names)
@@ -452,6 +470,8 @@ class _Walk:
             elif not s.converted and s.name in self.searched:
                 s = replace(s, reason="the budget left it whole: the cuts chosen for the other stages land on the "
                                       "target")
+            elif not s.converted and s.reason == NOT_SELECTED:  # the choice's filter: say why it was not chosen
+                s = replace(s, reason=self._why_not().get(s.name, s.reason))
             stages.append(s)
         attach(part, replace(record, stages=tuple(stages), objective=self.goal.objective,
                              targets=self.goal.targets, notes=tuple(self.notes)))

@@ -61,6 +61,9 @@ def per_block_keep(width: int, keep: int, blocks: int) -> tuple[int, ...]:
     return tuple(b * size + i for b in range(blocks) for i in range(per))
 
 
+NOT_SELECTED = "not selected by the stage filter"  # the reason of a stage the filter leaves
+
+
 def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
     """Decide every width of one stage's CSP version, with the options ``config`` gives this
     stage (``CSPConfig.for_stage``); unconvertible stages say why (with the notes planning
@@ -69,7 +72,7 @@ def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
     notes: list[str] = []
     try:
         if config.stages is not None and stage.name not in config.stages:
-            raise _Skip("not selected by the stage filter")
+            raise _Skip(NOT_SELECTED)
         if stage.cross_stage and config.stages is None:
             raise _Skip(f"{stage.cross_stage}; name it with --stage to nest a second CSP in it")
         return _plan(traced, stage, config, notes)

@@ -119,6 +119,7 @@ def sweep(
     scope: str | None = None,
     leaf_modules: Iterable[str] = (),
     kinds: Iterable[str] | str | None = None,
+    round_to: int = 1,
     latency: bool = False,
     batch_sizes: Iterable[int] = (1,),
     threads: int | None = None,
@@ -133,7 +134,7 @@ def sweep(
             raise ConfigError("a sweep times on one device, got 'auto'.", "pass device='cpu' or device='cuda'")
         resolve_devices(device)
     configs = [
-        CSPConfig(g, f, h, tuple(stages) if stages else None, allow_costlier, kinds)
+        CSPConfig(g, f, h, tuple(stages) if stages else None, allow_costlier, kinds, round_to=round_to)
         for g, f, h in itertools.product(gammas, fusions, hiddens)
     ]
     inputs = as_inputs(example_inputs)

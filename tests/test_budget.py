@@ -442,6 +442,32 @@ def test_cli_bench_with_objective_latency_prints_the_stage_times(monkeypatch):
     assert (search.batch_size, search.threads, search.min_run_time, search.rounds, device) == (2, 1, 0.01, 1, "cpu")
 
 
+class _GroupedBlock(nn.Module):
+    """x + f(x) where a grouped conv reads the stream: a stage no gamma converts."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=4), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x))
+
+
+def test_stages_no_option_converts_keep_their_own_reason(three, monkeypatch):
+    """A stage the choice never picks says why it converts at no option, not that a filter
+    left it: under a budget, and under objective latency."""
+    model = seeded(nn.Sequential, cbr(3, 16, 3), *[_GroupedBlock(16) for _ in range(3)], cbr(16, 32, 3, stride=2),
+                   *[_Block(32) for _ in range(3)])
+    record = conversion_of(cspify.convert(model, X, target_flops=0.9, search=QUICK))
+    left = [s for s in record.stages if not s.converted and "grouped conv" in s.reason]
+    assert left and left[0].reason.startswith("it saves flops at no option searched (at gamma 0.5, hidden keep: "
+                                              "grouped conv")
+    monkeypatch.setattr("cspify.budget.time_models", lambda m, c, i, s, d: (10.0, 9.0))
+    record = conversion_of(cspify.convert(model, X, objective="latency", search=QUICK))
+    assert record.converted and not any(s.reason == "not selected by the stage filter" for s in record.stages)
+    assert any(s.reason.startswith("grouped conv") for s in record.stages if not s.converted)
+
+
 def test_stages_a_budget_leaves_say_so(three):
     csp = cspify.convert(three, X, target_flops=0.93, search=QUICK)
     record = conversion_of(csp)

@@ -41,6 +41,20 @@ def test_sweep_gives_one_row_per_point_and_a_plot(tmp_path):
     assert len(table) == 2 + 1 + 4  # header, rule, the original, one row per point
 
 
+def test_sweep_round_to_applies_at_every_point(tmp_path):
+    """gamma 0.375 with scaled inner widths: round_to 16 moves the widths, so the flops."""
+    flops = []
+    for round_to in ("1", "16"):
+        out = tmp_path / f"sweep{round_to}.json"
+        result = cli("sweep", RESNET, *SMALL, "--gammas", "0.375", "--hidden", "scale", "--round-to", round_to,
+                     "--json", out, "-q")
+        assert result.exit_code == 0, result.output
+        flops.append(json.loads(out.read_text())["points"][0]["figures"]["flops"])
+    assert flops[0] != flops[1]
+    result = cli("sweep", RESNET, *SMALL, "--round-to", "x")
+    assert result.exit_code == 2 and "round_to must be a positive whole number" in result.stderr
+
+
 def test_sweep_rejects_bad_lists():
     result = cli("sweep", RESNET, *SMALL, "--fusion", "middle")
     assert result.exit_code == 2 and "--fusion" in result.stderr

@@ -32,6 +32,8 @@ from cspify.export import Outputs
 @click.option("--gammas", default="0.25,0.5,0.75", show_default=True, metavar="G1,G2", help="Bypass fractions to try.")
 @click.option("--fusion", "fusions", default="last", show_default=True, metavar="last,first", help="Fusions to try.")
 @click.option("--hidden", "hiddens", default="keep", show_default=True, metavar="keep,scale", help="Inner widths to try.")
+@click.option("--round-to", default="1", show_default=True, metavar="N",
+              help="Round every narrowed width to a multiple of N channels, at every point.")
 @stage_options
 @model_options
 @click.option("--latency", is_flag=True, help="Also time every point against the original (slow).")
@@ -41,7 +43,7 @@ from cspify.export import Outputs
 @click.option("--min-run-time", type=float, default=1.0, show_default=True, help="Seconds of timing per model and round.")
 @output_options("sweep")
 @plot_option("Draw flops (and latency) against gamma as a PNG.")
-def sweep(gammas, fusions, hiddens, latency, sizes, threads, device, min_run_time, **options) -> None:
+def sweep(gammas, fusions, hiddens, round_to, latency, sizes, threads, device, min_run_time, **options) -> None:
     with guard(options["debug"]):
         from cspify.sweep import sweep as run_sweep
 
@@ -49,12 +51,14 @@ def sweep(gammas, fusions, hiddens, latency, sizes, threads, device, min_run_tim
         if not gamma_values:
             raise ConfigError(f"--gammas {gammas!r} names no gamma.", "write them as --gammas 0.25,0.5,0.75")
         fusion_values, hidden_values = _words(fusions, FUSIONS, "fusion"), _words(hiddens, HIDDEN, "hidden")
+        round_to = CSPConfig(round_to=round_to).round_to
         sizes = batch_sizes(sizes)
         check_options(options)
         loaded = load_model_step(options, Progress(options["quiet"]))
         result = run_sweep(
             loaded.model, loaded.example_inputs, gamma_values, fusion_values, hidden_values,
-            stages=options["stages"] or None, allow_costlier=options["allow_costlier"], kinds=options["kinds"], scope=options["scope"],
+            stages=options["stages"] or None, allow_costlier=options["allow_costlier"], kinds=options["kinds"],
+            round_to=round_to, scope=options["scope"],
             leaf_modules=options["leaves"], latency=latency, batch_sizes=sizes, threads=threads, device=device,
             min_run_time=min_run_time, progress=not options["quiet"],
         )
