@@ -244,8 +244,9 @@ def _notes(rows: list[BenchRow]) -> list[str]:
         settled = all(os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
         notes.append(
             f"{100 * kernel:.0f}% of the CPU time went to the kernel, mostly page faults"
-            + (" even with glibc's allocator settings, so these timings measure the system as much as the models; "
-               "try jemalloc or tcmalloc preloaded" if settled else
+            + (" even with glibc's allocator settings (glibc maps a tensor over 32 MiB afresh on every forward, "
+               "whatever its thresholds), so these timings measure the system as much as the models; try jemalloc "
+               "or tcmalloc preloaded" if settled else
                f" on freshly mapped activations, so these timings measure the memory allocator as much as the "
                f"models; rerun with {ALLOCATOR_HINT}"))
     return notes

@@ -57,6 +57,7 @@ def test_notes_flag_spread_and_kernel_time(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
     (kernel,) = _notes([BenchRow(16, faulting, steady)])  # the settings are on already: not "rerun with" them
     assert "even with glibc's allocator settings" in kernel and "rerun with" not in kernel
+    assert "over 32 MiB afresh on every forward" in kernel
 
 
 def test_auto_device_is_the_cpu_and_cuda_when_present(monkeypatch):
