@@ -6,7 +6,8 @@ models with and without it.
 
 1. A 3x3 depthwise conv and a 1x1 conv (144 outputs) at 56x56, for input widths 64 to 144
    in steps of 8 (torch.utils.benchmark, median): time per channel shows where the
-   kernel leaves its fast path.
+   kernel leaves its fast path. Then a depthwise conv at mobilenet_v2's stage widths and at
+   half of them (what ``hidden="scale"`` at gamma 0.5 leaves): how far its time follows.
 2. Each model converted with inner widths scaled (where gamma leaves widths such as 72),
    at gamma 0.5 and 0.375 (what a budget picks), once as cspify rounds by default and once
    with round_to=16; both folded for inference and timed side by side
@@ -47,14 +48,28 @@ def single_convs(sizes: tuple[int, ...]) -> list[list[str]]:
     return rows
 
 
+def halved(sizes: tuple[int, ...]) -> list[list[str]]:
+    """A depthwise conv at the widths of mobilenet_v2's stages and at half of them: on small
+    maps its time falls by far less than half."""
+    rows = []
+    for channels, side in ((144, 56), (192, 28), (576, 14), (960, 7)):
+        row = [f"{channels} -> {channels // 2}", f"{side}x{side}"]
+        for batch in sizes:
+            full, half = (conv_ms(nn.Conv2d(c, c, 3, padding=1, groups=c).eval(), torch.randn(batch, c, side, side))
+                          for c in (channels, channels // 2))
+            row += [f"{full:.3f}", f"{half:.3f}", f"{half / full:.2f}"]
+        rows.append(row)
+    return rows
+
+
 def models(names: list[str], sizes: tuple[int, ...], args) -> list[list[str]]:
     rows = []
     for name in names:
         model, x = build(name), torch.randn(1, 3, 224, 224)
-        original = cspify.compare(model, model, x).original.flops
         for gamma in (0.5, 0.375):
             pair = [cspify.convert(model, x, gamma=gamma, hidden="scale", round_to=r).eval() for r in (1, 16)]
-            flops = [cspify.compare(model, m, x).converted.flops / original for m in pair]
+            reports = [cspify.compare(model, m, x) for m in pair]
+            flops = [r.converted.flops / r.original.flops for r in reports]
             plain, rounded = (cspify.fuse_for_inference(m, x) for m in pair)
             result = cspify.benchmark(plain, rounded, x, sizes, args.threads, min_run_time=args.min_run_time,
                                       rounds=args.rounds)
@@ -81,6 +96,11 @@ def main() -> None:
     for batch in sizes:
         headers += [f"depthwise ms b{batch}", f"us/channel b{batch}", f"1x1 ms b{batch}"]
     print(tabulate(single_convs(sizes), headers=headers, tablefmt="github"))
+    print()
+    headers = ["depthwise channels", "map"]
+    for batch in sizes:
+        headers += [f"ms b{batch}", f"halved ms b{batch}", f"ratio b{batch}"]
+    print(tabulate(halved(sizes), headers=headers, tablefmt="github"))
     print()
     print(tabulate(models(args.models, sizes, args),
                    headers=["model", "gamma", "batch", "flops plain", "flops round_to=16", "plain ms", "rounded ms",

@@ -12,13 +12,16 @@ depthwise or grouped, dense kxk; beside their time, their multiply-adds (forward
 "saved" can be read against "MACs saved" group by group. The concats, narrows and copies
 the CSP rewrite adds show in their own rows. The last line says what the MACs saved would
 buy on this machine were each conv group's time to fall as its MACs did and every other
-op's to stay. ``--fold`` times both models with norms folded into convs
-(cspify.fuse_for_inference), as a deployed model runs.
+op's to stay, and the minor page faults per forward of each model (getrusage: a tensor
+over 32 MiB is mapped afresh on every forward, whatever glibc's thresholds). ``--fold``
+times both models with norms folded into convs (cspify.fuse_for_inference), as a deployed
+model runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -96,15 +99,18 @@ class Summary:
     time_saved: float    # of the original's profiled op time
     macs_saved: float    # of the original's conv MACs
     ceiling: float       # time saved were each conv group's time to fall as its MACs fell
+    faults: tuple[float, float]  # minor page faults per forward, original and converted
 
     def __str__(self) -> str:
         return (f"time saved {100 * self.time_saved:.1f}%, conv MACs saved {100 * self.macs_saved:.1f}% "
                 f"(time saved / MACs saved {self.time_saved / self.macs_saved:.2f}); were each conv group's time "
                 f"to fall as its MACs did and the rest to stay, time saved {100 * self.ceiling:.1f}% "
-                f"({self.ceiling / self.macs_saved:.2f} of the MACs saved)")
+                f"({self.ceiling / self.macs_saved:.2f} of the MACs saved); minor page faults per forward "
+                f"{self.faults[0]:.0f} and {self.faults[1]:.0f}")
 
 
 def compare(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, runs: int) -> tuple[list[list[str]], Summary]:
+    faults = tuple(page_faults(model, x) for model in models.values())  # before the profiler allocates
     for model in models.values():  # the first profile in a process runs slow: discard one each
         op_times(model, x, 2)
     samples = {name: defaultdict(list) for name in models}
@@ -130,7 +136,17 @@ def compare(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, runs: in
     # Were each conv group's time to fall as its MACs fell, and every other op's not at all:
     # the time saved that the MACs saved can buy on this machine.
     ceiling = sum(a.get(g, 0) * (1 - fb.get(g, 0) / fa[g]) for g in fa if fa[g])
-    return rows, Summary(1 - tb / ta, 1 - cb / ca, ceiling / ta)
+    return rows, Summary(1 - tb / ta, 1 - cb / ca, ceiling / ta, faults)
+
+
+def page_faults(model: nn.Module, x: torch.Tensor, runs: int = 5) -> float:
+    """Minor page faults per forward (getrusage): activations mapped afresh on every forward."""
+    with torch.inference_mode():
+        model(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(runs):
+            model(x)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
 
 
 def main() -> None:

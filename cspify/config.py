@@ -96,10 +96,10 @@ def _gamma(value) -> float:
 
 def _round_to(value) -> int:
     try:
-        multiple = int(value)
-    except (TypeError, ValueError):
+        multiple = int(str(value).strip())  # 16 or "16"; not 2.5, "x" or None
+    except ValueError:
         multiple = 0
-    if multiple < 1 or multiple != value and str(multiple) != str(value).strip():
+    if multiple < 1:
         raise ConfigError(
             f"round_to must be a positive whole number of channels, got {value!r}.",
             "8 or 16 keeps CPU and GPU kernels on their fast paths; 1 rounds nothing",
