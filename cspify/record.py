@@ -20,8 +20,13 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from cspify.config import CSPConfig
+from cspify.errors import ConfigError
 
-RECORD_KEY = "cspify"  # where convert leaves the record: GraphModule.meta[RECORD_KEY]
+# Where each step leaves its record: GraphModule.meta[KEY] of the converted GraphModule (the
+# scoped submodule with a scope). This module owns the keys and the lookup; no other reads meta.
+RECORD_KEY = "cspify"                # the Conversion, left by convert
+CALIBRATE_KEY = "cspify.calibrate"   # the Calibration, left by calibrate
+FINETUNE_KEY = "cspify.finetune"     # the FinetuneRun, left by finetune
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,32 @@ def conversion_of(model: nn.Module, scope: str | None = None) -> Conversion | No
     return record if isinstance(record, Conversion) else None
 
 
+def find_conversion(model: nn.Module) -> tuple[str | None, Conversion]:
+    """Where in ``model`` cspify's conversion record is: (scope or None, record); a model
+    cspify did not make is an error."""
+    for name, module in model.named_modules():
+        record = conversion_of(module)
+        if record is not None:
+            return name or None, record
+    raise ConfigError(
+        f"{type(model).__name__} was not made by cspify.convert, so there is no conversion to calibrate or distil.",
+        "pass the model cspify.convert returned (a torch.fx GraphModule that carries its conversion record)",
+    )
+
+
 def attach(gm: nn.Module, record: Conversion) -> None:
     """Leave ``record`` on a converted GraphModule."""
     gm.meta[RECORD_KEY] = record
+
+
+def step_record(model: nn.Module, key: str):
+    """What a step (``CALIBRATE_KEY``, ``FINETUNE_KEY``) left on the converted ``model``,
+    wherever its conversion record is (the scoped submodule with a scope), else None."""
+    scope, _ = find_conversion(model)
+    return (model.get_submodule(scope) if scope else model).meta.get(key)
+
+
+def leave_step_record(model: nn.Module, key: str, value) -> None:
+    """Leave a step's record on the converted ``model``, beside its conversion record."""
+    scope, _ = find_conversion(model)
+    (model.get_submodule(scope) if scope else model).meta[key] = value

@@ -156,6 +156,11 @@ def eval_mode(module: torch.nn.Module):
             m.training = flag
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 def symbolic_trace(model: torch.nn.Module, leaf_modules: Iterable[str] = (), example_inputs=None) -> fx.GraphModule:
     """torch.fx tracing of a deep copy of ``model``.
 
