@@ -5,16 +5,6 @@
     print(cspify.compare(model, csp, torch.randn(1, 3, 224, 224)))
 """
 
-import os as _os
-
-# Installed, the stage rules live in cspify/rules; in a source checkout they live in the
-# top-level rules/ folder, which this makes importable as cspify.rules as well.
-_here = _os.path.dirname(__file__)
-if not _os.path.isdir(_os.path.join(_here, "rules")) and _os.path.isfile(
-    _os.path.join(_here, _os.pardir, "rules", "__init__.py")
-):
-    __path__.append(_os.path.dirname(_here))
-
 from cspify.api import compare, convert, find_stages
 from cspify.bench import BenchResult, benchmark
 from cspify.budget import Search
@@ -25,6 +15,7 @@ from cspify.errors import CspifyError
 from cspify.finetune import evaluate, finetune
 from cspify.fuse import fuse_for_inference
 from cspify.record import Conversion, conversion_of
+from cspify.recovery import Recovery, recover
 from cspify.report import Report
 from cspify.stage import Stage
 from cspify.sweep import Sweep, sweep
@@ -33,4 +24,5 @@ __all__ = ["convert", "find_stages", "compare", "benchmark", "sweep", "Report", 
            "CspifyError", "Stage", "Conversion", "conversion_of"]
 __all__ += ["calibrate", "finetune", "evaluate", "open_data", "ImageData"]
 __all__ += ["fuse_for_inference", "Search"]
+__all__ += ["recover", "Recovery"]
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ from cspify.plan import plan_stage, stage_flops
 from cspify.record import Conversion, StageRecord, attach, conversion_of
 from cspify.report import Report, build_report
 from cspify.rewrite import rewrite
-from cspify.stage import Stage, StagePlan
+from cspify.stage import KINDS, Stage, StagePlan
 from cspify.trace import (
     Traced,
     as_inputs,
@@ -79,7 +79,7 @@ def convert(
     names are then relative to it), and a copy of the whole model with the converted part
     in its place is returned: the way to convert models torch.fx cannot trace whole.
 
-    Stages of every kind are looked for (``kinds``: a subset of ``cspify.rules.KINDS``,
+    Stages of every kind are looked for (``kinds``: a subset of ``cspify.stage.KINDS``,
     ``("residual", "dense")`` for the paper's transform alone). Every stage found is
     converted unless ``stages`` names a subset, or its conversion
     would cost more multiply-adds than it saves (``allow_costlier=True`` converts those too). Outputs keep their
@@ -109,14 +109,13 @@ def convert(
     traced = trace_in_mode(model, inputs, leaf_modules)
     found = rules.find_stages(traced, config.kinds)
     if not found:
-        kinds = config.kinds or rules.KINDS
+        kinds = config.kinds or KINDS
         kept = "; ".join(f"'{m}' {why.replace('torch.fx cannot trace it', 'torch.fx cannot trace')}"
                          for m, why in traced.kept_whole.items())
         raise NoStageError(
             f"{type(model).__name__} has no {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}{kinds[-1]} stage"
             + (f" outside the submodules kept whole ({kept})." if kept else "."),
-            "cspify converts chains of x + f(x) blocks (residual), DenseNet-style concat chains (dense), "
-            "layer chains concatenated once (aggregation) and conv chains of one width (plain)"
+            "cspify converts " + _and([f"{rules.DESCRIPTIONS[kind]} ({kind})" for kind in KINDS])
             + ("; without --kind it looks for every kind" if config.kinds else "")
             + "; run `cspify analyze` to see what it finds",
         )
@@ -337,6 +336,11 @@ def _convert_scope(model, inputs, scope, config, leaf_modules, seed) -> nn.Modul
             "please report it with the model; try a smaller scope meanwhile",
         ) from exc
     return whole
+
+
+def _and(items: list[str]) -> str:
+    """``a, b and c``."""
+    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
 
 
 def _check_leaves(model: nn.Module, leaf_modules: Iterable[str]) -> None:

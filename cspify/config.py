@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from cspify.errors import ConfigError
-from cspify.rules import KINDS
+from cspify.stage import KINDS
 
 FUSIONS = ("last", "first")
 HIDDEN = ("keep", "scale")
@@ -23,7 +23,7 @@ class CSPConfig:
     stages: names of the stages to convert; ``None`` converts every stage found.
     allow_costlier: also convert stages where the new partial transition costs more
             multiply-adds than the narrowed blocks save (skipped by default, with the reason).
-    kinds:  the kinds of stage to look for (``cspify.rules.KINDS``: residual, dense,
+    kinds:  the kinds of stage to look for (``cspify.stage.KINDS``: residual, dense,
             aggregation, plain); ``None`` looks for every kind. ``("residual", "dense")``
             is the paper's transform alone.
     stage_gammas, stage_hidden: per stage, a gamma or an inner-width choice that replaces

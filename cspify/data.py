@@ -306,3 +306,35 @@ def _decode(file: Path, mode: str, size: tuple[int, int]) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 255
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def check_fits(model: torch.nn.Module, data: ImageData, name: str | None = None, classes: bool = True) -> None:
+    """A DataError when ``model`` cannot take ``data``'s images (a first conv of another
+    channel count, or a forward that fails on two of them) or (``classes``) does not give
+    class scores for as many classes as ``data`` has. ``name`` is what the sentence calls
+    the model (its class name by default)."""
+    from cspify.trace import device_of, eval_mode
+
+    name = name or type(model).__name__
+    x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
+    expected = next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    if expected is not None and expected != data.channels:
+        hint = ("read the images as RGB with --channels 3" if data.channels == 1 and expected == 3
+                else "use images with as many channels as the model's first conv takes")
+        raise DataError(f"{name} takes {expected}-channel images but {data.source} has {data.channels}-channel images.",
+                        hint)
+    with eval_mode(model):
+        try:
+            out = model(x.to(device_of(model)))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+            raise DataError(f"{name} does not run on the {'x'.join(map(str, x.shape[1:]))} images of {data.source}: "
+                            f"{first}.", "give images of the size and channels the model takes") from None
+    if not classes:
+        return
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise DataError(f"{name} does not output class scores (one row per image), so it cannot be scored on "
+                        f"{data.source}.", "fine-tune a classifier, or use the Python API with your own loss")
+    if out.shape[1] < data.num_classes:
+        raise DataError(f"{data.source} has {data.num_classes} classes but {name} has only {out.shape[1]} outputs.",
+                        "give a model with one output per class (or more)")

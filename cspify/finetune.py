@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cspify.calibrate import find_conversion, traced_original
 from cspify.errors import ConfigError, OutputError
+from cspify.files import atomic_file
 from cspify.graph import uncast
 from cspify.taps import tapping
 
@@ -478,7 +479,8 @@ def _train_mode(model: nn.Module, norms: str) -> None:
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, epoch, run: FinetuneRun, rank: int) -> None:
-    """Write atomically on rank 0: a temporary file beside the target, renamed into place."""
+    """Write atomically on rank 0 (``cspify.files.atomic_file``): a temporary file beside the
+    target, renamed into place."""
     if rank == 0:
         state = {
             "format": "cspify.finetune/1", "epoch": epoch, "model": model.state_dict(),
@@ -486,15 +488,8 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, run: FinetuneRun,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(state, temporary)
-            os.replace(temporary, path)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            raise OutputError(f"cannot write the checkpoint {str(path)!r}: {exc.strerror or exc}.",
-                              "choose a folder you can write to") from None
+        with atomic_file(path, name=f"the checkpoint {str(path)!r}", hint="choose a folder you can write to") as f:
+            torch.save(state, f)
     if dist.is_initialized():
         dist.barrier()
 

@@ -6,6 +6,8 @@
     single_entry(traced, region, "maxpool")        # does the region read only that node (and constants)?
     with_constants(traced, region)                 # the region plus the parameters it reads
     parts, dim = cat_args(traced.nodes["cat"])     # the tensors a torch.cat joins, and along which dim
+    cat_parts(traced.nodes["cat"])                 # ([inputs], axis) of a concat along a non-batch axis
+    transition_after(traced, "cat", 1)             # the norm/act, 1x1 conv, norm/act nodes after a node
     uncast(node)                                   # the node a rewrite's dtype cast (x.to(y.dtype)) reads
 """
 
@@ -16,14 +18,10 @@ from typing import TYPE_CHECKING
 import networkx as nx
 import torch.fx as fx
 
+from cspify.ops import channel_dim, role_of, shape
+
 if TYPE_CHECKING:
     from cspify.trace import Traced
-
-
-def shape(node: fx.Node) -> tuple[int, ...] | None:
-    """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def uncast(node: fx.Node) -> fx.Node:
@@ -74,3 +72,38 @@ def with_constants(traced: Traced, region: set[str]) -> set[str]:
                 found.add(arg.name)
                 todo.append(arg.name)
     return found
+
+
+def cat_parts(node) -> tuple[list, int] | None:
+    """The inputs of a torch.cat node along a non-batch axis, and that axis; None for any
+    other node."""
+    if node.op != "call_function" or shape(node) is None or len(shape(node)) < 3:
+        return None
+    parts, dim = cat_args(node)
+    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int) or dim % len(shape(node)) == 0:
+        return None
+    return list(parts), dim % len(shape(node))
+
+
+def transition_after(traced: Traced, output, axis: int) -> tuple[str, ...]:
+    """Norm/act nodes, a 1x1 group-1 conv, then norm/act nodes: each the single user, each
+    reading the channels on ``axis`` where it has a channel axis."""
+    gm = traced.gm
+    tail, node, seen_conv = [], output, False
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        role = role_of(user, gm)
+        if channel_dim(user, gm) not in (None, axis):
+            break
+        if role in ("norm", "act") and user.args and user.args[0] is node:
+            tail.append(user.name)
+        elif role == "conv" and not seen_conv and user.args[0] is node:
+            conv = gm.get_submodule(user.target)
+            if conv.groups != 1 or any(k != 1 for k in conv.kernel_size):
+                break
+            tail.append(user.name)
+            seen_conv = True
+        else:
+            break
+        node = user
+    return tuple(tail) if seen_conv else ()

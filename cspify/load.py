@@ -142,6 +142,8 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
             f"load the model once yourself and {_WEIGHTS_HINT}",
         ) from exc
     except Exception as exc:  # not a torch file, truncated, unreadable
+        if not zipfile.is_zipfile(path):  # a pickle reader's KeyError on bytes that are no pickle says nothing
+            raise LoadError(f"cannot read weights file {path}: it is not a file torch.save wrote.", _WEIGHTS_HINT) from exc
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
         raise LoadError(f"cannot read weights file {path} ({type(exc).__name__}: {first}).", _WEIGHTS_HINT) from exc
     state = _strip_prefix(_state_dict_in(saved, path), "module.", model)

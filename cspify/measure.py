@@ -7,6 +7,11 @@ traffic per node, kept per module and per node so a report can roll them up per 
     m.totals.max_layer_flops, m.totals.layer_balance     # the computational bottleneck
     m.stage(["layer1_1_conv1", "layer1_1_bn1"])          # the same figures for some nodes
 
+Every figure is one entry of ``FIGURES``: its key, label, unit, what its values are kept
+per and how they roll up into a stage's figure and the total, and where the report shows
+it. ``Figures`` (one attribute per entry), ``measure``, ``Measurement.stage``, the report's
+tables, JSON and Markdown and ``plot_report`` all read the table: a new figure is one entry.
+
 fvcore counts one fused multiply-add as one flop. Memory traffic is what each op reads
 and writes (input and output tensors, its own weights) at the traced dtype; ops that
 only make a view (narrow, view, getitem) or no tensor (size) move nothing: the op
@@ -33,8 +38,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, make_dataclass
+from functools import cached_property
 from numbers import Number
 
 import torch
@@ -59,83 +65,164 @@ LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 CONV_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}
 
 
-@dataclass
-class Figures:
-    """The numbers a report compares: counts are integers, ``layer_balance`` a ratio,
-    ``measured_peak_bytes`` ``None`` where it was not measured (CPU, a stage)."""
+@dataclass(frozen=True)
+class FigureSpec:
+    """One report figure: how it is measured, rolled up and shown.
 
-    flops: int = 0
-    params: int = 0
-    activations: int = 0
-    memory_bytes: int = 0
-    cio_bytes: int = 0
-    peak_bytes: int = 0
-    max_layer_flops: int = 0
-    layer_balance: float = 0.0
-    measured_peak_bytes: int | None = None
+    ``per`` says what ``values(sources)`` returns and so how a stage and the total roll up:
+    "module" {module name: value}: a stage rolls up the modules its nodes call, the total is
+    the whole model's (module ""); "node" {node name: value}: a stage rolls up its nodes, the
+    total all nodes; "layer" {conv/linear module name: value}: a stage rolls up the layers its
+    nodes call, the total all layers; "model": one value for the whole model, a stage has ``empty``.
+    """
 
-    def to_dict(self) -> dict:
-        def plain(value):
-            if value is None:
-                return None
-            return round(float(value), 3) if isinstance(value, float) else int(value)
+    key: str                              # the Figures attribute, and its JSON key
+    label: str                            # its row in the report's totals
+    unit: str                             # "" a count, "B" bytes (both with SI prefixes), "ratio": two decimals
+    per: str                              # "module", "node", "layer" or "model" (above)
+    values: Callable[[Sources], object]   # its values per module, node or layer (or the model's one)
+    rollup: Callable[[list], object] = sum  # a stage's (or all) values -> the figure
+    empty: int | float | None = 0         # the figure of nothing (None: not measured)
+    table: str = ""                       # the per-stage table that shows it: "stages", "memory" or none
+    column: str = ""                      # its heading there
+    saved: bool = True                    # with a "saved" column beside it there
+    plot: tuple[str, str] | None = None   # a plot_report panel: (y label, "{}" the SI prefix; title)
+    note: str = ""                        # what it means, in the report's closing note
 
-        return {k: plain(v) for k, v in vars(self).items()}
+    @property
+    def per_stage(self) -> bool:
+        """Whether a stage has this figure (the report's rows and saved percentages show it)."""
+        return self.per != "model"
+
+
+def largest(values: list) -> int:
+    return max(values, default=0)
+
+
+def layer_balance(layer_flops: list[int]) -> float:
+    """How uneven the load is: the largest layer's flops over the mean (layers that do any)."""
+    working = [f for f in layer_flops if f > 0]
+    return max(working) * len(working) / sum(working) if working else 0.0
+
+
+# Every report figure, in the order the report shows them. An entry: key, label, unit, per,
+# values (FigureSpec above), then how it rolls up and where the report shows it.
+FIGURES = (
+    FigureSpec("flops", "flops", "", "module", lambda s: s.fvcore[0],
+               table="stages", column="flops", plot=("{}FLOPs (1 multiply-add = 1 flop)", "Compute per stage")),
+    FigureSpec("params", "params", "", "module", lambda s: parameter_count(s.gm),
+               table="stages", column="params"),
+    FigureSpec("activations", "activations", "", "module", lambda s: s.fvcore[1]),
+    FigureSpec("memory_bytes", "memory traffic", "B", "node", lambda s: s.each_node(node_traffic),
+               table="stages", column="traffic", plot=("memory traffic ({}B read + written)", "Memory traffic per stage"),
+               note="memory traffic = bytes each op reads and writes"),
+    FigureSpec("cio_bytes", "CIO", "B", "node", lambda s: s.each_node(conv_io),
+               table="memory", column="CIO", note="CIO = bytes of conv input plus output feature maps"),
+    FigureSpec("peak_bytes", "peak activations", "B", "node", lambda s: live_bytes(s.gm), rollup=largest,
+               table="memory", column="peak act.",
+               note="peak = activation bytes alive at once, from tensor lifetimes in the traced graph"),
+    FigureSpec("max_layer_flops", "largest layer", "", "layer", lambda s: s.layer_flops, rollup=largest,
+               table="memory", column="largest layer", saved=False),
+    FigureSpec("layer_balance", "layer max/mean", "ratio", "layer", lambda s: s.layer_flops, rollup=layer_balance,
+               empty=0.0, table="memory", column="max/mean", saved=False,
+               note="layer max/mean = largest conv/linear flops over the mean (1.0 is even)"),
+    FigureSpec("measured_peak_bytes", "peak measured", "B", "model", lambda s: measured_peak(s.gm, s.inputs),
+               empty=None),
+)
+
+
+def _to_dict(self) -> dict:
+    def plain(value):
+        if value is None:
+            return None
+        return round(float(value), 3) if isinstance(value, float) else int(value)
+
+    return {k: plain(v) for k, v in vars(self).items()}
+
+
+# One attribute per FIGURES entry, in its order, defaulting to the entry's ``empty``.
+Figures = make_dataclass("Figures", [(f.key, int | float | None, field(default=f.empty)) for f in FIGURES],
+                         namespace={"to_dict": _to_dict})
+Figures.__module__ = __name__
+Figures.__doc__ = """The numbers a report compares, one per FIGURES entry: counts are integers,
+``layer_balance`` a ratio, ``measured_peak_bytes`` ``None`` where it was not measured (CPU, a stage)."""
+
+
+class Sources:
+    """What the FIGURES entries measure from: the traced model, its inputs, and fvcore's
+    flops and activations per module (one jit trace for both)."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: tuple):
+        self.gm, self.inputs = gm, inputs
+
+    @cached_property
+    def fvcore(self) -> tuple[dict[str, int], dict[str, int]]:
+        with eval_mode(self.gm):
+            return fvcore_counts(self.gm, self.inputs)
+
+    @cached_property
+    def layer_flops(self) -> dict[str, int]:
+        """The flops of every conv and linear module, called or not."""
+        return {name: self.fvcore[0].get(name, 0) for name, m in self.gm.named_modules() if isinstance(m, LAYER_TYPES)}
+
+    def each_node(self, count: Callable[[fx.Node, fx.GraphModule], int]) -> dict[str, int]:
+        return {node.name: count(node, self.gm) for node in self.gm.graph.nodes}
 
 
 @dataclass
 class Measurement:
-    """Totals plus what a per-stage roll-up needs: figures per module and per node."""
+    """Totals plus what a per-stage roll-up needs: each figure's values per module, node
+    or layer (``values[key]``), and the module each node calls."""
 
     totals: Figures
-    module_flops: dict[str, int]
-    module_activations: dict[str, int]
-    module_params: dict[str, int]
-    node_bytes: dict[str, int]
+    values: dict[str, object]
     node_targets: dict[str, str]
-    node_cio: dict[str, int] = field(default_factory=dict)
-    node_live: dict[str, int] = field(default_factory=dict)
-    layer_flops: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, None]  # every node name, in graph order
 
     @property
     def flops(self) -> int:
         return self.totals.flops
 
+    @property
+    def node_bytes(self) -> dict[str, int]:
+        """Memory traffic per node (every node, in graph order)."""
+        return self.values["memory_bytes"]
+
+    @property
+    def layer_flops(self) -> dict[str, int]:
+        """Flops per conv and linear module."""
+        return self.values["max_layer_flops"]
+
     def stage(self, nodes: Iterable[str]) -> Figures:
-        """Figures of a set of nodes: module figures of the modules they call, their bytes."""
-        nodes = [n for n in nodes if n in self.node_bytes]
+        """Figures of a set of nodes: rolled up over them, or over the modules they call."""
+        nodes = [n for n in nodes if n in self.nodes]
         modules = {self.node_targets[n] for n in nodes if n in self.node_targets}
-        return Figures(
-            flops=sum(self.module_flops.get(m, 0) for m in modules),
-            params=sum(self.module_params.get(m, 0) for m in modules),
-            activations=sum(self.module_activations.get(m, 0) for m in modules),
-            memory_bytes=sum(self.node_bytes[n] for n in nodes),
-            cio_bytes=sum(self.node_cio.get(n, 0) for n in nodes),
-            peak_bytes=max((self.node_live.get(n, 0) for n in nodes), default=0),
-            **bottleneck([self.layer_flops[m] for m in modules if m in self.layer_flops]),
-        )
+        figures = {}
+        for f in FIGURES:
+            values = self.values[f.key]
+            names = nodes if f.per == "node" else modules
+            figures[f.key] = f.empty if f.per == "model" else f.rollup([values[n] for n in names if n in values])
+        return Figures(**figures)
 
 
 def measure(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = ()) -> Measurement:
     """Measure a model (never modified: everything runs on a traced deep copy, eval mode)."""
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules).gm
-    with eval_mode(gm):
-        module_flops, module_acts = fvcore_counts(gm, inputs)
-    params = parameter_count(gm)
-    node_bytes = {node.name: node_traffic(node, gm) for node in gm.graph.nodes}
+    sources = Sources(gm, inputs)
+    values = {f.key: f.values(sources) for f in FIGURES}
+    totals = Figures(**{f.key: total(f, values[f.key]) for f in FIGURES})
     targets = {n.name: n.target for n in gm.graph.nodes if n.op == "call_module"}
-    node_cio = {node.name: conv_io(node, gm) for node in gm.graph.nodes}
-    node_live = live_bytes(gm)
-    layers = {name: module_flops.get(name, 0) for name, m in gm.named_modules() if isinstance(m, LAYER_TYPES)}
-    totals = Figures(
-        module_flops[""], params[""], module_acts[""], sum(node_bytes.values()),
-        cio_bytes=sum(node_cio.values()), peak_bytes=max(node_live.values(), default=0),
-        measured_peak_bytes=measured_peak(gm, inputs), **bottleneck(list(layers.values())),
-    )
-    return Measurement(
-        totals, dict(module_flops), dict(module_acts), dict(params), node_bytes, targets, node_cio, node_live, layers
-    )
+    return Measurement(totals, values, targets, dict.fromkeys(n.name for n in gm.graph.nodes))
+
+
+def total(figure: FigureSpec, values) -> int | float | None:
+    """A figure of the whole model from its values (``FigureSpec.per``)."""
+    if figure.per == "model":
+        return values
+    if figure.per == "module":
+        return values[""]
+    return figure.rollup(list(values.values()))
 
 
 def fvcore_counts(model: nn.Module, inputs: tuple) -> tuple[dict[str, int], dict[str, int]]:
@@ -168,15 +255,6 @@ FVCORE_HANDLES = {
     op: _both(_fvcore_flop_handles.get(op), _fvcore_activation_handles.get(op))
     for op in {*_fvcore_flop_handles, *_fvcore_activation_handles}
 }
-
-
-def bottleneck(layer_flops: list[int]) -> dict:
-    """The largest single-layer flops and how uneven the load is (largest / mean)."""
-    layer_flops = [f for f in layer_flops if f > 0]
-    if not layer_flops:
-        return {"max_layer_flops": 0, "layer_balance": 0.0}
-    largest = max(layer_flops)
-    return {"max_layer_flops": largest, "layer_balance": largest * len(layer_flops) / sum(layer_flops)}
 
 
 def conv_io(node: fx.Node, gm: fx.GraphModule) -> int:

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.nn import utils
 from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as OldSpectralNorm
@@ -41,9 +42,18 @@ def clone_module(module: nn.Module) -> nn.Module:
     """``copy.deepcopy`` of a module, also where a hook left a tensor it computed with
     gradients on it (the older ``torch.nn.utils.weight_norm`` sets ``weight`` so at every
     forward, and deepcopy refuses such tensors): that tensor is copied detached, and its
-    hook computes it again at the next forward."""
+    hook computes it again at the next forward. A lazy module's parameters that no forward
+    has initialised yet (which deepcopy refuses too) are copied as new uninitialised ones."""
     memo = {id(t): t.detach().clone() for t in _computed_tensors(module)}
+    memo.update((id(t), _uninitialised_like(t)) for t in (*module.parameters(), *module.buffers())
+                if isinstance(t, UninitializedTensorMixin))
     return copy.deepcopy(module, memo)
+
+
+def _uninitialised_like(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, nn.UninitializedParameter):
+        return nn.UninitializedParameter(t.requires_grad, t.device, t.dtype)
+    return nn.UninitializedBuffer(t.requires_grad, t.device, t.dtype)
 
 
 def has_computed_tensors(module: nn.Module) -> bool:

@@ -28,9 +28,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cspify.graph import shape
-
 RETURNS = ("new", "view", "inplace", "none")
+
+
+def shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The tensor shape ShapeProp stored on a node, or None for non-tensor values."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 @dataclass(frozen=True)

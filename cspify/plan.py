@@ -111,10 +111,28 @@ def _scale_hint(traced: Traced, stage: Stage, config: CSPConfig) -> str:
     return "; with --hidden scale (its inner widths narrowed too) it pays"
 
 
+def _narrower_base(traced: Traced, stage: Stage) -> str:
+    """Why a stage whose width lives in its own layers (``Stage.inner``: plain, aggregation)
+    cannot take a base narrower than they work at, or "": its bypass would carry the base's
+    own channels (the colour channels of the model's input image) instead of features at the
+    stage's width. A residual or dense stage's width is its base's by definition."""
+    widths = [dims[stage.channel_axis] for n in stage.inner if (dims := shape(traced.nodes[n])) is not None]
+    width = max(widths, default=0)
+    if stage.channels >= width:
+        return ""
+    base = traced.nodes[stage.base]
+    where = "the model's input" if base.op == "placeholder" else f"its base '{base.target if base.op == 'call_module' else base.name}'"
+    return (f"{where} has {stage.channels} channels, fewer than the {width} its layers work at: "
+            "a bypass would carry those channels, not the stage's features")
+
+
 def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> StagePlan:
     """The plan of a stage the filter selected; adds to ``notes`` as it goes."""
     if stage.channel_axis is None:
         raise _Skip(stage.axis_problem)
+    narrower = _narrower_base(traced, stage)
+    if narrower:
+        raise _Skip(narrower)
     fusion_last = config.fusion == "last"
     partial = stage.nodes if fusion_last else stage.body  # fusion first keeps the stage's transition after the concat
     through_output = stage.transition[-1] if fusion_last and stage.transition else stage.output

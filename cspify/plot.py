@@ -1,6 +1,7 @@
 """Pictures of a report or a sweep, as PNG files (matplotlib, Agg: no display needed).
 
     plot_report(report, "resnet50_csp.png")    # per-stage bars, before/after: flops, memory traffic
+                                               # (the FIGURES entries with a ``plot`` panel)
     plot_sweep(result, "sweep.png")           # flops (and latency, when timed) against gamma
 
 Both write to an open binary file too (``plot_report(report, f)``), as the CLI does to
@@ -12,6 +13,7 @@ from __future__ import annotations
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cspify.measure import FIGURES
 from cspify.report import scale_of
 
 ORIGINAL, CONVERTED = "#8c8c8c", "#1f77b4"
@@ -25,21 +27,22 @@ def _scale(largest: float, unit: str) -> tuple[float, str]:
 
 
 def plot_report(report, target) -> None:
-    """Two bar charts, one bar pair per converted stage: GFLOPs and memory traffic (MB)."""
+    """A bar chart per FIGURES entry with a ``plot`` panel (GFLOPs, memory traffic in MB),
+    one bar pair per converted stage."""
     rows = [row for row in report.stages if row.converted]
+    panels = [f for f in FIGURES if f.plot]
     fig = Figure(figsize=(max(7.0, 1.3 * len(rows) + 4), 4.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     opts = ", ".join(f"{k}={v}" for k, v in report.options.items() if v is not None)
     fig.suptitle(f"CSP conversion per stage ({opts})" if opts else "CSP conversion per stage", fontsize=13)
-    panels = (("flops", "FLOPs", "{} (1 multiply-add = 1 flop)", "Compute per stage"),
-              ("memory_bytes", "B", "memory traffic ({} read + written)", "Memory traffic per stage"))
     names = [row.name for row in rows]
-    for ax, (key, unit, ylabel, title) in zip(axes, panels):
-        scale, unit = _scale(max((getattr(row.before, key) for row in rows), default=0), unit)
-        ylabel = ylabel.format(unit)
-        before = [getattr(row.before, key) / scale for row in rows]
-        after = [getattr(row.after, key) / scale for row in rows]
+    for ax, figure in zip(axes, panels):
+        ylabel, title = figure.plot
+        scale, prefix = scale_of(max((getattr(row.before, figure.key) for row in rows), default=0))
+        ylabel = ylabel.format(prefix)
+        before = [getattr(row.before, figure.key) / scale for row in rows]
+        after = [getattr(row.after, figure.key) / scale for row in rows]
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], before, 0.4, label="original", color=ORIGINAL)
         bars = ax.bar([i + 0.2 for i in x], after, 0.4, label="converted", color=CONVERTED)

@@ -8,8 +8,11 @@
 Beside flops, params and memory traffic, the report shows HarDNet's CIO (conv input plus
 output feature maps, bytes), the peak activation memory from tensor lifetimes (bytes;
 measured on CUDA only), and the computational bottleneck (largest layer flops, and the
-largest over the mean of a stage's layers). Rows and totals come from two Measurements; which nodes belong to which stage comes from
-the record ``convert`` leaves on the converted GraphModule (``cspify.record.Conversion``).
+largest over the mean of a stage's layers). Each figure's row, columns, unit and note come
+from its entry in ``cspify.measure.FIGURES``. Rows and totals come from two Measurements;
+which nodes belong to which stage comes from the record ``convert`` leaves on the converted
+GraphModule (``cspify.record.Conversion``); a row reads its stage's fields through that
+record (``StageRow.record``).
 """
 
 from __future__ import annotations
@@ -18,54 +21,41 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from cspify.measure import FLOP_NOTE, Figures, Measurement
-from cspify.record import Conversion
+from cspify.measure import FIGURES, FLOP_NOTE, FigureSpec, Figures, Measurement
+from cspify.record import Conversion, StageRecord
 
+# The whole-model counts the JSON's "original" and "converted" carried from the start (integers);
+# every figure is under "figures", and per stage beside the record's fields.
 KEYS = ("flops", "params", "activations", "memory_bytes")
-# Every figure a stage row and the totals carry (KEYS first: existing JSON keys stay).
-FIGURE_KEYS = KEYS + ("cio_bytes", "peak_bytes", "max_layer_flops", "layer_balance")
-MEMORY_NOTE = (
-    "memory traffic = bytes each op reads and writes; CIO = bytes of conv input plus output feature maps; "
-    "peak = activation bytes alive at once, from tensor lifetimes in the traced graph; "
-    "layer max/mean = largest conv/linear flops over the mean (1.0 is even)"
-)
+# The StageRecord fields a stage's JSON shows, before its figures and after them: a field
+# the JSON should show is one more name here.
+RECORD_FIELDS = ("name", "kind", "channels", "bypass_channels", "converted", "reason")
+RECORD_FIELDS_AFTER = ("notes", "gamma", "hidden", "time_before_ms", "time_after_ms")
+FIGURE_NOTE = "; ".join(f.note for f in FIGURES if f.note)
 
 
 @dataclass
 class StageRow:
-    name: str
-    kind: str
-    channels: int
-    bypass_channels: int
-    converted: bool
-    reason: str
+    """A stage in the report: its conversion record and its figures before and after.
+    The record's fields read through the row (``row.name``, ``row.kind``, ``row.channels``...)."""
+
+    record: StageRecord
     before: Figures
     after: Figures
-    notes: list[str] = field(default_factory=list)
-    through_channels: int = 0
-    base: str = ""
-    blocks: int = 0
-    gamma: float | None = None
-    hidden: str = ""
-    time_before_ms: float | None = None  # objective latency: whole model, without this stage / with it
-    time_after_ms: float | None = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("record", "before", "after"):  # copy and pickle look early
+            raise AttributeError(name)
+        return getattr(self.record, name)
 
     def to_dict(self) -> dict:
-        row = {
-            "name": self.name,
-            "kind": self.kind,
-            "channels": self.channels,
-            "bypass_channels": self.bypass_channels,
-            "converted": self.converted,
-            "reason": self.reason,
-        }
+        row = {key: plain(getattr(self.record, key)) for key in RECORD_FIELDS}
         before, after = self.before.to_dict(), self.after.to_dict()
-        for key in FIGURE_KEYS:
-            row[f"{key}_before"] = before[key]
-            row[f"{key}_after"] = after[key]
-        row["notes"] = list(self.notes)
-        row.update(gamma=self.gamma, hidden=self.hidden, time_before_ms=self.time_before_ms,
-                   time_after_ms=self.time_after_ms)
+        for f in FIGURES:
+            if f.per_stage:
+                row[f"{f.key}_before"] = before[f.key]
+                row[f"{f.key}_after"] = after[f.key]
+        row.update((key, plain(getattr(self.record, key))) for key in RECORD_FIELDS_AFTER)
         return row
 
 
@@ -85,7 +75,8 @@ class Report:
             "converted": {k: int(getattr(self.converted, k)) for k in KEYS},
             "figures": {"original": self.original.to_dict(), "converted": self.converted.to_dict()},
             "saved_percent": {
-                k: round(saved(getattr(self.original, k), getattr(self.converted, k)), 2) for k in FIGURE_KEYS
+                f.key: round(saved(getattr(self.original, f.key), getattr(self.converted, f.key)), 2)
+                for f in FIGURES if f.per_stage
             },
             "options": dict(self.options),
             "stages": [row.to_dict() for row in self.stages],
@@ -95,26 +86,11 @@ class Report:
         }
 
     def _tables(self, fmt: str) -> tuple[str, str, list[str]]:
-        totals = [
-            [label, human(getattr(self.original, k), unit), human(getattr(self.converted, k), unit),
-             percent(getattr(self.original, k), getattr(self.converted, k))]
-            for k, label, unit in (
-                ("flops", "flops", ""), ("params", "params", ""),
-                ("activations", "activations", ""), ("memory_bytes", "memory traffic", "B"),
-                ("cio_bytes", "CIO", "B"), ("peak_bytes", "peak activations", "B"),
-                ("max_layer_flops", "largest layer", ""),
-            )
-        ]
-        totals.append(["layer max/mean", f"{self.original.layer_balance:.2f}", f"{self.converted.layer_balance:.2f}",
-                       percent(self.original.layer_balance, self.converted.layer_balance)])
-        measured = self.original.measured_peak_bytes, self.converted.measured_peak_bytes
-        if None in measured:
-            totals.append(["peak measured", "not measured", "not measured", "-"])
-        else:
-            totals.append(["peak measured", human(measured[0], "B"), human(measured[1], "B"), percent(*measured)])
+        totals = [[f.label, *cells(f, self.original, self.converted)] for f in FIGURES]
         rows, skipped = [], []
         per_stage = "per stage" in (self.options.get("gamma"), self.options.get("hidden"))
         timed = any(row.time_before_ms is not None for row in self.stages if row.converted)
+        columns = [f for f in FIGURES if f.table == "stages"]
         for row in self.stages:
             if not row.converted:
                 skipped.append(f"{row.name} ({row.kind}, {row.channels} ch): {row.reason}")
@@ -122,16 +98,13 @@ class Report:
             rows.append([
                 row.name, row.kind, f"{row.bypass_channels}/{row.channels}",
                 *([f"{row.gamma:g} {row.hidden}" if row.gamma is not None else "-"] if per_stage else []),
-                human(row.before.flops), human(row.after.flops), percent(row.before.flops, row.after.flops),
-                human(row.before.params), human(row.after.params), percent(row.before.params, row.after.params),
-                human(row.before.memory_bytes, "B"), human(row.after.memory_bytes, "B"),
-                percent(row.before.memory_bytes, row.after.memory_bytes),
+                *(cell for f in columns for cell in cells(f, row.before, row.after, f.saved)),
                 *(_times(row) if timed else []),
             ])
         total_table = tabulate(totals, headers=["total", "original", "converted", "saved"], tablefmt=fmt,
                                colalign=("left", "right", "right", "right"))
-        headers = ["stage", "kind", "bypass/ch", *(["gamma hidden"] if per_stage else []), "flops", "->", "saved",
-                   "params", "->", "saved", "traffic", "->", "saved", *(["model ms", "->", "saved"] if timed else [])]
+        headers = ["stage", "kind", "bypass/ch", *(["gamma hidden"] if per_stage else []), *headings(columns),
+                   *(["model ms", "->", "saved"] if timed else [])]
         stage_table = tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True,
                                colalign=("left", "left", *["right"] * (len(headers) - 2))) if rows else ""
         if rows:
@@ -146,19 +119,12 @@ class Report:
 
     def _memory_table(self, fmt: str) -> str:
         """Per converted stage: CIO, peak activations, and the computational bottleneck."""
-        rows = []
-        for row in self.stages:
-            if not row.converted:
-                continue
-            b, a = row.before, row.after
-            rows.append([
-                row.name,
-                human(b.cio_bytes, "B"), human(a.cio_bytes, "B"), percent(b.cio_bytes, a.cio_bytes),
-                human(b.peak_bytes, "B"), human(a.peak_bytes, "B"), percent(b.peak_bytes, a.peak_bytes),
-                human(b.max_layer_flops), human(a.max_layer_flops), f"{b.layer_balance:.2f}", f"{a.layer_balance:.2f}",
-            ])
-        headers = ["stage", "CIO", "->", "saved", "peak act.", "->", "saved", "largest layer", "->", "max/mean", "->"]
-        return tabulate(rows, headers=headers, tablefmt=fmt, colalign=("left", *["right"] * 10), disable_numparse=True)
+        columns = [f for f in FIGURES if f.table == "memory"]
+        rows = [[row.name, *(cell for f in columns for cell in cells(f, row.before, row.after, f.saved))]
+                for row in self.stages if row.converted]
+        headers = ["stage", *headings(columns)]
+        return tabulate(rows, headers=headers, tablefmt=fmt, colalign=("left", *["right"] * (len(headers) - 1)),
+                        disable_numparse=True)
 
     def __str__(self) -> str:
         totals, stages, lines = self._tables("simple")
@@ -167,7 +133,7 @@ class Report:
             parts += ["", stages]
         if lines:
             parts += ["", "not converted / notes:"] + [f"  {line}" for line in lines]
-        parts += ["", f"({self.flop_note}; {MEMORY_NOTE})"]
+        parts += ["", f"({self.flop_note}; {FIGURE_NOTE})"]
         return "\n".join(parts)
 
     def to_markdown(self) -> str:
@@ -182,7 +148,7 @@ class Report:
                 parts += [f"**{row.name}** ({row.kind})", "", diagram, ""]
         if lines:
             parts += ["### Not converted and notes", ""] + [f"- {line}" for line in lines] + [""]
-        parts += [f"_{self.flop_note}; {MEMORY_NOTE}._", ""]
+        parts += [f"_{self.flop_note}; {FIGURE_NOTE}._", ""]
         return "\n".join(parts)
 
     def _title(self) -> str:
@@ -196,13 +162,7 @@ def build_report(before: Measurement, after: Measurement, record: Conversion | N
     for stage in record.stages if record else ():
         fig_before = before.stage(stage.nodes)
         fig_after = after.stage(stage.nodes + stage.added) if stage.converted else fig_before
-        rows.append(StageRow(
-            name=stage.name, kind=stage.kind, channels=stage.channels, bypass_channels=stage.bypass_channels,
-            converted=stage.converted, reason=stage.reason, before=fig_before, after=fig_after,
-            notes=list(stage.notes), through_channels=stage.through_channels, base=stage.base, blocks=stage.blocks,
-            gamma=stage.gamma, hidden=stage.hidden, time_before_ms=stage.time_before_ms,
-            time_after_ms=stage.time_after_ms,
-        ))
+        rows.append(StageRow(stage, fig_before, fig_after))
     return Report(before.totals, after.totals, rows, record.summary() if record else {},
                   kept_whole=dict(record.kept_whole) if record else {}, notes=list(record.notes) if record else [])
 
@@ -212,6 +172,29 @@ def _times(row: StageRow) -> list[str]:
     if row.time_before_ms is None or row.time_after_ms is None:
         return ["-", "-", "-"]
     return [f"{row.time_before_ms:.2f}", f"{row.time_after_ms:.2f}", percent(row.time_before_ms, row.time_after_ms)]
+
+
+def cells(figure: FigureSpec, before: Figures, after: Figures, with_saved: bool = True) -> list[str]:
+    """A figure before and after, shown in its unit, and what was saved (``with_saved``)."""
+    b, a = getattr(before, figure.key), getattr(after, figure.key)
+    if b is None or a is None:
+        return ["not measured", "not measured", *(["-"] if with_saved else [])]
+    return [shown(figure, b), shown(figure, a), *([percent(b, a)] if with_saved else [])]
+
+
+def headings(figures: list[FigureSpec]) -> list[str]:
+    """The column headings of some figures in a per-stage table: before, after (, saved)."""
+    return [h for f in figures for h in (f.column, "->", *(["saved"] if f.saved else []))]
+
+
+def shown(figure: FigureSpec, value: float) -> str:
+    """One value in the figure's unit: SI prefixes for counts and bytes, two decimals for a ratio."""
+    return f"{value:.2f}" if figure.unit == "ratio" else human(value, figure.unit)
+
+
+def plain(value):
+    """A record field as JSON: tuples as lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def stage_diagram(row: StageRow, fusion: str = "last") -> str:

@@ -27,7 +27,7 @@ from cspify.graph import shape
 from cspify.narrow import fresh_like, fresh_mix, narrow_layer, narrow_tensor, replace_tensor, sized_like
 from cspify.ops import rule_for
 from cspify.stage import StagePlan
-from cspify.trace import Traced
+from cspify.trace import Traced, device_of
 
 
 def rewrite(traced: Traced, plans: list[StagePlan], seed: int = 0) -> tuple[fx.GraphModule, dict[str, tuple[str, ...]]]:
@@ -166,7 +166,7 @@ def _partial_transition(gm, source, mix, out_channels, templates, home, added):
     ``out_channels`` wide; returns the last node."""
     graph = gm.graph
     norm_node, act_node = templates
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    device = device_of(gm)
     dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
     container = nn.Module()
     container.conv = mix

@@ -1,5 +1,6 @@
 """The records that flow down the pipeline: a found Stage, and its StagePlan.
 
+    KINDS                                   # ('residual', 'dense', 'aggregation', 'plain')
     stage = rules.find_stages(traced)[0]    # Stage(name='layer1', kind='residual', base='layer1_0_relu_2', ...)
     plan = plan_stage(traced, stage, config)
     plan.bypass_channels, plan.new_transition, plan.narrowing("layer1_1_conv1")
@@ -11,6 +12,10 @@ version once, and the rewrite executes the StagePlan without deciding anything a
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# The kinds of stage, in the order a user reads them; each is one rule in rules/, registered
+# with its description (cspify.rules.DESCRIPTIONS).
+KINDS = ("residual", "dense", "aggregation", "plain")
 
 
 @dataclass(frozen=True)

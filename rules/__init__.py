@@ -1,103 +1,18 @@
 """Stage patterns. Each rule is one function ``find(traced) -> list[Stage]`` in a file of
-its own, registered here under its kind; adding a pattern is adding one entry.
+its own, registered under its kind in ``registry``; adding a pattern is adding one file
+with one ``@register(kind, description)`` entry (and its kind to ``cspify.stage.KINDS``).
 
     from cspify import rules
     stages = rules.find_stages(traced)                          # every kind, named, in graph order
     stages = rules.find_stages(traced, kinds=("residual",))     # one kind only
-    rules.KINDS                                                 # ('residual', 'dense', 'aggregation', 'plain')
-
-Where stages of several kinds share nodes, the kind registered with the lower priority
-wins: the paper's residual and dense stages first, then aggregation blocks, then plain
-conv chains (a plain chain inside a residual block belongs to the block's stage).
-Residual and plain stages that are already the through part of a cross stage partial
-block (C2f, C3, CrossStage) are marked (``cross_stage``), and left unless named.
+    rules.DESCRIPTIONS                                          # kind -> what its stages are, one line
 
 Rules find stages by graph structure only (adds, concats, shapes, reachability), never by
 module names; names are given afterwards from the modules a stage contains.
 """
 
-from __future__ import annotations
+from cspify.rules import aggregation, dense, plain, residual  # noqa: F401  (the rules register themselves)
+from cspify.rules.registry import DESCRIPTIONS, find_stages, register
+from cspify.stage import KINDS
 
-import os
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import replace
-
-from cspify.rules.cross_stage import mark
-from cspify.stage import Stage
-from cspify.trace import Traced
-
-PATTERNS: dict[str, Callable[[Traced], list[Stage]]] = {}
-PRIORITY: dict[str, int] = {}
-
-
-def register(kind: str, priority: int = 0):
-    """Decorator: make ``find`` the rule for stages of ``kind``; where stages overlap,
-    those of the lower ``priority`` keep their nodes (equal priorities: graph order).
-    The paper's kinds have priority 0."""
-
-    def add(find: Callable[[Traced], list[Stage]]):
-        PATTERNS[kind] = find
-        PRIORITY[kind] = priority
-        return find
-
-    return add
-
-
-def find_stages(traced: Traced, kinds: tuple[str, ...] | None = None) -> list[Stage]:
-    """Run the rules of ``kinds`` (every rule: None); drop stages that overlap one that
-    comes first by priority, then graph order; name them; graph order."""
-    order = {node.name: i for i, node in enumerate(traced.gm.graph.nodes)}
-    found = [stage for kind, find in PATTERNS.items() if kinds is None or kind in kinds for stage in find(traced)]
-    found.sort(key=lambda s: (PRIORITY[s.kind], order[s.output]))
-    taken: set[str] = set()
-    stages = []
-    for stage in found:
-        if taken.isdisjoint(stage.nodes):
-            taken.update(stage.nodes)
-            stages.append(stage)
-    stages.sort(key=lambda s: order[s.output])
-    return _name(traced, mark(traced, stages))
-
-
-def _name(traced: Traced, stages: list[Stage]) -> list[Stage]:
-    """Name each stage after the module holding its blocks (``layer1``), else ``stageN``.
-
-    Stages that share that module (blocks laid out flat in one Sequential) add the range
-    of children they span: ``features.1-4``. Modules called from more than one place (an
-    activation shared by every conv) say nothing about where a stage is and are passed over.
-    """
-    nodes = traced.nodes
-    calls = Counter(n.target for n in traced.gm.graph.nodes if n.op == "call_module")
-
-    def paths(names):  # a module called from several places (one shared SiLU) names none of them
-        return [nodes[n].target.split(".") for n in names if nodes[n].op == "call_module" and calls[nodes[n].target] == 1]
-
-    def prefix(names):
-        found = paths(names)
-        return os.path.commonprefix(found) if found else []
-
-    bodies = [[n for block in stage.blocks for n in block] for stage in stages]
-    shared = Counter(".".join(prefix(body)) for body in bodies)
-    named, used = [], set()
-    for i, (stage, body) in enumerate(zip(stages, bodies), start=1):
-        parts = prefix(body)
-        if len(stage.blocks) == 1:
-            parts = prefix(body + [stage.base]) or parts
-        name = ".".join(parts)
-        if name and shared[".".join(prefix(body))] > 1:
-            children = [p[len(parts)] for p in paths(body) if len(p) > len(parts)]
-            if children:
-                name = f"{name}.{children[0]}-{children[-1]}"
-        name = name or f"stage{i}"
-        if name in used:
-            name = f"{name}#{i}"
-        used.add(name)
-        named.append(replace(stage, name=name))
-    return named
-
-
-# The rules register themselves on import.
-from cspify.rules import residual, dense, aggregation, plain  # noqa: E402,F401,I001  (registration order: the kinds in order)
-
-KINDS = tuple(sorted(PATTERNS, key=PRIORITY.__getitem__))
+__all__ = ["DESCRIPTIONS", "KINDS", "find_stages", "register"]

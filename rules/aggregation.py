@@ -18,10 +18,9 @@ from __future__ import annotations
 import networkx as nx
 
 from cspify.channels import stream_axis
-from cspify.graph import region_between, shape, single_entry
+from cspify.graph import cat_parts, region_between, shape, single_entry, transition_after
 from cspify.ops import role_of
-from cspify.rules import register
-from cspify.rules.dense import cat_parts, transition_after
+from cspify.rules.registry import register
 from cspify.stage import Stage
 from cspify.trace import Traced
 
@@ -45,7 +44,7 @@ def _entry(traced: Traced, first: str, order: dict[str, int]) -> str | None:
     return None
 
 
-@register("aggregation", priority=1)
+@register("aggregation", "layer chains concatenated once", priority=1)
 def find(traced: Traced) -> list[Stage]:
     gm, graph = traced.gm, traced.graph
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}

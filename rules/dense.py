@@ -17,49 +17,13 @@ from __future__ import annotations
 import networkx as nx
 
 from cspify.channels import stream_axis
-from cspify.graph import cat_args, region_between, shape, single_entry
-from cspify.ops import channel_dim, role_of
-from cspify.rules import register
+from cspify.graph import cat_parts, region_between, shape, single_entry, transition_after
+from cspify.rules.registry import register
 from cspify.stage import Stage
 from cspify.trace import Traced
 
 
-def cat_parts(node) -> tuple[list, int] | None:
-    """The inputs of a torch.cat node along a non-batch axis, and that axis; None for any
-    other node."""
-    if node.op != "call_function" or shape(node) is None or len(shape(node)) < 3:
-        return None
-    parts, dim = cat_args(node)
-    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int) or dim % len(shape(node)) == 0:
-        return None
-    return list(parts), dim % len(shape(node))
-
-
-def transition_after(traced: Traced, output, axis: int) -> tuple[str, ...]:
-    """Norm/act nodes, a 1x1 group-1 conv, then norm/act nodes: each the single user, each
-    reading the channels on ``axis`` where it has a channel axis."""
-    gm = traced.gm
-    tail, node, seen_conv = [], output, False
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        role = role_of(user, gm)
-        if channel_dim(user, gm) not in (None, axis):
-            break
-        if role in ("norm", "act") and user.args and user.args[0] is node:
-            tail.append(user.name)
-        elif role == "conv" and not seen_conv and user.args[0] is node:
-            conv = gm.get_submodule(user.target)
-            if conv.groups != 1 or any(k != 1 for k in conv.kernel_size):
-                break
-            tail.append(user.name)
-            seen_conv = True
-        else:
-            break
-        node = user
-    return tuple(tail) if seen_conv else ()
-
-
-@register("dense")
+@register("dense", "DenseNet-style concat chains")
 def find(traced: Traced) -> list[Stage]:
     gm, graph, nodes = traced.gm, traced.graph, traced.nodes
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}

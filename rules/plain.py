@@ -5,7 +5,8 @@ A unit is a conv followed by the norm, activation and identity-like ops (a dropo
 are each its single user. Units chain when a unit's output feeds only the next unit's
 conv. A plain stage is a chain of at least two units whose outputs all have one shape,
 the same resolution as the chain's input (so the bypass can join the output); the first
-conv may change the width. The base is the first conv's input.
+conv may change the resolution or the width. The base is the first conv's input, or, where
+the first conv changes either, its output (a bypass carries features at the stage's width).
 
 Its width lives in its convs, not in its base: every conv of the chain is in
 ``Stage.inner``, so the partial stage runs at ``1 - gamma`` of the chain's width, as
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from cspify.channels import stream_axis
 from cspify.graph import shape
 from cspify.ops import role_of
-from cspify.rules import register
+from cspify.rules.registry import register
 from cspify.stage import Stage
 from cspify.trace import Traced
 
@@ -51,7 +52,7 @@ def _unit_at(traced: Traced, conv) -> Unit | None:
     return Unit(inputs[0].name, conv.name, tuple(members), node.name)
 
 
-@register("plain", priority=2)
+@register("plain", "conv chains of one width", priority=2)
 def find(traced: Traced) -> list[Stage]:
     gm, nodes = traced.gm, traced.nodes
     units = {
@@ -79,10 +80,21 @@ def find(traced: Traced) -> list[Stage]:
     return stages
 
 
+def _axis(traced: Traced, chain: list[Unit]) -> tuple[int | None, str]:
+    return stream_axis(traced, [n for unit in chain for n in unit.nodes], chain[0].input)
+
+
+def _width(node, axis: int) -> int | None:
+    dims = shape(node)
+    return dims[axis] if dims is not None and axis < len(dims) else None
+
+
 def _stage(traced: Traced, chain: list[Unit]) -> Stage | None:
     """The chain as a plain stage (None below two units). Where the first conv changes the
-    resolution (a strided conv), the bypass could not join the output: the chain then
-    starts after it, with its output as the base."""
+    resolution (a strided conv), the bypass could not join the output; where it changes the
+    width (a VGG's first conv, reading the 3 channels of the input image), the bypass would
+    carry the base's own channels, not features at the stage's width: in both cases the
+    chain starts after it, with its output as the base."""
     nodes = traced.nodes
     first = chain[0]
     if shape(nodes[first.input]) is None or len(shape(nodes[first.input])) != len(shape(nodes[first.output])):
@@ -91,9 +103,14 @@ def _stage(traced: Traced, chain: list[Unit]) -> Stage | None:
         chain = chain[1:]  # spatial axes differ (channels-first layout: convs read axis 1)
     if len(chain) < 2:
         return None
+    axis, problem = _axis(traced, chain)
+    if axis is not None and len(chain) > 1 and _width(nodes[chain[0].input], axis) != _width(nodes[chain[0].output], axis):
+        chain = chain[1:]  # the first conv makes the stage's width: its output is the base
+        axis, problem = _axis(traced, chain)
+    if len(chain) < 2:
+        return None
     base = nodes[chain[0].input]
     blocks = [unit.nodes for unit in chain]
-    axis, problem = stream_axis(traced, [n for block in blocks for n in block], base.name)
     return Stage(
         name="",
         kind="plain",

@@ -31,7 +31,7 @@ import torch.fx as fx
 from cspify.channels import index_axes, stream_axis
 from cspify.graph import cat_args, region_between, shape, single_entry, tensor_inputs, with_constants
 from cspify.ops import role_of, rule_for
-from cspify.rules import register
+from cspify.rules.registry import register
 from cspify.stage import Stage
 from cspify.trace import Traced
 
@@ -203,7 +203,7 @@ def _activation_after(last: fx.Node, gm) -> list[fx.Node]:
     return []
 
 
-@register("residual")
+@register("residual", "chains of x + f(x) blocks")
 def find(traced: Traced) -> list[Stage]:
     gm, nodes = traced.gm, traced.nodes
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}

@@ -1,5 +1,5 @@
-"""cspify.cli.common, the layer every command stands on: one set of option declarations,
-one load-convert-measure step, one all-or-nothing writer for every command's files."""
+"""The layer every command stands on (cspify.cli.options, cspify.cli.run): one set of option
+declarations, one load-convert-measure step, one all-or-nothing writer for every command's files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import torch
 
 from cspify.cli import main
-from cspify.cli.common import Progress, load_convert_measure
+from cspify.cli.run import Progress, load_convert_measure
 from test_cli import TINY_RES, check_error, cli, listing, models, work  # noqa: F401
 
 SHARED = ["--stage", "--allow-costlier", "--weights", "--input-shape", "--scope", "--leaf", "--json", "--markdown",

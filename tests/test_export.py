@@ -17,7 +17,8 @@ from click.testing import CliRunner
 import cspify
 from cspify.cli import main
 from cspify.errors import OutputError
-from cspify.export import ExportError, Outputs, source_of, write_source
+from cspify.export import ExportError, source_of, write_source
+from cspify.files import Outputs
 from tiny_models import TinyDenseNet, TinyResNet, randomize_norms, seeded
 from test_cli import cli
 
@@ -199,6 +200,25 @@ def test_outputs_is_all_or_nothing(tmp_path):
         with Outputs() as out:
             out.file(str(tmp_path / "a.txt"), lambda f: f.write("new"))
     assert (tmp_path / "a.txt").read_text() == "keep" and listing(tmp_path) == ["a.txt"]
+
+
+def test_atomic_file_replaces_or_leaves_things_as_they_were(tmp_path):
+    from cspify.files import atomic_file
+
+    target = tmp_path / "run.ckpt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as f:
+            f.write(b"half")
+            raise RuntimeError("stopped while writing")
+    assert listing(tmp_path) == ["run.ckpt"] and target.read_bytes() == b"old"
+    with atomic_file(target) as f:
+        f.write(b"new")
+    assert listing(tmp_path) == ["run.ckpt"] and target.read_bytes() == b"new"
+    with pytest.raises(OutputError, match="cannot write the checkpoint") as caught:
+        with atomic_file(tmp_path / "nowhere" / "x.ckpt", name="the checkpoint 'x.ckpt'", hint="choose a folder"):
+            pass
+    assert caught.value.hint == "choose a folder"
 
 
 # ---------------------------------------------------------------- torch.fx's private table

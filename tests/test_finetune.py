@@ -230,6 +230,33 @@ def test_cli_calibrate_only(cli_setup):
     assert record["converted"]["top1"] == record["converted"]["top1_before_finetune"] is not None
 
 
+@pytest.mark.parametrize("where, named", [("finetune", True), ("calibrate", False)])
+def test_cli_stop_names_the_checkpoint_only_while_fine_tuning(cli_setup, monkeypatch, where, named):
+    import cspify.recovery
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cspify.recovery, where, stop)
+    result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "8", "-o", "csp.pt", "-q")
+    assert result.exit_code == 130, result.stderr + repr(result.exception)
+    assert ("epochs completed before the stop are in csp.pt.ckpt" in result.stderr) == named, result.stderr
+    assert "interrupted by Ctrl-C" in result.stderr and not (cli_setup / "csp.pt").exists()
+
+
+def test_recover_is_the_pipeline_the_command_runs(cli_setup):
+    from cspify.data import open_data
+
+    net = {}
+    exec((cli_setup / "net.py").read_text(), net)
+    data = open_data("data")
+    done = cspify.recover(net["Net"](), torch.randn(1, 1, *data.size), data, epochs=0, calibration_images=16)
+    record = done.to_dict()
+    assert record["finetune"] is None and record["calibration"]["images"] == 16
+    assert record["converted"]["top1"] == done.top1 == done.top1_before is not None
+    assert "top-1 (val)" in str(done) and "% saved" in done.table()
+
+
 def test_scope_conversion_distils_its_stages():
     from test_calibrate import Wrapped
 

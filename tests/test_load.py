@@ -536,6 +536,8 @@ def test_weights_that_do_not_fit_name_the_first_key(tmp_path):
 def test_weights_files_that_cannot_be_read(tmp_path):
     _weights_error(tmp_path, None, "does not exist")
     _weights_error(tmp_path, None, "cannot read", raw=b"not a torch file")
+    _weights_error(tmp_path, None, "not a file torch.save wrote", raw=b"hello")  # a pickle reader's KeyError: 101
+    _weights_error(tmp_path, None, "cannot read", raw=bytes(range(256)) * 8)
     _weights_error(tmp_path, {"net": NotATensor()}, "NotATensor", "weights_only=True")
     _weights_error(tmp_path, [torch.zeros(1)], "list", "not a state dict")
     _weights_error(tmp_path, {"epoch": 3, "lr": 0.1}, "no tensors", "'epoch'")

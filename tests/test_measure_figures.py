@@ -98,3 +98,31 @@ def test_one_fvcore_pass_counts_as_its_two_analyses():
         theirs = analysis.by_module()
         assert theirs[""] > 0 and set(theirs) == set(ours)
         assert {name: ours[name] for name in theirs} == dict(theirs)
+
+
+def test_figures_has_one_attribute_per_figures_entry_and_stages_roll_them_up():
+    from dataclasses import fields
+
+    from cspify.measure import FIGURES, Figures
+
+    assert [f.name for f in fields(Figures)] == [spec.key for spec in FIGURES]
+    assert Figures() == Figures(**{spec.key: spec.empty for spec in FIGURES})
+    m = measure(two_convs(False), X)
+    assert m.stage([]) == Figures()  # nothing to roll up: every figure is its entry's empty
+    whole = m.stage(m.node_targets.keys() | m.node_bytes.keys())
+    # every node: the node and layer figures are the totals; module ones sum the modules called
+    for spec in FIGURES:
+        if spec.per in ("node", "layer"):
+            assert getattr(whole, spec.key) == getattr(m.totals, spec.key), spec.key
+    assert whole.flops == m.totals.flops and whole.measured_peak_bytes is None
+
+
+def test_every_figures_entry_says_how_it_is_shown():
+    from cspify.measure import FIGURES
+
+    assert len({spec.key for spec in FIGURES}) == len(FIGURES)
+    for spec in FIGURES:
+        assert spec.per in ("module", "node", "layer", "model") and spec.unit in ("", "B", "ratio"), spec.key
+        assert spec.table in ("", "stages", "memory") and bool(spec.table) == bool(spec.column), spec.key
+        assert spec.per_stage or not spec.table, spec.key  # a per-stage table needs a per-stage figure
+        assert spec.plot is None or "{}" in spec.plot[0], spec.key

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import cspify
-from cspify.measure import measure
-from cspify.report import build_report, human, percent, saved, scale_of
+from cspify.measure import FIGURES, measure
+from cspify.record import StageRecord
+from cspify.report import StageRow, build_report, human, percent, saved, scale_of
 
 from tiny_models import TinyDenseNet, TinyResNet, seeded
 
@@ -96,3 +98,37 @@ def test_report_carries_the_new_figures_per_stage_and_in_total():
     markdown = report.to_markdown()
     assert markdown.count("```mermaid") == sum(r.converted for r in report.stages)
     assert "partial transition" in markdown and "bypass 4 ch" in markdown
+
+
+def test_a_row_reads_its_stage_through_the_record(resnet):
+    _, csp, _, report = resnet
+    layer2 = report.stages[1]
+    assert layer2.record is cspify.conversion_of(csp).stages[1]
+    assert (layer2.name, layer2.kind, layer2.channels) == (layer2.record.name, "residual", 16)
+    with pytest.raises(AttributeError):
+        layer2.no_such_field
+
+
+def test_json_per_stage_keys_are_the_shown_record_fields_and_the_figures(resnet):
+    row = resnet[3].to_dict()["stages"][1]
+    figures = [f"{f.key}_{when}" for f in FIGURES if f.per_stage for when in ("before", "after")]
+    assert list(row) == ["name", "kind", "channels", "bypass_channels", "converted", "reason", *figures,
+                         "notes", "gamma", "hidden", "time_before_ms", "time_after_ms"]
+    assert "measured_peak_bytes_before" not in row and isinstance(row["notes"], list)
+
+
+def test_a_new_record_field_reads_through_the_row_but_stays_out_of_the_json(resnet):
+    """A StageRecord field is one edit: the row reads it; the JSON shows it only when named there."""
+    stage = resnet[3].stages[1]
+    Longer = dataclasses.make_dataclass("Longer", [("calibrated", float, 0.25)], bases=(StageRecord,), frozen=True)
+    longer = StageRow(Longer(**dataclasses.asdict(stage.record)), stage.before, stage.after)
+    assert longer.calibrated == 0.25 and longer.name == stage.name
+    assert longer.to_dict() == stage.to_dict()
+
+
+def test_totals_show_one_row_per_figure_in_its_unit(resnet):
+    report = resnet[3]
+    totals = str(report).split("\n\n")[1].splitlines()[2:]
+    assert [line[:16].strip() for line in totals] == [f.label for f in FIGURES]
+    assert f"{report.original.layer_balance:.2f}" in totals[[f.key for f in FIGURES].index("layer_balance")]
+    assert human(report.original.memory_bytes, "B") in totals[[f.key for f in FIGURES].index("memory_bytes")]

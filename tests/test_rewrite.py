@@ -521,6 +521,27 @@ def test_lazy_modules_are_initialised_on_a_copy():
     assert gm(X).shape == model(X).shape
 
 
+class LazyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.LazyConv2d(8, 3, padding=1), nn.LazyBatchNorm2d(), nn.LazyConv2d(8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.b(torch.relu(self.norm(self.a(x)))))
+
+
+def test_lazy_modules_everywhere_through_the_python_api():
+    """LazyConv2d, LazyBatchNorm2d and LazyLinear inside the stages and the head: find_stages
+    and convert initialise them on a copy (deepcopy refuses uninitialised parameters)."""
+    model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.ReLU(), LazyBlock(), LazyBlock(),
+                          nn.Flatten(), nn.LazyLinear(10)).eval()
+    assert [s.kind for s in cspify.find_stages(model, X)] == ["residual"]
+    gm = cspify.convert(model, X)
+    assert conversion_of(gm).converted and gm(X).shape == (len(X), 10)
+    assert all(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+               for m in (model[0], model[2].a, model[2].norm, model[5]))  # the user's model is untouched
+
+
 def test_new_layers_are_in_the_mode_of_the_model_they_join():
     """A transition added to a model in eval mode is in eval mode too (conv-bn fusion and
     anything else that reads ``training`` on leaves sees one mode)."""

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from cspify.cli import main
-from cspify.cli.common import Interrupted, stop_on_signals
-from cspify.export import Outputs
+from cspify.cli.exits import Interrupted, stop_on_signals
+from cspify.files import Outputs
 
 # The model file makes the last file cspify writes (the JSON report) slow: it writes the
 # report, touches a marker file and sleeps, so the test knows every other target (-o,
@@ -154,15 +154,15 @@ def test_an_ignored_sigint_stays_ignored():
 
 def test_a_signal_during_the_renames_waits_until_every_target_is_in_place(tmp_path, monkeypatch):
     """Outputs holds SIGINT/SIGTERM while it moves targets into place: all land, then the stop."""
-    import cspify.export as export
+    import cspify.files as files
 
-    move = export._move_into_place
+    move = files._move_into_place
 
     def move_and_signal(tmp, target):
         move(tmp, target)
         signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(export, "_move_into_place", move_and_signal)
+    monkeypatch.setattr(files, "_move_into_place", move_and_signal)
     with pytest.raises(Interrupted):
         with stop_on_signals():
             with Outputs() as out:

@@ -103,13 +103,61 @@ def convert_checked(model, x=X, **kw):
 
 
 def test_plain_stages_are_conv_chains_of_one_width_and_resolution():
-    """The first conv may widen the stream; a strided first conv is left out of its chain,
-    which then starts at its output."""
+    """A first conv that widens the stream, or a strided one, is left out of its chain, which
+    then starts at its output: the bypass carries features at the stage's width."""
     model = seeded(VGGLike)
-    assert kinds(model) == [("stage1", "plain", 3), ("stage2", "plain", 2)]
+    assert kinds(model) == [("stage1", "plain", 2), ("stage2", "plain", 2)]
     stages = cspify.find_stages(model, X)
-    assert stages[0].base == "max_pool2d" and stages[1].base == "stage2_0_2"  # after the strided conv's relu
-    assert stages[0].inner == ("stage1_0_0", "stage1_1_0", "stage1_2_0")
+    assert stages[0].base == "stage1_0_2" and stages[1].base == "stage2_0_2"  # after the first conv's relu
+    assert stages[0].inner == ("stage1_1_0", "stage1_2_0") and stages[0].channels == 16
+
+
+class VGGStart(nn.Module):
+    """VGG's first stage: two 16-wide convs straight on the input image."""
+
+    def __init__(self, cin=3):
+        super().__init__()
+        self.features = nn.Sequential(cbr(cin, 16, 3), cbr(16, 16, 3), cbr(16, 16, 3))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_the_input_image_is_never_a_bypass():
+    """VGG16's and a U-Net's first plain stage read the image: its colour channels would be the
+    bypass (2 of 3), the first convs seeing one. The stage starts after the conv that makes its
+    width, so the bypass carries features."""
+    model = seeded(VGGStart)
+    csp = convert_checked(model)
+    [stage] = conversion_of(csp).converted
+    assert stage.base == "features_0_2" and (stage.bypass_channels, stage.through_channels, stage.channels) == (8, 8, 16)
+    assert csp.get_submodule("features.0.0").in_channels == 3  # the first conv sees every colour channel
+    assert "narrow" not in str(next(n for n in csp.graph.nodes if n.op == "placeholder").users)
+
+
+def test_a_stage_whose_layers_work_wider_than_its_base_is_refused_with_the_reason():
+    """An aggregation block straight on the image: its layers work at 16 channels, its base has
+    3, and the bypass cannot start after a layer (the concat reads the base)."""
+    model = nn.Sequential(OSA(cin=3, width=16, cout=16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 5)).eval()
+    [stage] = cspify.find_stages(model, X)
+    assert stage.kind == "aggregation"
+    with pytest.raises(NoStageError, match=r"the model's input has 3 channels, fewer than the 16 its layers work at"):
+        cspify.convert(model, X)
+
+
+def test_a_residual_chain_on_a_feature_map_input_stays_convertible():
+    """A refiner fed 32-channel features by an upstream network: its base is the model's
+    input, at the stream's own width."""
+    from tiny_models import Bottleneck
+
+    model = nn.Sequential(Bottleneck(32, 16, 32), Bottleneck(32, 16, 32)).eval()
+    x = torch.randn(2, 32, 8, 8)
+    csp = cspify.convert(model, x)
+    [stage] = conversion_of(csp).converted
+    assert stage.kind == "residual" and stage.bypass_channels == 16
+    assert drop_in_problems(model, csp, x) == []
 
 
 def test_a_plain_stage_runs_at_one_minus_gamma_of_its_width():
@@ -130,12 +178,13 @@ def test_narrowed_plain_layers_keep_the_weights_of_the_channels_they_see():
     assert torch.equal(after, before[:12, 12:])  # first 12 outputs (inner width), the through part's inputs
 
 
-def test_a_plain_chain_narrower_than_its_bypass_is_refused_with_the_reason():
-    model = nn.Sequential(cbr(3, 32, 3), nn.Sequential(cbr(32, 8, 1), cbr(8, 8, 3))).eval()
-    csp_stages = cspify.find_stages(model, X)
-    assert [s.kind for s in csp_stages] == ["plain"]
-    with pytest.raises(NoStageError, match=r"output \(8 channels\) is not wider than its bypass \(16 channels\)"):
-        cspify.convert(model, X)
+def test_a_plain_chain_starts_after_a_first_conv_that_narrows_it():
+    """32 -> 8 -> 8 -> 8: a bypass of the 32-channel base would not fit the 8-channel output;
+    from the first conv's output on, the chain converts."""
+    model = nn.Sequential(cbr(3, 32, 3), nn.Sequential(cbr(32, 8, 1), cbr(8, 8, 3), cbr(8, 8, 3))).eval()
+    [stage] = cspify.find_stages(model, X)
+    assert (stage.kind, stage.base, stage.channels, len(stage.blocks)) == ("plain", "_1_0_2", 8, 2)
+    assert drop_in_problems(model, cspify.convert(model, X), X) == []
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -304,8 +353,8 @@ def test_plain_chains_of_branches_that_read_one_input_are_each_found():
         def __init__(self):
             super().__init__()
             self.stem = cbr(3, 8, 3)
-            self.a = nn.Sequential(cbr(8, 16, 1), cbr(16, 16, 3))
-            self.b = nn.Sequential(cbr(8, 12, 3), cbr(12, 12, 3))
+            self.a = nn.Sequential(cbr(8, 8, 1), cbr(8, 8, 3))
+            self.b = nn.Sequential(cbr(8, 8, 3), cbr(8, 8, 3))
 
         def forward(self, x):
             x = self.stem(x)

@@ -1,6 +1,8 @@
 """The ``cspify`` command: a click group over one file per command.
 
-    common.py    options, load-convert-measure, errors and stops, progress, output files, training data
+    options.py   the shared options, declared once, and their checks before any long work
+    run.py       the shared steps: load, convert, measure, open DATA, calibrate, stage the reports
+    exits.py     errors -> one line and an exit code; SIGINT/SIGTERM -> a clean stop (130/143)
     convert.py   cspify convert, cspify analyze
     bench.py     cspify bench
     sweep.py     cspify sweep
@@ -18,7 +20,7 @@ from __future__ import annotations
 import click
 
 from cspify.cli import bench, convert, finetune, sweep
-from cspify.cli.common import MODEL_HELP
+from cspify.cli.options import MODEL_HELP
 
 __all__ = ["main"]
 

@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import click
 
-from cspify.cli.common import (
-    MODEL_HELP,
-    Progress,
-    batch_sizes,
-    check_options,
-    conversion_options,
-    guard,
-    load_convert_measure,
-    stage_reports,
-)
-from cspify.export import Outputs
+from cspify.cli.exits import guard
+from cspify.cli.options import MODEL_HELP, batch_sizes, check_options, conversion_options
+from cspify.cli.run import Progress, load_convert_measure, stage_reports
+from cspify.files import Outputs
 
 
 @click.command(help=f"Time MODEL and its CSP version side by side: median ms, speed-up, flops ratio.\n\n{MODEL_HELP}")

@@ -11,18 +11,11 @@ import click
 import torch
 
 from cspify.budget import Search
-from cspify.cli.common import (
-    MODEL_HELP,
-    Progress,
-    calibrate_data,
-    check_options,
-    conversion_options,
-    guard,
-    load_convert_measure,
-    plot_option,
-    stage_reports,
-)
-from cspify.export import Outputs, write_onnx, write_source
+from cspify.cli.exits import guard
+from cspify.cli.options import MODEL_HELP, check_options, conversion_options, plot_option
+from cspify.cli.run import Progress, calibrate_data, load_convert_measure, stage_reports
+from cspify.export import write_onnx, write_source
+from cspify.files import Outputs
 from cspify.fuse import fold_norms
 
 

@@ -9,36 +9,29 @@ A checkpoint is written after every epoch (``--checkpoint``, by default OUT.ckpt
 ``-o``); Ctrl-C or SIGTERM leaves the last complete one, and ``--resume CKPT`` continues from
 it. Bad data (a missing folder, no images, more classes than the model has outputs, a
 channel count the model does not take) is one ``error:`` line and exit code 7.
-``calibrate_data`` is what ``cspify convert --calibrate DATA`` runs.
+The work is ``cspify.recover``; this file parses its options and prints its record.
 """
 
 from __future__ import annotations
 
-import json
-
 import click
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from cspify import api
-from cspify.cli.common import (
+from cspify.cli.exits import guard
+from cspify.cli.options import (
     MODEL_HELP,
-    Progress,
-    calibrate_step,
-    check_fits,
     check_options,
     check_writable,
     config_from,
-    data_step,
-    guard,
-    load_model_step,
     model_options,
     point_options,
     stage_options,
 )
-from cspify.export import Outputs
-from cspify.finetune import Recipe, evaluate, finetune, init_distributed
+from cspify.cli.run import Progress, data_step, load_model_step, stage_reports
+from cspify.files import Outputs
+from cspify.finetune import init_distributed
+from cspify.recovery import recover
 
 
 @click.command("finetune", help=f"Convert MODEL, calibrate it on DATA, fine-tune it with distillation from MODEL, "
@@ -92,84 +85,24 @@ def _finetune(options: dict) -> None:
     if options["input_shape"] is None:
         options = dict(options, input_shape=",".join(map(str, (1, data.channels, *data.size))))
     loaded = load_model_step(options, progress)
-    model = loaded.model
-    check_fits(model, data, options["model"])
-    with progress("tracing and converting"):
-        csp = api.convert(model, loaded.example_inputs, config=config_from(options), scope=options["scope"],
-                          leaf_modules=options["leaves"], seed=options["seed"])
-    with progress("counting flops"):
-        report = api.compare(model, csp, loaded.example_inputs, scope=options["scope"], leaf_modules=options["leaves"])
-    model.to(device), csp.to(device)
-    with progress("scoring the original on the validation images"):
-        original_top1 = evaluate(model, data.val, device)
-    if not options["no_calibrate"] and options["resume"] is None:
-        calibrate_step(model, csp, data, options["calibration_images"], progress)
     try:
-        if options["epochs"]:
-            finetune(csp, data.train, teacher=model, epochs=options["epochs"], val_data=data.val, lr=options["lr"],
-                     batch_size=options["batch_size"], use_labels=not options["no_labels"], recipe=Recipe(),
-                     device=device, bf16=options["bf16"], checkpoint=checkpoint, resume=options["resume"],
-                     progress=lead and not options["quiet"], seed=options["seed"], num_workers=options["workers"])
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as guard() turns it into one
-        if lead:
+        done = recover(loaded.model, loaded.example_inputs, data, config=config_from(options), scope=options["scope"],
+                       leaf_modules=options["leaves"], seed=options["seed"],
+                       calibration_images=None if options["no_calibrate"] else options["calibration_images"],
+                       epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"],
+                       use_labels=not options["no_labels"], device=device, bf16=options["bf16"],
+                       checkpoint=checkpoint, resume=options["resume"], num_workers=options["workers"],
+                       progress=lead and not options["quiet"], steps=progress, name=options["model"])
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as guard() turns it into one
+        if lead and getattr(stop, "checkpoint", None):  # stopped while fine-tuning
             click.echo(f"cspify: epochs completed before the stop are in {checkpoint}; "
                        f"continue with --resume {checkpoint}", err=True)
         raise
-    run = _run_record(csp, options["scope"])
-    if run is None:  # --epochs 0
-        with progress("scoring the converted model"):
-            before = after = evaluate(csp, data.val, device)
-    else:  # finetune scored it before its first epoch (a resumed run kept that score)
-        before, after = run.val_top1_before, run.epochs[-1].val_top1 if run.epochs else None
-    record = {
-        "data": data.summary(),
-        "original": {"top1": original_top1, "flops": report.original.flops, "params": report.original.params},
-        "converted": {"top1_before_finetune": before, "top1": after, "flops": report.converted.flops,
-                      "params": report.converted.params},
-        "conversion": report.to_dict(),
-        "calibration": _calibration_record(csp, options["scope"]),
-        "finetune": run.to_dict() if run is not None else None,
-    }
     if lead:
         with Outputs(force=options["force"]) as out:  # all written, or none
-            out.file(options["output"], lambda f: torch.save(csp, f), binary=True)
-            if options["json_path"]:
-                out.file(options["json_path"], lambda f: json.dump(record, f, indent=2))
-        click.echo(side_by_side(record))
+            out.file(options["output"], lambda f: torch.save(done.csp, f), binary=True)
+            stage_reports(out, options, done)
+        click.echo(str(done))
         click.echo(f"\nsaved the fine-tuned model to {options['output']}")
     if parallel:
         dist.destroy_process_group()
-
-
-def side_by_side(record: dict) -> str:
-    """Top-1, flops and params of the original and the converted model, as a table."""
-    from tabulate import tabulate
-
-    from cspify.report import human
-
-    o, c = record["original"], record["converted"]
-    rows = [
-        ["top-1 (val)", _percent(o["top1"]), _percent(c["top1"]),
-         f"{100 * (c['top1'] - o['top1']):+.2f} pts" if c["top1"] is not None else ""],
-        ["  before fine-tuning", "", _percent(c["top1_before_finetune"]), ""],
-        ["flops", human(o["flops"]), human(c["flops"]), f"{100 * (1 - c['flops'] / o['flops']):.1f}% saved"],
-        ["params", human(o["params"]), human(c["params"]), f"{100 * (1 - c['params'] / o['params']):.1f}% saved"],
-    ]
-    return tabulate(rows, headers=["", "original", "converted", "change"], disable_numparse=True)
-
-
-def _percent(value: float | None) -> str:
-    return f"{100 * value:.2f}%" if value is not None else "-"
-
-
-def _run_record(csp: nn.Module, scope: str | None):
-    from cspify.finetune import META_KEY
-
-    return (csp.get_submodule(scope) if scope else csp).meta.get(META_KEY)
-
-
-def _calibration_record(csp: nn.Module, scope: str | None):
-    from cspify.calibrate import META_KEY
-
-    found = (csp.get_submodule(scope) if scope else csp).meta.get(META_KEY)
-    return found.to_dict() if found is not None else None

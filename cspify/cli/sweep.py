@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import click
 
-from cspify.cli.common import (
+from cspify.cli.exits import guard
+from cspify.cli.options import (
     MODEL_HELP,
-    Progress,
     batch_sizes,
     check_options,
-    guard,
-    load_model_step,
     model_options,
     output_options,
     plot_option,
     stage_options,
-    stage_reports,
 )
+from cspify.cli.run import Progress, load_model_step, stage_reports
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
 from cspify.errors import ConfigError
-from cspify.export import Outputs
+from cspify.files import Outputs
 
 
 @click.command(help=f"Convert MODEL at every gamma, fusion and hidden given; one table of the savings.\n\n{MODEL_HELP}")

@@ -1,0 +1,177 @@
+"""The options every command shares, declared once, and their validation before any long work.
+
+    @click.command()
+    @conversion_options                      # MODEL, --gamma ... --weights, --json ... --debug
+    def analyze(**options):
+        check_options(options)               # bad options and unwritable outputs: an error now
+        config = config_from(options)        # the conversion options as one CSPConfig
+
+``options`` is the dict click passes: the keys are the parameter names declared here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from cspify.budget import OBJECTIVES, Goal
+from cspify.config import FUSIONS, HIDDEN, CSPConfig
+from cspify.errors import ConfigError, OutputError
+from cspify.load import check_weights_file, parse_shape
+from cspify.rules import KINDS
+
+MODEL_HELP = (
+    "MODEL is path/to/model.py[:Name], torchvision:NAME, timm:NAME or ultralytics:NAME.yaml. "
+    "A model file is executed to build the model: only use files you trust."
+)
+
+_MODEL = (
+    click.argument("model"),
+    click.option("--weights", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+                 help="Load this state dict into the model before converting (torch.load with weights_only=True; "
+                      "a checkpoint's 'state_dict' or 'model' entry and a DDP 'module.' prefix are understood)."),
+    click.option("--input-shape", default=None, metavar="N,C,H,W",
+                 help="Example input shape [default: example_inputs() from the file, else 1,3,224,224]."),
+    click.option("--scope", default=None, metavar="PATH",
+                 help="Convert only this submodule (e.g. backbone.body) inside a copy of the whole model."),
+    click.option("--leaf", "leaves", multiple=True, metavar="PATH",
+                 help="Keep this submodule opaque when tracing (repeatable)."),
+)
+_STAGES = (
+    click.option("--kind", "kinds", default=None, metavar="KIND[,KIND]",
+                 help=f"Look only for stages of these kinds ({', '.join(KINDS)}) [default: every kind]; "
+                      "residual,dense is the paper's transform alone."),
+    click.option("--stage", "stages", multiple=True, metavar="NAME",
+                 help="Convert only this stage (repeatable); see `cspify analyze`."),
+    click.option("--allow-costlier", is_flag=True,
+                 help="Also convert stages whose new partial transition costs more than they save."),
+)
+_OBJECTIVE = (
+    click.option("--objective", type=click.Choice(OBJECTIVES), default="flops", show_default=True,
+                 help="What chooses the stages: flops (fvcore's count), or latency (each stage timed on the "
+                      "target device, CUDA when present, else the CPU, in the converted model with it and without "
+                      "it; converted only where the model runs faster with it)."),
+    click.option("--target-flops", default=None, metavar="FRACTION",
+                 help="Choose each stage's gamma and inner widths so the model keeps this fraction of the "
+                      "original's flops (0.7: 30% fewer); with --objective latency, the cuts that buy the most time."),
+    click.option("--target-latency", default=None, metavar="FRACTION",
+                 help="The same for the measured time on the target device (0.8: 20% faster)."),
+)
+_POINT = (
+    click.option("--gamma", default="0.5", show_default=True,
+                 help="Fraction of channels that bypass each stage (0 < gamma < 1)."),
+    click.option("--fusion", type=click.Choice(FUSIONS), default="last", show_default=True,
+                 help="Transition then concat (last) or concat then transition (first)."),
+    click.option("--hidden", type=click.Choice(HIDDEN), default="keep", show_default=True,
+                 help="Keep the blocks' inner widths, or scale them by 1 - gamma."),
+    click.option("--round-to", default="1", show_default=True, metavar="N",
+                 help="Round every narrowed width to a multiple of N channels (8 or 16 keeps CPU and GPU kernels "
+                      "on their fast paths)."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seed of the new layers' initialisation (same seed, same model)."),
+)
+
+
+def _apply(fn, decorators):
+    for decorate in reversed(decorators):  # click lists options in the order written here
+        fn = decorate(fn)
+    return fn
+
+
+def model_options(fn):
+    """MODEL and how to build and trace it: --weights, --input-shape, --scope, --leaf."""
+    return _apply(fn, _MODEL)
+
+
+def stage_options(fn):
+    """Which stages to convert: --kind, --stage, --allow-costlier."""
+    return _apply(fn, _STAGES)
+
+
+def objective_options(fn):
+    """How the stages and their options are chosen: --objective, --target-flops, --target-latency."""
+    return _apply(fn, _OBJECTIVE)
+
+
+def point_options(fn):
+    """One conversion's choices: --gamma, --fusion, --hidden, --round-to, --seed."""
+    return _apply(fn, _POINT)
+
+
+def output_options(what: str = "report"):
+    """--json, --markdown (of ``what`` the command prints), --force, -q, --debug."""
+    return lambda fn: _apply(fn, (
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), help=f"Write the {what} as JSON."),
+        click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
+                     help=f"Write the {what} as Markdown."),
+        click.option("--force", is_flag=True, help="Overwrite output files that exist."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr."),
+        click.option("--debug", is_flag=True, help="Show Python tracebacks."),
+    ))
+
+
+def plot_option(help: str):
+    """--plot PATH.png, written with the command's other files (``stage_reports(plot=...)``)."""
+    return click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="PATH.png",
+                        help=help)
+
+
+def conversion_options(fn):
+    """Everything one conversion takes (convert, analyze, bench)."""
+    return point_options(objective_options(stage_options(model_options(output_options()(fn)))))
+
+
+def config_from(options: dict) -> CSPConfig:
+    """The conversion options as one validated record."""
+    return CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
+                     options["allow_costlier"], options["kinds"], round_to=options["round_to"])
+
+
+def goal_from(options: dict) -> Goal:
+    """--objective, --target-flops and --target-latency as one validated Goal (the default
+    where a command has none of them)."""
+    return Goal(options.get("objective", "flops"), options.get("target_flops"), options.get("target_latency"))
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,16"`` -> (1, 16); a ConfigError for anything else."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"batch sizes {text!r} are not a list of positive integers.", "write them as --batch-sizes 1,16")
+    return values
+
+
+def check_options(options: dict, *outputs: str | None) -> None:
+    """What can be refused before any long work: the conversion options (where the command
+    takes them), the input shape, the weights file, and every output path (``options``'
+    --json/--markdown/--plot and ``outputs``)."""
+    if "gamma" in options:
+        config_from(options)
+    if "objective" in options:
+        goal_from(options)
+    if options["input_shape"] is not None:
+        parse_shape(options["input_shape"])
+    if options["weights"] is not None:
+        check_weights_file(options["weights"])
+    reports = (options.get(key) for key in ("json_path", "markdown_path", "plot_path"))
+    for path in (p for p in (*outputs, *reports) if p):
+        check_writable(path, options["force"])
+
+
+def check_writable(path: str, force: bool) -> None:
+    """An OutputError when ``path`` exists (without ``force``) or its folder cannot take it."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise OutputError(f"{path} already exists.", "pass --force to overwrite it, or choose another path")
+    folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file, not a folder.", "choose a path inside a folder")
+    if not folder.is_dir():
+        raise OutputError(f"folder {folder} does not exist.", "create it first or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"folder {folder} is not writable.", "choose another path")

@@ -1,0 +1,124 @@
+"""The steps commands run, each with its progress line: load MODEL, convert and measure it,
+open DATA and calibrate on it, and stage the report files.
+
+    progress = Progress(options["quiet"])    # "cspify: loading model.py ... 0.4s" on stderr
+    done = load_convert_measure(options, progress)
+    with Outputs(force=options["force"]) as out:    # cspify.files: every file, all written or none
+        stage_reports(out, options, done.report)    # --json, --markdown, --plot
+
+``options`` is the dict click passes, with the keys ``cli.options`` declares.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import click
+import torch.nn as nn
+
+from cspify import api
+from cspify.budget import Goal, Search
+from cspify.cli.options import config_from, goal_from
+from cspify.data import ImageData, check_fits, open_data
+from cspify.files import Outputs
+from cspify.load import Loaded, load_model, parse_shape
+from cspify.recovery import calibrate_on
+from cspify.report import Report
+
+
+class Progress:
+    """One line per step on stderr, with its time, so long work is never silent.
+
+        progress = Progress(quiet=False)
+        with progress("loading model.py"):    # "cspify: loading model.py ... 0.4s" (or "... failed")
+            ...
+    """
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    @contextmanager
+    def __call__(self, what: str):
+        start = time.perf_counter()
+        if not self.quiet:
+            click.echo(f"cspify: {what} ...", err=True, nl=False)
+        try:
+            yield
+        except BaseException:
+            if not self.quiet:
+                click.echo(" failed", err=True)
+            raise
+        if not self.quiet:
+            click.echo(f" {time.perf_counter() - start:.1f}s", err=True)
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What the load-convert-measure step gives a command."""
+
+    model: nn.Module          # the original, as loaded (with --weights)
+    inputs: tuple             # its example inputs
+    csp: nn.Module            # the converted model
+    report: Report            # both models measured
+
+
+def load_model_step(options: dict, progress: Progress) -> Loaded:
+    """MODEL (with --weights, --input-shape) as a module and example inputs, with its progress line."""
+    shape = parse_shape(options["input_shape"]) if options["input_shape"] is not None else None
+    weights = options["weights"]
+    with progress(f"loading {options['model']}" + (f" with weights {weights}" if weights else "")):
+        return load_model(options["model"], shape, weights=weights)
+
+
+def load_convert_measure(options: dict, progress: Progress, measuring: str = "measuring both models",
+                         search: Search | None = None) -> Converted:
+    """Load MODEL, convert it with the options, measure both: one progress line per step.
+    ``search``: how a budget or the latency objective times stages (``bench`` times them as
+    it times the models)."""
+    config, goal = config_from(options), goal_from(options)
+    loaded = load_model_step(options, progress)
+    with progress(_choosing(goal) if goal.active else "tracing and converting"):
+        csp = api.convert(loaded.model, loaded.example_inputs, config=config, scope=options["scope"],
+                          leaf_modules=options["leaves"], seed=options["seed"], objective=goal.objective,
+                          target_flops=goal.target_flops, target_latency=goal.target_latency,
+                          search=search if goal.active else None)
+    with progress(measuring):
+        report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
+                             leaf_modules=options["leaves"])
+    return Converted(loaded.model, loaded.example_inputs, csp, report)
+
+
+def _choosing(goal: Goal) -> str:
+    """The progress line of a conversion a goal chooses (it converts, measures or times many times)."""
+    what = [f"{what} {value:g}" for what, value in goal.targets] or ["the stages that pay"]
+    how = "timing each stage" if goal.timed else "measuring every stage at each option"
+    return f"choosing stages for {' and '.join(what)} by {goal.objective} ({how})"
+
+
+def data_step(path: str, progress: Progress, channels: int | None = None) -> ImageData:
+    """DATA opened, with its progress line."""
+    with progress(f"reading {path}"):
+        return open_data(path, channels=channels)
+
+
+def calibrate_data(path: str, model: nn.Module, csp: nn.Module, spec: str, progress: Progress,
+                   images: int = 2048) -> None:
+    """``cspify convert --calibrate DATA``: open DATA, check MODEL takes its images, calibrate."""
+    data = data_step(path, progress)
+    check_fits(model, data, spec, classes=False)
+    calibrate_on(model, csp, data, images, progress)
+
+
+def stage_reports(out: Outputs, options: dict, result, plot: Callable | None = None) -> None:
+    """Stage --json (``result.to_dict()``), --markdown (``result.to_markdown()``) and --plot
+    (``plot(result, file)``) in ``out``, the command's one all-or-nothing writer."""
+    if options.get("json_path"):
+        out.file(options["json_path"], lambda f: json.dump(result.to_dict(), f, indent=2))
+    if options.get("markdown_path"):
+        out.file(options["markdown_path"], lambda f: f.write(result.to_markdown()))
+    if options.get("plot_path") and plot is not None:
+        out.file(options["plot_path"], lambda f: plot(result, f), binary=True)
