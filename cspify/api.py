@@ -401,6 +401,7 @@ def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[st
             bypass_channels=p.bypass_channels, through_channels=p.through_channels, base=p.stage.base,
             blocks=len(p.stage.blocks), nodes=tuple(p.stage.nodes), added=new, output=p.through_output,
             converted_output=new[-1] if p.converted and new else "", notes=tuple(p.notes), through_index=p.through_index,
+            narrowings=p.narrowings,
             gamma=config.for_stage(p.name).gamma, hidden=config.for_stage(p.name).hidden,
         ))
     return Conversion(config, tuple(stages), seed=seed, leaf_modules=leaf_modules, kept_whole=kept_whole)

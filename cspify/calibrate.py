@@ -40,37 +40,29 @@ model's inputs and the stages live in the scoped submodule.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cspify import rules
-from cspify.errors import ConfigError
-from cspify.graph import uncast
-from cspify.plan import plan_stage
-from cspify.record import Conversion, StageRecord, conversion_of
+from cspify.batches import image_batches
+from cspify.graph import cat_args, uncast
+from cspify.lstsq import LeastSquares, features_of, fits, outputs_of, rows_of, sample_rows, set_layer, targets_of
+from cspify.ops import role_of
+from cspify.record import CALIBRATE_KEY, Conversion, StageRecord, find_conversion, leave_step_record
 from cspify.taps import Taps, module_nodes, node_named, run_until_tapped
-from cspify.trace import Traced, capture_inputs, trace
+from cspify.trace import device_of, eval_mode, traced_original
 
-__all__ = ["calibrate", "Calibration", "Fit", "find_conversion", "image_batches", "stabilise_norms", "traced_original"]
+__all__ = ["calibrate", "Calibration", "Fit", "stabilise_norms"]
 
-META_KEY = "cspify.calibrate"
 MAX_ROWS = 1 << 17  # rows (images x positions) a least-squares fit reads at most
 RIDGE = 1e-3  # ridge penalty, relative to the mean squared input feature
 READER_DEPTH = 3  # how deep after a stage output layers are refitted: its readers (1), theirs (2), ...
+PASSES = ("act", "norm", "identity")  # ops.role_of roles a partial transition may have after its layer
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
-               nn.Hardtanh, nn.PReLU, nn.SELU, nn.CELU)
-ACTIVATION_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish,
-                        torch.nn.functional.hardtanh}
-ACTIVATION_METHODS = {"relu", "relu_"}
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -135,42 +127,35 @@ def calibrate(
     start = time.perf_counter()
     scope, record = find_conversion(converted)
     part = converted.get_submodule(scope) if scope else converted
-    device = _device(converted)
+    device = device_of(converted)
     batches = [b.to(device) for b in image_batches(images, max_images, batch_size, seed)]
-    teacher, traced = traced_original(original, batches[0][:1], record, scope, device)
+    teacher, traced = traced_original(original, batches[0][:1], record.leaf_modules, scope, device)
     teacher_part = traced.gm
-    plans = _plans(traced, record) if inner else {}
     result = Calibration(images=sum(len(b) for b in batches), seconds=0.0)
     job = _Job(converted, part, teacher, teacher_part, batches, ridge, result)
-    modes = {m: m.training for m in converted.modules()}
-    converted.eval()
-    try:
-        with torch.no_grad():
-            stages = sorted(record.converted, key=_position(part))
-            elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
-            for stage in stages:
-                found = _transition_of(part, stage, record) if transitions else None
-                if isinstance(found, str):
-                    result.skipped.append(f"{stage.name}: {found}")
-                    found = None
-                layers = _inner_layers(part, teacher_part, stage, plans.get(stage.name)) if inner else []
-                layers = [layer for layer in layers if found is None or layer.node is not found.conv]
-                refit = {layer.node.name for layer in layers}
-                names = [n for n in _stage_norms(part, stage) if not _follows(part, n, refit)] if norms else []
-                _fit_layers(job, stage, layers, names)
-                if found is not None:
-                    _fit_transition(job, stage, found)
-                if readers:
-                    layers = _readers(part, teacher_part, stage.converted_output, reader_depth,
-                                      elsewhere - set(stage.nodes) - set(stage.added))
-                    _fit_layers(job, stage, layers)
-            if stable:
-                result.stabilised = stabilise_norms(converted, part, batches)
-    finally:
-        for module, flag in modes.items():
-            module.training = flag
+    with eval_mode(converted):
+        stages = sorted(record.converted, key=_position(part))
+        elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
+        for stage in stages:
+            found = _transition_of(part, stage, record) if transitions else None
+            if isinstance(found, str):
+                result.skipped.append(f"{stage.name}: {found}")
+                found = None
+            layers = _inner_layers(part, teacher_part, stage) if inner else []
+            layers = [layer for layer in layers if found is None or layer.node is not found.conv]
+            refit = {layer.node.name for layer in layers}
+            names = [n for n in _stage_norms(part, stage) if not _follows(part, n, refit)] if norms else []
+            _fit_layers(job, stage, layers, names)
+            if found is not None:
+                _fit_transition(job, stage, found)
+            if readers:
+                layers = _readers(part, teacher_part, stage.converted_output, reader_depth,
+                                  elsewhere - set(stage.nodes) - set(stage.added))
+                _fit_layers(job, stage, layers)
+        if stable:
+            result.stabilised = stabilise_norms(converted, part, batches)
     result.seconds = round(time.perf_counter() - start, 3)
-    part.meta[META_KEY] = result
+    leave_step_record(converted, CALIBRATE_KEY, result)
     return converted
 
 
@@ -189,82 +174,6 @@ class _Job:
 
     def __post_init__(self) -> None:
         self.taps, self.teacher_taps = Taps(self.part), Taps(self.teacher_part)
-
-
-# ---------------------------------------------------------------- inputs and models
-
-
-def find_conversion(model: nn.Module) -> tuple[str | None, Conversion]:
-    """Where in ``model`` cspify's conversion record is: (scope or None, record)."""
-    record = conversion_of(model)
-    if record is not None:
-        return None, record
-    for name, module in model.named_modules():
-        record = conversion_of(module)
-        if name and record is not None:
-            return name, record
-    raise ConfigError(
-        f"{type(model).__name__} was not made by cspify.convert, so there is no conversion to calibrate or distil.",
-        "pass the model cspify.convert returned (a torch.fx GraphModule that carries its conversion record)",
-    )
-
-
-def image_batches(images, max_images: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    """At most ``max_images`` input images from a tensor, a Dataset or an iterable of batches,
-    as a list of tensors of at most ``batch_size``."""
-    if max_images < 1 or batch_size < 1:
-        raise ConfigError(f"max_images and batch_size must be at least 1 (got {max_images} and {batch_size}).",
-                          "give positive numbers")
-    if isinstance(images, torch.Tensor):
-        return list(images[:max_images].split(batch_size))
-    if isinstance(images, torch.utils.data.Dataset) and hasattr(images, "__len__") and hasattr(images, "__getitem__"):
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(images), generator=generator)[:max_images].tolist()
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, chosen), batch_size=batch_size)
-        return image_batches(loader, max_images, batch_size)
-    found, count = [], 0
-    for item in images:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, torch.Tensor):
-            raise ConfigError(f"a batch of images is a {type(x).__name__}, not a tensor.",
-                              "give a tensor, a Dataset, or batches of tensors (or of (input, label) pairs)")
-        x = x[: max_images - count]
-        found += list(x.split(batch_size))
-        count += len(x)
-        if count >= max_images:
-            break
-    if not found:
-        raise ConfigError("no images to calibrate on.", "give at least one batch of images")
-    return found
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def traced_original(original: nn.Module, x: torch.Tensor, record: Conversion, scope: str | None, device):
-    """The original, traced as convert traced it, on ``device``, frozen, in eval mode:
-    (the whole model to run, the Traced part whose node names the record uses)."""
-    source = _device(original)
-    if scope:
-        part, inputs = capture_inputs(original, (x.to(source),), scope)
-        traced = trace(part, inputs, record.leaf_modules)
-        whole = copy.deepcopy(original)
-        parent, _, name = scope.rpartition(".")
-        setattr(whole.get_submodule(parent) if parent else whole, name, traced.gm)
-    else:
-        traced = trace(original, (x.to(source),), record.leaf_modules)
-        whole = traced.gm
-    whole.to(device).eval()
-    for p in whole.parameters():
-        p.requires_grad_(False)
-    return whole, traced
-
-
-def _plans(traced: Traced, record: Conversion) -> dict:
-    """The conversion's stage plans, planned again from the traced original: they say which
-    output channels each narrowed layer keeps (the record does not carry that)."""
-    return {plan.name: plan for plan in (plan_stage(traced, stage, record.config) for stage in rules.find_stages(traced, record.config.kinds))}
 
 
 def _position(gm: fx.GraphModule):
@@ -329,110 +238,6 @@ def stabilise_norms(model: nn.Module, gm: nn.Module, batches) -> int:
     return len(sums)
 
 
-# ---------------------------------------------------------------- least squares
-
-
-class LeastSquares:
-    """Normal equations of ``y = W x (+ b)``, accumulated over batches of rows."""
-
-    def __init__(self, features: int, outputs: int, intercept: bool, device) -> None:
-        width = features + int(intercept)
-        self.features, self.intercept = features, intercept
-        self.xx = torch.zeros(width, width, dtype=torch.float64, device=device)
-        self.xy = torch.zeros(width, outputs, dtype=torch.float64, device=device)
-        self.y_sum = torch.zeros(outputs, dtype=torch.float64, device=device)
-        self.yy = torch.zeros(outputs, dtype=torch.float64, device=device)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.float(), y.float()
-        if self.intercept:
-            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
-        self.xx += (x.T @ x).double()
-        self.xy += (x.T @ y).double()
-        self.y_sum += y.double().sum(0)
-        self.yy += y.double().square().sum(0)
-        self.rows += len(x)
-
-    def solve(self, ridge: float, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weights (outputs x features) and intercept (or None) minimising the squared error
-        plus ``ridge`` (relative to the mean squared feature) times the squared distance to
-        ``prior`` (outputs x features; zero when None); the intercept is not penalised."""
-        d = self.features
-        penalty = ridge * self.xx.diagonal()[:d].mean().clamp_min(1e-12)
-        a, b = self.xx.clone(), self.xy.clone()
-        a.diagonal()[:d] += penalty
-        if prior is not None:
-            b[:d] += penalty * prior.double().T
-        try:
-            solution = torch.linalg.solve(a, b)
-        except RuntimeError:  # singular (a constant input column, say): the least-norm solution
-            solution = torch.linalg.lstsq(a.cpu(), b.cpu(), driver="gelsd").solution.to(a.device)
-        weight = solution[:d].T
-        bias = solution[d] if self.intercept else None
-        return weight, bias
-
-    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
-        """Squared error of ``W x + b`` over the targets' total variance, on the rows seen."""
-        w = weight.double().T
-        if self.intercept:
-            b = bias.double() if bias is not None else torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
-            w = torch.cat([w, b[None]], 0)
-        elif bias is not None:
-            return float("nan")
-        sse = self.yy.sum() - 2 * (w * self.xy).sum() + (w * (self.xx @ w)).sum()
-        sst = self.yy.sum() - self.y_sum.square().sum() / max(self.rows, 1)
-        return float((sse / sst.clamp_min(1e-12)).clamp_min(0))
-
-    def input_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and uncentred second moment of the inputs (needs the intercept column)."""
-        d, n = self.features, max(self.rows, 1)
-        return self.xx[d, :d] / n, self.xx[:d, :d] / n
-
-
-def _fits(module: nn.Module) -> bool:
-    """Layers a least-squares fit can set: linear layers and ungrouped zero-padded convs
-    (any kernel in 2-d, 1x1 kernels in 1-d and 3-d)."""
-    if isinstance(module, nn.Linear):
-        return True
-    if not isinstance(module, CONVS) or module.groups != 1 or module.padding_mode != "zeros" \
-            or isinstance(module.padding, str):
-        return False
-    return isinstance(module, nn.Conv2d) or all(k == 1 for k in module.kernel_size)
-
-
-def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of features, one row per output position."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in _tuple(module.padding, x.ndim - 2)):
-        index = tuple(slice(None, None, s) for s in _tuple(module.stride, x.ndim - 2))
-        x = x[(slice(None), slice(None), *index)]
-        return x.movedim(1, -1).reshape(-1, x.shape[1])
-    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    return y.reshape(-1, y.shape[-1]) if isinstance(module, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
-
-
-def _tuple(value, n):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
-def _sample(rows: int, cap: int, generator: torch.Generator, device) -> torch.Tensor | None:
-    if rows <= cap:
-        return None
-    return torch.randperm(rows, generator=generator)[:cap].to(device)
-
-
-def _set_layer(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
-    if module.bias is not None:
-        module.bias.copy_(bias.to(module.bias.dtype) if bias is not None else torch.zeros_like(module.bias))
-
-
 # ---------------------------------------------------------------- partial transitions
 
 
@@ -458,15 +263,15 @@ def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -
     if record.config.fusion == "last":
         if not concat:
             return "its output is not a concat"
-        axis = (out.args[1] if len(out.args) > 1 else out.kwargs.get("dim", 0)) % rank
-        through, start = out.args[0][-1], stage.bypass_channels
+        parts, dim = cat_args(out)
+        through, axis, start = parts[-1], dim % rank, stage.bypass_channels
     elif concat:
         return None
     else:
         through, axis, start = out, None, 0
     chain, node = [], through  # from the transition's output back to its layer: norms and activations
-    while not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, *CONVS))):
-        if not (_is_activation(gm, node) or _is_norm(gm, node)) or not isinstance(node.args[0], fx.Node):
+    while role_of(node, gm) not in ("conv", "linear") or node.op != "call_module":
+        if role_of(node, gm) not in PASSES or not node.args or not isinstance(node.args[0], fx.Node):
             return f"its partial transition is not a conv, norm and activation ({node.name})"
         chain.append(node)
         node = node.args[0]
@@ -474,18 +279,16 @@ def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -
     own_axis = rank - 1 if isinstance(layer, nn.Linear) else 1
     if axis is not None and axis != own_axis:
         return f"its partial transition {node.target} does not act on the axis of its channels"
-    norms = [n for n in chain if _is_norm(gm, n)]
-    if not _fits(layer) or len(norms) > 1 or (norms and (norms[0] is not chain[-1] or own_axis != 1)):
+    norms = [n for n in chain if role_of(n, gm) == "norm"]
+    if not fits(layer) or len(norms) > 1 or (norms and (norms[0] is not chain[-1] or own_axis != 1
+                                                       or not _settable(gm.get_submodule(norms[0].target)))):
         return f"its partial transition {node.target} cannot be fitted by least squares"
     return _Transition(node, gm.get_submodule(norms[0].target) if norms else None, own_axis, start)
 
 
-def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A BatchNorm that can be set to pass values through: affine, with running statistics."""
-    if node.op != "call_module":
-        return False
-    module = gm.get_submodule(node.target)
-    return isinstance(module, _BatchNorm) and module.affine and module.track_running_stats
+def _settable(norm: nn.Module) -> bool:
+    """A norm that can be set to pass values through: a BatchNorm, affine, with running statistics."""
+    return isinstance(norm, _BatchNorm) and norm.affine and norm.track_running_stats
 
 
 def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
@@ -493,9 +296,9 @@ def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
     produces; the BatchNorm after it is set to pass the fitted values through."""
     conv_node, norm, start = found.conv, found.norm, found.start
     conv = job.part.get_submodule(conv_node.target)
-    width = _outputs(conv)
+    width = outputs_of(conv)
     intercept = norm is not None or conv.bias is not None
-    features = _rows(conv, torch.zeros(1, *conv_node.args[0].meta["tensor_meta"].shape[1:], device=conv.weight.device))
+    features = rows_of(conv, torch.zeros(1, *conv_node.args[0].meta["tensor_meta"].shape[1:], device=conv.weight.device))
     solver = LeastSquares(features.shape[1], width, intercept=True, device=conv.weight.device)
     generator = torch.Generator().manual_seed(0)
     cap = max(1, MAX_ROWS // len(job.batches))
@@ -505,43 +308,26 @@ def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
         for x in job.batches:
             run_until_tapped(job.student, x)
             run_until_tapped(job.teacher, x)
-            rows = _rows(conv, mine[source])
-            target = _targets(conv, theirs[stage.output].narrow(found.axis, start, width))
-            pick = _sample(len(rows), cap, generator, rows.device)
+            rows = rows_of(conv, mine[source])
+            target = targets_of(conv, theirs[stage.output].narrow(found.axis, start, width))
+            pick = sample_rows(len(rows), cap, generator, rows.device)
             solver.add(rows if pick is None else rows[pick], target if pick is None else target[pick])
     mean_x, second = solver.input_moments()  # before dropping the intercept column
     if not intercept:
-        solver = _without_intercept(solver)
+        solver = solver.without_intercept()
     weight, bias = solver.solve(job.ridge)
     if norm is not None:  # norm(W x) = W x + b: statistics of W x, weight sqrt(var + eps), bias mean + b
         mean = weight @ mean_x
         var = (((weight @ second) * weight).sum(1) - mean.square()).clamp_min(1e-6)
-        _set_layer(conv, weight, None)
+        set_layer(conv, weight, None)
         norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
         norm.running_var.copy_(var.to(norm.running_var.dtype))
         norm.weight.copy_((var + norm.eps).sqrt().to(norm.weight.dtype))
         norm.bias.copy_((mean + bias).to(norm.bias.dtype))
     else:
-        _set_layer(conv, weight, bias)
+        set_layer(conv, weight, bias)
     job.result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features,
                                round(solver.error(weight, bias), 5)))
-
-
-def _without_intercept(solver: LeastSquares) -> LeastSquares:
-    """The same normal equations with the intercept column dropped."""
-    d = solver.features
-    plain = copy.copy(solver)
-    plain.intercept = False
-    plain.xx, plain.xy = solver.xx[:d, :d], solver.xy[:d]
-    return plain
-
-
-def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), ACTIVATIONS)
-    if node.op == "call_function":
-        return node.target in ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and node.target in ACTIVATION_METHODS
 
 
 # ---------------------------------------------------------------- layers refitted to the original's outputs
@@ -558,7 +344,7 @@ class _Layer:
     role: str
 
 
-def _inner_layers(gm, teacher_gm, stage: StageRecord, plan) -> list[_Layer]:
+def _inner_layers(gm, teacher_gm, stage: StageRecord) -> list[_Layer]:
     """The convs and linears inside a narrowed stage, each with the output channels it keeps."""
     theirs = module_nodes(teacher_gm)
     inside, layers = set(stage.nodes), []
@@ -566,19 +352,14 @@ def _inner_layers(gm, teacher_gm, stage: StageRecord, plan) -> list[_Layer]:
         if node.op != "call_module" or node.name not in inside or len(theirs.get(node.target, ())) != 1:
             continue
         module = gm.get_submodule(node.target)
-        if not _fits(module) or type(module) is not type(teacher_gm.get_submodule(node.target)):
+        if not fits(module) or type(module) is not type(teacher_gm.get_submodule(node.target)):
             continue
-        narrowing = _narrowing(plan, node.name)
+        narrowing = stage.narrowing(node.name)
         keep = narrowing.out_keep if narrowing is not None else None
-        if _outputs(module) != (len(keep) if keep is not None else _outputs(teacher_gm.get_submodule(node.target))):
+        if outputs_of(module) != (len(keep) if keep is not None else outputs_of(teacher_gm.get_submodule(node.target))):
             continue  # the plan and the layer disagree: leave it
         layers.append(_Layer(node, theirs[node.target][0].name, keep, "inner"))
     return layers
-
-
-def _narrowing(plan, name: str):
-    """What the plan narrows the layer at node ``name`` to (None: nothing)."""
-    return plan.narrowing(name) if plan is not None else None
 
 
 def _readers(gm: fx.GraphModule, teacher_gm: fx.GraphModule, start: str, depth: int,
@@ -595,9 +376,9 @@ def _readers(gm: fx.GraphModule, teacher_gm: fx.GraphModule, start: str, depth: 
         if not after or not levels or node.name in stop or node.op == "output":
             continue
         d = min(levels)
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, *CONVS)):
+        if node.op == "call_module" and role_of(node, gm) in ("conv", "linear"):
             module = gm.get_submodule(node.target)
-            if (_fits(module) and len(mine[node.target]) == 1 and len(theirs.get(node.target, ())) == 1
+            if (fits(module) and len(mine[node.target]) == 1 and len(theirs.get(node.target, ())) == 1
                     and _same_layer(module, teacher_gm.get_submodule(node.target))):
                 found.append(_Layer(node, theirs[node.target][0].name, None, "reader"))
             d += 1
@@ -608,10 +389,6 @@ def _readers(gm: fx.GraphModule, teacher_gm: fx.GraphModule, start: str, depth: 
 
 def _same_layer(a: nn.Module, b: nn.Module) -> bool:
     return type(a) is type(b) and a.weight.shape == b.weight.shape and (a.bias is None) == (b.bias is None)
-
-
-def _outputs(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def _fit_layers(job: _Job, stage: StageRecord, layers: list[_Layer], norms: list[str] = ()) -> None:
@@ -648,10 +425,9 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
     for a in wave:
         module = modules[a.node.name]
         intercept = module.bias is not None or follow[a.node.name] is not None
-        features = module.in_features if isinstance(module, nn.Linear) else module.in_channels * _prod(module.kernel_size)
-        solvers[a.node.name] = LeastSquares(features, _outputs(module), intercept, module.weight.device)
+        solvers[a.node.name] = LeastSquares(features_of(module), outputs_of(module), intercept, module.weight.device)
     sources = {a.node.name: a.node.args[0].name for a in wave}
-    keeps = {a.node.name: torch.tensor(a.keep, device=_device(gm)) if a.keep is not None else None for a in wave}
+    keeps = {a.node.name: torch.tensor(a.keep, device=device_of(gm)) if a.keep is not None else None for a in wave}
     generator = torch.Generator().manual_seed(0)
     cap = max(1, MAX_ROWS // len(job.batches))
     estimating = [gm.get_submodule(node_named(gm, n).target) for n in norms]
@@ -670,12 +446,12 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
                 run_until_tapped(job.teacher, x)
                 for a in wave:
                     module, keep = modules[a.node.name], keeps[a.node.name]
-                    rows = _rows(module, mine[sources[a.node.name]])
+                    rows = rows_of(module, mine[sources[a.node.name]])
                     y = theirs[a.target]
                     if keep is not None:
                         y = y.index_select(-1 if isinstance(module, nn.Linear) else 1, keep)
-                    target = _targets(module, y)
-                    pick = _sample(len(rows), cap, generator, rows.device)
+                    target = targets_of(module, y)
+                    pick = sample_rows(len(rows), cap, generator, rows.device)
                     solvers[a.node.name].add(rows if pick is None else rows[pick], target if pick is None else target[pick])
     finally:
         for m, (momentum, training) in zip(estimating, saved):
@@ -691,9 +467,9 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
             result.skipped.append(f"{stage.name}: refitting {a.node.target} would not lower its error ({before:.4f})")
             continue
         if module.bias is not None:
-            _set_layer(module, weight, bias)
+            set_layer(module, weight, bias)
         else:
-            _set_layer(module, weight, None)
+            set_layer(module, weight, None)
             if bias is not None:  # y + b through BatchNorm(y) = BatchNorm with its mean moved by -b
                 norm.running_mean.sub_(bias.to(norm.running_mean.dtype))
         result.fits.append(Fit(stage.name, a.node.target, a.role, solver.rows, solver.features, round(after, 5),
@@ -707,10 +483,3 @@ def _norm_after(gm: fx.GraphModule, node: fx.Node):
         return None
     module = gm.get_submodule(users[0].target)
     return module if isinstance(module, _BatchNorm) and module.track_running_stats else None
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out

@@ -56,17 +56,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DistributedSampler
 
-from cspify.calibrate import find_conversion, traced_original
+from cspify.batches import batch_source, split_batch
 from cspify.errors import ConfigError, OutputError
 from cspify.files import atomic_file
-from cspify.graph import uncast
+from cspify.graph import cat_args, uncast
+from cspify.record import FINETUNE_KEY, find_conversion, leave_step_record
 from cspify.taps import tapping
+from cspify.trace import device_of, eval_mode, traced_original
 
 __all__ = ["finetune", "evaluate", "FinetuneRun", "EpochRecord", "Recipe", "DEFAULT_RECIPE", "init_distributed"]
-
-META_KEY = "cspify.finetune"
 
 
 @dataclass(frozen=True)
@@ -181,11 +181,12 @@ def finetune(
         scope, record = None, None
     part = converted.get_submodule(scope) if scope else converted
     converted.to(device)
-    loader = _loader(train_data, batch_size, seed, rank, world, num_workers, shuffle=True)
-    first = _inputs(next(iter(loader)))
+    source = batch_source(train_data, batch_size, num_workers)
+    loader = _loader(source, seed, rank, world)
+    first = split_batch(next(iter(loader)))[0]
     teacher_model = teacher_part = None
     if teacher is not None and record is not None:
-        teacher_model, traced = traced_original(teacher, first[:1].to(_device_of(teacher)), record, scope, device)
+        teacher_model, traced = traced_original(teacher, first[:1].to(device_of(teacher)), record.leaf_modules, scope, device)
         teacher_part = traced.gm
     elif teacher is not None:
         teacher_model = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
@@ -198,7 +199,7 @@ def finetune(
     starts = [_through_part(part, s) if through_only else None for s in stages]
 
     steps_per_epoch = _length(loader)
-    global_batch = batch_size * world if not isinstance(train_data, DataLoader) else (train_data.batch_size or 1) * world
+    global_batch = source.batch_size * world
     rate = lr if lr is not None else recipe.lr * global_batch / recipe.lr_batch
     optimizer = _optimizer(converted, recipe, rate)
     total = max(1, steps_per_epoch * epochs) if steps_per_epoch else None
@@ -222,9 +223,7 @@ def finetune(
         model = nn.parallel.DistributedDataParallel(converted, device_ids=[device.index] if device.type == "cuda" else None)
     if run.val_top1_before is None and val_data is not None and start_epoch == 0:
         run.val_top1_before = evaluate(converted, val_data, device, batch_size=max(batch_size, 256))
-    if not isinstance(getattr(part, "meta", None), dict):
-        part.meta = {}
-    part.meta[META_KEY] = run
+    leave_step_record(converted, FINETUNE_KEY, run)
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     try:
@@ -241,7 +240,7 @@ def finetune(
                 seen, began = 0, time.perf_counter()
                 bar = _progress(steps_per_epoch, epoch, epochs, progress and rank == 0)
                 for batch in loader:
-                    x, y = _split(batch)
+                    x, y = split_batch(batch)
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True) if (y is not None and use_labels) else None
                     with autocast():
@@ -308,27 +307,18 @@ def evaluate(model: nn.Module, data, device: str | torch.device = "cpu", *, batc
     scores its share of a Dataset and the counts are summed."""
     device = _device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        indices = list(range(rank, len(data), world))
-        data = DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size)
-        shared = True
-    else:
-        shared = False
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
+    source = batch_source(data, batch_size)
+    shared = source.dataset is not None
+    reader = source.loader(range(rank, len(source.dataset), world)) if shared else source.batches
     correct = total = 0
-    try:
-        with torch.no_grad():
-            for batch in data:
-                x, y = _split(batch)
-                if y is None:
-                    raise ConfigError("evaluate needs labels, and the data has none.", "give (inputs, labels) batches")
-                out = model(x.to(device))
-                correct += int((out.argmax(1) == y.to(device)).sum())
-                total += len(y)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(model):
+        for batch in reader:
+            x, y = split_batch(batch)
+            if y is None:
+                raise ConfigError("evaluate needs labels, and the data has none.", "give (inputs, labels) batches")
+            out = model(x.to(device))
+            correct += int((out.argmax(1) == y.to(device)).sum())
+            total += len(y)
     if shared and world > 1:
         counts = _all_sum(torch.tensor([correct, total], dtype=torch.float64), device)
         correct, total = int(counts[0]), int(counts[1])
@@ -360,8 +350,7 @@ def _through_part(gm, stage) -> tuple[int, int] | None:
     node = next((uncast(n) for n in gm.graph.nodes if n.name == stage.converted_output), None)
     if node is None or node.op != "call_function" or node.target is not torch.cat:
         return None
-    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return axis, stage.bypass_channels
+    return cat_args(node)[1], stage.bypass_channels
 
 
 def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor, through: tuple[int, int] | None = None) -> torch.Tensor:
@@ -378,27 +367,21 @@ def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor, through: tuple[int, 
 # ---------------------------------------------------------------- data
 
 
-def _loader(data, batch_size, seed, rank, world, num_workers, shuffle):
-    """A loader that shards and reshuffles per epoch deterministically (seed + epoch)."""
-    if isinstance(data, DataLoader):
-        if isinstance(data.dataset, torch.utils.data.IterableDataset):
-            return data
-        batch_size, num_workers, collate = data.batch_size or batch_size, data.num_workers, data.collate_fn
-        data = data.dataset
-    else:
-        collate = None
-    if isinstance(data, Dataset) and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
-        if len(data) == 0:
+def _loader(source, seed, rank, world):
+    """The training batches of this process, reshuffled per epoch deterministically (seed +
+    epoch): a Dataset by a DistributedSampler, batches as they come sharded by rank."""
+    if source.dataset is not None:
+        if len(source.dataset) == 0:
             raise ConfigError("the training data is empty.", "give at least one batch of images")
-        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                          collate_fn=collate, drop_last=False)
-    if iter(data) is data:
+        sampler = DistributedSampler(source.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=False)
+        return source.loader(sampler=sampler)
+    if source.once:
         raise ConfigError(
             "the training data is a one-shot iterator, which cannot be read again each epoch.",
             "give a Dataset, a DataLoader or a list of batches",
         )
-    return _Shard(data, rank, world) if world > 1 else data
+    return _Shard(source.batches, rank, world) if world > 1 and not source.shards_itself else source.batches
 
 
 class _Shard:
@@ -418,24 +401,6 @@ def _length(loader) -> int | None:
         return len(loader)
     except TypeError:
         return None
-
-
-def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(inputs, labels or None) from a batch: a tensor, or a tuple/list (inputs, labels, ...)."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch:
-        x = batch[0]
-        y = batch[1] if len(batch) > 1 else None
-        if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.ndim == 1 and len(y) == len(x):
-            return x, y
-        return x, None
-    raise ConfigError(f"a training batch is a {type(batch).__name__}, not a tensor or (inputs, labels).",
-                      "give batches of tensors, or of (inputs, labels) pairs")
-
-
-def _inputs(batch) -> torch.Tensor:
-    return _split(batch)[0]
 
 
 # ---------------------------------------------------------------- optimisation
@@ -536,10 +501,6 @@ def _device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU.", "use --device cpu")
     return device
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _all_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -179,8 +179,8 @@ register(nn.LayerNorm, role="norm", couple="layer_norm", narrow="per_channel", f
 register(nn.PReLU, role="act", narrow="per_channel", channel_dim=1)
 register(
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
     torch.relu, torch.sigmoid, torch.tanh,
     "relu", "sigmoid", "tanh",
     role="act",

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError
+from cspify.stage import Narrowing
 
 # Where each step leaves its record: GraphModule.meta[KEY] of the converted GraphModule (the
 # scoped submodule with a scope). This module owns the keys and the lookup; no other reads meta.
@@ -52,6 +53,11 @@ class StageRecord:
     time_before_ms: float | None = None  # with objective latency: the whole model's median ms on the target
     time_after_ms: float | None = None   # device without this stage and with it (the other chosen stages converted)
     through_index: tuple[int, ...] | None = None  # the base channels of the through part, where not the last ones
+    narrowings: tuple[Narrowing, ...] = ()  # which channels each narrowed layer keeps (nodes of the original)
+
+    def narrowing(self, node: str) -> Narrowing | None:
+        """What the conversion narrowed the layer at node ``node`` to (None: nothing)."""
+        return next((n for n in self.narrowings if n.node == node), None)
 
 
 @dataclass(frozen=True)
@@ -111,13 +117,19 @@ def attach(gm: nn.Module, record: Conversion) -> None:
 
 
 def step_record(model: nn.Module, key: str):
-    """What a step (``CALIBRATE_KEY``, ``FINETUNE_KEY``) left on the converted ``model``,
-    wherever its conversion record is (the scoped submodule with a scope), else None."""
-    scope, _ = find_conversion(model)
-    return (model.get_submodule(scope) if scope else model).meta.get(key)
+    """What a step (``CALIBRATE_KEY``, ``FINETUNE_KEY``) left on ``model``, else None: on the
+    module that carries the conversion record (the scoped submodule with a scope), or on the
+    model itself where cspify did not make it."""
+    return getattr(_holder(model), "meta", {}).get(key)
 
 
 def leave_step_record(model: nn.Module, key: str, value) -> None:
-    """Leave a step's record on the converted ``model``, beside its conversion record."""
-    scope, _ = find_conversion(model)
-    (model.get_submodule(scope) if scope else model).meta[key] = value
+    """Leave a step's record on ``model``, where ``step_record`` reads it."""
+    holder = _holder(model)
+    if not isinstance(getattr(holder, "meta", None), dict):
+        holder.meta = {}
+    holder.meta[key] = value
+
+
+def _holder(model: nn.Module) -> nn.Module:
+    return next((m for _, m in model.named_modules() if conversion_of(m) is not None), model)

@@ -22,6 +22,7 @@ as a leaf, and said so:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 from collections.abc import Iterable, Sequence
@@ -42,7 +43,7 @@ from cspify.ops import is_leaf
 
 __all__ = [
     "Traced", "Tracer", "trace", "symbolic_trace", "propagate_shapes", "networkx_view",
-    "as_inputs", "eval_mode", "capture_inputs", "shape", "ready_to_trace", "kept_whole",
+    "as_inputs", "eval_mode", "capture_inputs", "shape", "ready_to_trace", "kept_whole", "device_of", "traced_original",
 ]
 
 KEPT_WHOLE_KEY = "cspify_kept_whole"  # GraphModule.meta entry: the submodules tracing kept whole, and why
@@ -410,3 +411,25 @@ def _first_sentence(exc: BaseException) -> str:
 
 def _shape_of(x) -> str:
     return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def traced_original(original: torch.nn.Module, x: torch.Tensor, leaf_modules: Iterable[str], scope: str | None,
+                    device) -> tuple[torch.nn.Module, Traced]:
+    """The original, traced as ``convert`` traced it (the same ``leaf_modules``; with a
+    ``scope``, only the submodule there, fed what the whole model hands it on ``x``), on
+    ``device``, frozen, in eval mode: (the whole model to run, the Traced part whose node
+    names the conversion record uses). The user's model is left as it is."""
+    source = device_of(original)
+    if scope:
+        part, inputs = capture_inputs(original, (x.to(source),), scope)
+        traced = trace(part, inputs, leaf_modules)
+        whole = copy.deepcopy(original)
+        parent, _, name = scope.rpartition(".")
+        setattr(whole.get_submodule(parent) if parent else whole, name, traced.gm)
+    else:
+        traced = trace(original, (x.to(source),), leaf_modules)
+        whole = traced.gm
+    whole.to(device).eval()
+    for p in whole.parameters():
+        p.requires_grad_(False)
+    return whole, traced

@@ -478,15 +478,19 @@ def test_stages_a_budget_leaves_say_so(three):
     assert "the budget left it whole" in str(cspify.compare(three, csp, X))
 
 
-def test_per_stage_options_are_planned_again_alike(three):
-    """Calibration plans the conversion again from its record: each stage with its own options."""
-    from cspify.calibrate import _plans
+def test_the_record_carries_what_each_stage_narrowed(three):
+    """Calibration reads the narrowings from the record: each stage's, planned with its own options."""
+    from cspify import rules
+    from cspify.plan import plan_stage
     from cspify.trace import trace
 
     csp = cspify.convert(three, X, config=CSPConfig(stage_gammas={"stage1": 0.75}, stage_hidden={"stage2": "scale"}))
     record = conversion_of(csp)
-    plans = _plans(trace(three, X), record)
-    for stage in record.stages:
-        assert plans[stage.name].bypass_channels == stage.bypass_channels
-        assert plans[stage.name].gamma == stage.gamma
+    traced = trace(three, X)
+    for stage in rules.find_stages(traced, record.config.kinds):
+        plan = plan_stage(traced, stage, record.config)
+        saved = next(s for s in record.stages if s.name == plan.name)
+        assert saved.narrowings == plan.narrowings and saved.gamma == plan.gamma
+        assert saved.narrowings and saved.narrowing(saved.narrowings[0].node) == saved.narrowings[0]
+    assert record.stages[0].narrowing("no such node") is None
     cspify.calibrate(three, csp, torch.randn(16, 3, 16, 16))

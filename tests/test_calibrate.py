@@ -68,6 +68,22 @@ def test_every_input_form_gives_the_same_model():
     assert converted.meta["cspify.calibrate"].images == 24
 
 
+def test_a_transition_the_planner_accepts_is_fitted():
+    """Calibration reads the op table the planner reads: a Sigmoid after the partial
+    transition's conv and norm is an activation to both."""
+    model = randomize_norms(seeded(TinyResNet))
+    for block in model.modules():
+        for name, layer in block.named_children():
+            if isinstance(layer, nn.ReLU):
+                setattr(block, name, nn.Sigmoid())
+    converted = cspify.convert(model, X[:2])
+    assert any(isinstance(m, nn.Sigmoid) and "csp" in name for name, m in converted.named_modules())
+    calibrate(model, converted, X)
+    record = converted.meta["cspify.calibrate"]
+    assert not [reason for reason in record.skipped if "partial transition" in reason]
+    assert sum(f.role == "partial transition" for f in record.fits) == len(cspify.conversion_of(converted).converted)
+
+
 def test_modes_momenta_and_the_original_are_left_alone():
     model = randomize_norms(seeded(TinyResNet))
     original = copy.deepcopy(model.state_dict())
