@@ -101,7 +101,7 @@ class Data:
     """The training subset and the test set as normalised tensors, plus what ImageData knows."""
 
     def __init__(self, path: str, train_subset: int, test_subset: int | None = None) -> None:
-        data = open_data(path)
+        data = open_data(path, mean="data")  # the statistics the cached teachers were trained on
         self.image_data = data
         self.num_classes, self.channels, self.size = data.num_classes, data.channels, tuple(data.size)
         total = len(data.train)

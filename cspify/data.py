@@ -2,12 +2,16 @@
 
     data = open_data("/usr/share/datasets/fashion-mnist")   # the four IDX files, .gz or not
     data = open_data("photos")                              # photos/train/<class>/*, photos/val/<class>/*
-    data.train[0]            # (float tensor C,H,W, class index), normalised
-    data.num_classes, data.channels, data.size, data.mean, data.std
+    data = open_data(path, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    data.train[0]            # (float tensor C,H,W, class index)
+    data.num_classes, data.channels, data.size, data.mean, data.std, data.normalisation
     loader = torch.utils.data.DataLoader(data.train, batch_size=128, shuffle=True)
 
-Images become float tensors scaled to [0, 1], then normalised per channel by the training
-set's mean and std (kept on the record, so the same numbers can normalise new images).
+Images become float tensors scaled to [0, 1], and nothing more unless asked: ``mean`` and
+``std`` (one value, or one per channel) normalise them, ``mean="data"`` by the training
+images' own statistics. A model is scored on the inputs it was trained with, so the choice
+is the caller's, never a hidden default (the CLI takes it from ``--mean/--std`` or from what
+a zoo model says, and prints it).
 IDX files are read whole into memory as bytes; an image folder is decoded with PIL image by
 image. Bad data is one ``DataError`` sentence (exit code 7): a missing folder, no images,
 an unreadable IDX file, image and label counts that differ.
@@ -17,17 +21,17 @@ from __future__ import annotations
 
 import gzip
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from cspify.errors import DataError
 
-__all__ = ["DataError", "ImageData", "open_data", "IMAGE_SUFFIXES"]
+__all__ = ["DataError", "ImageData", "open_data", "IMAGE_SUFFIXES", "parse_normalisation"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 SPLITS = {"train": ("train",), "val": ("val", "t10k")}  # IDX files call the validation split t10k
@@ -44,11 +48,42 @@ class ImageData:
     num_classes: int
     channels: int
     size: tuple[int, int]
-    mean: tuple[float, ...] = ()
+    mean: tuple[float, ...] = ()   # () with std (): not normalised, images in [0, 1]
     std: tuple[float, ...] = ()
     classes: tuple[str, ...] = ()
     source: str = ""
     kind: str = ""  # "idx" or "folder"
+
+    @property
+    def normalisation(self) -> str:
+        """How the images are normalised, in words."""
+        if not self.mean:
+            return "none (images in [0, 1])"
+        return f"mean {_numbers(self.mean)}, std {_numbers(self.std)}"
+
+    def normalised(self, mean=None, std=None) -> ImageData:
+        """The same images normalised by ``mean`` and ``std`` (see ``open_data``) instead."""
+        if not mean and not std:  # None or (): none
+            mean, std = (), ()
+        elif isinstance(mean, str) and mean == "data":
+            mean, std = _own_statistics(self.train, self.channels)
+        else:
+            mean, std = _per_channel(mean, "mean", self.channels), _per_channel(std, "std", self.channels)
+            if any(s <= 0 for s in std):
+                raise DataError(f"a normalisation std must be positive (got {_numbers(std)}).", "give --std values above 0")
+        shown_mean, shown_std = mean or (0.0,), std or (1.0,)
+        return replace(self, train=self.train.with_normalisation(shown_mean, shown_std),
+                       val=self.val.with_normalisation(shown_mean, shown_std), mean=tuple(mean), std=tuple(std))
+
+    def fraction(self, part: float, seed: int = 0) -> ImageData:
+        """The same data with a seeded random ``part`` (0 < part <= 1) of its training images."""
+        if not 0 < part <= 1:
+            raise DataError(f"a fraction of the training images lies in (0, 1], not {part}.", "give for example --fraction 0.1")
+        if part == 1:
+            return self
+        count = max(1, round(part * len(self.train)))
+        chosen = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:count]
+        return replace(self, train=Subset(self.train, sorted(chosen.tolist())))
 
     def summary(self) -> dict:
         """What a run's record says about its data."""
@@ -59,10 +94,38 @@ class ImageData:
         }
 
 
-def open_data(path, *, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageData:
+def open_data(path, *, channels: int | None = None, size: tuple[int, int] | None = None, mean=None,
+              std=None) -> ImageData:
     """Open ``path``: a folder of the four MNIST-style IDX files, or ``train/`` and ``val/``
     ImageFolder trees. ``channels`` (1 or 3) converts the images (grey to RGB repeats the
-    channel); ``size`` (H, W) resizes them (bilinear); by default both are the data's own."""
+    channel); ``size`` (H, W) resizes them (bilinear); by default both are the data's own.
+    ``mean`` and ``std`` normalise them (``ImageData.normalised``); by default they stay in [0, 1]."""
+    data = _open(path, channels, size)
+    return data.normalised(mean, std) if mean is not None or std is not None else data
+
+
+def parse_normalisation(mean: str | None, std: str | None):
+    """``--mean/--std`` as ``ImageData.normalised`` takes them: comma lists of numbers,
+    "none" (no normalisation) or "data" (the training images' own); None where not given."""
+    words = {mean, std} - {None}
+    if not words:
+        return None
+    for word in ("none", "data"):
+        if word in words:
+            if words != {word}:
+                raise DataError(f"--mean and --std are both {word!r} or both numbers, not {mean!r} and {std!r}.",
+                                f"write --mean {word} alone, or numbers for both")
+            return ((), ()) if word == "none" else ("data", None)
+    if mean is None or std is None:
+        raise DataError("--mean and --std come together.", "give both, for example --mean 0.5 --std 0.25")
+    try:
+        return tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(","))
+    except ValueError:
+        raise DataError(f"--mean {mean!r} and --std {std!r} are not comma lists of numbers.",
+                        "write for example --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225, or --mean none") from None
+
+
+def _open(path, channels, size) -> ImageData:
     root = Path(path)
     if not root.exists():
         raise DataError(f"the data folder {str(root)!r} does not exist.", _LAYOUT)
@@ -106,6 +169,9 @@ class TensorImages(Dataset):
         images, labels = self.batch(torch.as_tensor(indices))
         return list(zip(images, labels.tolist()))
 
+    def with_normalisation(self, mean, std) -> TensorImages:
+        return TensorImages(self.images, self.labels, mean, std, self.size)
+
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and their labels at ``indices``, as two tensors."""
         x = (self.images[indices].float().div_(255) - self.mean) / self.std
@@ -128,6 +194,9 @@ class FolderImages(Dataset):
     def __getitem__(self, i):
         path, label = self.items[i]
         return (self.raw(i) - self.mean) / self.std, label
+
+    def with_normalisation(self, mean, std) -> FolderImages:
+        return FolderImages(self.items, self.mode, self.size, mean, std)
 
     def raw(self, i: int) -> torch.Tensor:
         """Image ``i`` as a float tensor C,H,W in [0, 1], before normalisation."""
@@ -190,13 +259,10 @@ def _open_idx(root: Path, files: dict[str, Path], channels, size) -> ImageData:
             raise DataError(f"cannot read {train_x.shape[1]}-channel images with {channels} channel.",
                             "grey images can be read as RGB, not the other way")
         train_x, val_x = train_x.expand(-1, channels, -1, -1), val_x.expand(-1, channels, -1, -1)
-    flat = train_x.transpose(0, 1).reshape(train_x.shape[1], -1).double() / 255
-    mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     out_size = tuple(size) if size is not None else tuple(train_x.shape[-2:])
     return ImageData(
-        TensorImages(train_x, train_y, mean, std, out_size), TensorImages(val_x, val_y, mean, std, out_size),
-        num_classes, train_x.shape[1], out_size, mean, std, tuple(str(c) for c in range(num_classes)), str(root), "idx",
+        TensorImages(train_x, train_y, (0.0,), (1.0,), out_size), TensorImages(val_x, val_y, (0.0,), (1.0,), out_size),
+        num_classes, train_x.shape[1], out_size, (), (), tuple(str(c) for c in range(num_classes)), str(root), "idx",
     )
 
 
@@ -258,22 +324,43 @@ def _open_folder(root: Path, channels, size) -> ImageData:
     first = _open_image(items["train"][0][0])
     mode = {1: "L", 3: "RGB"}[channels] if channels else ("L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
     out_size = tuple(size) if size is not None else (first.height, first.width)
-    train = FolderImages(items["train"], mode, out_size)
-    step = max(1, len(train) // STAT_SAMPLE)
-    total = torch.zeros(len(mode), dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    count = 0
-    for i in range(0, len(train), step):
-        x = train.raw(i).double()
-        total += x.sum((1, 2))
-        squares += (x * x).sum((1, 2))
-        count += x[0].numel()
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    train = FolderImages(items["train"], mode, out_size, mean, std)
-    val = FolderImages(items["val"], mode, out_size, mean, std)
-    return ImageData(train, val, len(classes), len(mode), out_size, mean, std, tuple(classes), str(root), "folder")
+    train, val = FolderImages(items["train"], mode, out_size), FolderImages(items["val"], mode, out_size)
+    return ImageData(train, val, len(classes), len(mode), out_size, (), (), tuple(classes), str(root), "folder")
+
+
+def _own_statistics(train: Dataset, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images in [0, 1]: all of an IDX set, a
+    spread-out sample of STAT_SAMPLE images of a folder."""
+    if isinstance(train, TensorImages):
+        flat = train.images.transpose(0, 1).reshape(train.images.shape[1], -1).double() / 255
+        mean, std = flat.mean(1), flat.std(1)
+    else:
+        step = max(1, len(train) // STAT_SAMPLE)
+        total = torch.zeros(channels, dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        count = 0
+        for i in range(0, len(train), step):
+            x = train.raw(i).double()
+            total += x.sum((1, 2))
+            squares += (x * x).sum((1, 2))
+            count += x[0].numel()
+        mean = total / count
+        std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std.clamp_min(1e-6))
+
+
+def _per_channel(values, what: str, channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in (values if isinstance(values, (tuple, list)) else [values]))
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise DataError(f"the normalisation {what} has {len(values)} values for {channels}-channel images.",
+                        f"give one {what}, or one per channel")
+    return values
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{v:.4g}" for v in values)
 
 
 def _list_images(folder: Path, classes: list[str], index: dict[str, int]) -> list[tuple[Path, int]]:

@@ -49,6 +49,9 @@ DEFAULT_SHAPE = (1, 3, 224, 224)
 class Loaded:
     model: nn.Module
     example_inputs: tuple
+    mean: tuple[float, ...] | None = None   # the input normalisation the model says it was trained with
+    std: tuple[float, ...] | None = None    # (None: it says nothing)
+    normalisation_from: str = ""            # where that was read
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -75,7 +78,7 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, weights: s
         model = _ready(ZOOS[zoo](name), spec)
         if weights is not None:
             load_weights(model, weights)
-        return Loaded(model, _inputs(input_shape))
+        return Loaded(model, _inputs(input_shape), *_normalisation(zoo, name, model))
     path, name = _split_file_spec(spec)
     namespace = _exec_file(path)
     model = _pick(namespace, path, name)
@@ -229,6 +232,25 @@ def _torchvision(name: str) -> nn.Module:
     # random weights throughout: a detector's backbone too (its builder would fetch ImageNet weights)
     backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
     return builder(weights=None, **backbone)
+
+
+def _normalisation(zoo: str, name: str, model: nn.Module) -> tuple:
+    """(mean, std, where it was read) of the inputs a zoo model is trained on, or Nones:
+    timm's ``pretrained_cfg``, the transforms of torchvision's default weights."""
+    if zoo == "timm":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if cfg.get("mean") and cfg.get("std"):
+            return tuple(cfg["mean"]), tuple(cfg["std"]), "timm's pretrained_cfg"
+    if zoo == "torchvision":
+        import torchvision
+
+        try:
+            preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        except (ValueError, KeyError, AttributeError, TypeError):
+            return None, None, ""
+        if getattr(preset, "mean", None) and getattr(preset, "std", None):
+            return tuple(preset.mean), tuple(preset.std), "the transforms of torchvision's default weights"
+    return None, None, ""
 
 
 def _timm(name: str) -> nn.Module:

@@ -28,6 +28,7 @@ from cspify.stage import Narrowing
 RECORD_KEY = "cspify"                # the Conversion, left by convert
 CALIBRATE_KEY = "cspify.calibrate"   # the Calibration, left by calibrate
 FINETUNE_KEY = "cspify.finetune"     # the FinetuneRun, left by finetune
+INPUTS_KEY = "cspify.inputs"         # {"mean": [...], "std": [...]}: the input normalisation it was fitted on
 
 
 @dataclass(frozen=True)

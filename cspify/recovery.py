@@ -10,7 +10,7 @@ from the original, and score both models; one record of it all.
 ``steps`` names each step as it starts: a callable that takes a sentence ("calibrating on
 2048 images") and returns a context manager around the step (the CLI's progress lines).
 A stop (KeyboardInterrupt) during fine-tuning propagates with ``.checkpoint`` set to the
-checkpoint that holds the epochs completed before it.
+checkpoint and ``.completed`` to the epochs it holds (0: none completed, nothing written).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from cspify import api
 from cspify.calibrate import Calibration, calibrate
 from cspify.config import CSPConfig
 from cspify.data import ImageData, check_fits
+from cspify.errors import DataError
 from cspify.finetune import Recipe, FinetuneRun, evaluate, finetune
-from cspify.record import CALIBRATE_KEY, FINETUNE_KEY, step_record
+from cspify.record import CALIBRATE_KEY, FINETUNE_KEY, INPUTS_KEY, leave_step_record, step_record
 from cspify.report import Report, human
 
 __all__ = ["recover", "Recovery", "calibrate_on"]
@@ -106,6 +107,7 @@ def recover(
     progress: bool = False,
     steps: Steps | None = None,
     name: str | None = None,
+    allow_chance: bool = False,
 ) -> Recovery:
     """Convert ``model`` (``cspify.convert`` with ``config``, ``scope``, ``leaf_modules``,
     ``seed``), calibrate it on ``calibration_images`` of ``data``'s training images (None:
@@ -116,6 +118,10 @@ def recover(
     A DataError first when ``model`` cannot take ``data``'s images or has fewer outputs
     than it has classes (``name`` is what the sentence calls the model). ``progress``
     shows fine-tuning's bars; ``steps`` names the other steps (see the module's docstring).
+    A DataError, before anything is fitted, when the original scores near chance on the
+    validation images (its inputs preprocessed otherwise than it was trained on, or wrong or
+    no weights), unless ``allow_chance``. The converted model keeps the normalisation of
+    ``data`` at ``meta["cspify.inputs"]``.
     """
     steps = steps or _silent
     check_fits(model, data, name)
@@ -127,6 +133,15 @@ def recover(
     model.to(device), csp.to(device)
     with steps("scoring the original on the validation images"):
         original_top1 = evaluate(model, data.val, device)
+    chance = 1 / max(data.num_classes, 1)
+    if original_top1 <= 1.5 * chance and not allow_chance:
+        raise DataError(
+            f"{name or type(model).__name__} scores {100 * original_top1:.1f}% on the validation images of "
+            f"{data.source}, about chance ({100 * chance:.1f}% for {data.num_classes} classes), with inputs normalised "
+            f"{data.normalisation}: the preprocessing likely differs from its training's, or its weights are wrong "
+            f"or missing.", "set the normalisation it was trained with (--mean/--std), pass its weights with --weights, "
+                            "or go on anyway with --allow-chance")
+    leave_step_record(csp, INPUTS_KEY, {"mean": list(data.mean), "std": list(data.std)})
     if calibration_images and resume is None:
         calibrate_on(model, csp, data, calibration_images, steps)
     if epochs:
@@ -136,6 +151,9 @@ def recover(
                      checkpoint=checkpoint, resume=resume, progress=progress, seed=seed, num_workers=num_workers)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the CLI turns it into one
             stop.checkpoint = checkpoint
+            run = step_record(csp, FINETUNE_KEY)
+            written = checkpoint is not None and os.path.exists(checkpoint)
+            stop.completed = len(run.epochs) if run is not None and written else 0
             raise
     run = step_record(csp, FINETUNE_KEY)
     if run is None:  # epochs 0

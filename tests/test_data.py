@@ -52,9 +52,36 @@ def test_idx_files(tmp_path, gz):
     x, y = data.train[4]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y == 1
     images = torch.stack([data.train[i][0] for i in range(len(data.train))])
-    assert abs(float(images.mean())) < 1e-4 and abs(float(images.std()) - 1) < 0.05  # normalised by the train split
-    assert len(data.mean) == len(data.std) == 1 and 0 < data.mean[0] < 1
+    assert 0 <= float(images.min()) and float(images.max()) <= 1  # by default not normalised: in [0, 1]
+    assert data.mean == data.std == () and data.normalisation == "none (images in [0, 1])"
+    own = data.normalised("data")
+    images = torch.stack([own.train[i][0] for i in range(len(own.train))])
+    assert abs(float(images.mean())) < 1e-4 and abs(float(images.std()) - 1) < 0.05  # by the train split's own
+    assert len(own.mean) == len(own.std) == 1 and 0 < own.mean[0] < 1 and own.normalisation.startswith("mean ")
     assert data.summary()["kind"] == "idx"
+
+
+def test_normalisation_is_what_the_caller_gives(tmp_path):
+    from cspify.data import parse_normalisation
+
+    data = open_data(idx_folder(tmp_path / "mnist"))
+    given = open_data(tmp_path / "mnist", mean=0.5, std=0.25)
+    assert torch.allclose(given.val[0][0], (data.val[0][0] - 0.5) / 0.25)
+    assert given.normalised(None).normalisation == data.normalisation  # back to none
+    rgb = open_data(tmp_path / "mnist", channels=3, mean=(0.4, 0.5, 0.6), std=(1, 2, 3))
+    assert rgb.mean == (0.4, 0.5, 0.6) and rgb.summary()["std"] == [1.0, 2.0, 3.0]
+    assert parse_normalisation(None, None) is None and parse_normalisation("none", "none") == ((), ())
+    assert parse_normalisation("0.1,0.2", "1,2") == ((0.1, 0.2), (1.0, 2.0)) and parse_normalisation("data", None)[0] == "data"
+    for mean, std, words in [(0.5, 0, "positive"), ((0.1, 0.2), 1, "2 values for 1-channel")]:
+        with pytest.raises(DataError, match=words):
+            data.normalised(mean, std)
+    for mean, std, words in [("0.5", None, "come together"), ("none", "0.2", "both 'none'"), ("a", "b", "comma lists")]:
+        with pytest.raises(DataError, match=words):
+            parse_normalisation(mean, std)
+    part = data.fraction(0.5, seed=1)
+    assert len(part.train) == 6 and len(part.val) == len(data.val) and data.fraction(1.0) is data
+    with pytest.raises(DataError, match="lies in"):
+        data.fraction(0)
 
 
 def test_idx_batches_and_options(tmp_path):

@@ -185,7 +185,7 @@ def cli_setup(tmp_path, monkeypatch):
 
 
 def test_cli_finetune_then_resume(cli_setup):
-    common = ["net.py:Net", "--data", "data", "--batch-size", "8", "--calibration-images", "16", "-q"]
+    common = ["net.py:Net", "--data", "data", "--batch-size", "8", "--calibration-images", "16", "--allow-chance", "-q"]
     result = cli("finetune", *common, "-o", "csp.pt", "--json", "run.json")
     assert result.exit_code == 0, result.stderr + repr(result.exception)
     assert "top-1 (val)" in result.stdout and "flops" in result.stdout and "saved" in result.stdout
@@ -223,25 +223,67 @@ def test_cli_convert_calibrate(cli_setup):
 
 
 def test_cli_calibrate_only(cli_setup):
-    result = cli("finetune", "net.py:Net", "--data", "data", "--epochs", "0", "-o", "csp.pt", "--json", "run.json", "-q")
+    result = cli("finetune", "net.py:Net", "--data", "data", "--epochs", "0", "-o", "csp.pt", "--json", "run.json",
+                 "--allow-chance", "-q")
     assert result.exit_code == 0, result.stderr + repr(result.exception)
     record = json.loads((cli_setup / "run.json").read_text())
     assert record["finetune"] is None and record["calibration"]["fits"]
     assert record["converted"]["top1"] == record["converted"]["top1_before_finetune"] is not None
 
 
-@pytest.mark.parametrize("where, named", [("finetune", True), ("calibrate", False)])
-def test_cli_stop_names_the_checkpoint_only_while_fine_tuning(cli_setup, monkeypatch, where, named):
+@pytest.mark.parametrize("where, said", [("finetune", "no checkpoint was written"), ("calibrate", None)])
+def test_cli_stop_before_an_epoch_promises_no_checkpoint(cli_setup, monkeypatch, where, said):
     import cspify.recovery
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cspify.recovery, where, stop)
-    result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "8", "-o", "csp.pt", "-q")
+    result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "8", "-o", "csp.pt", "--allow-chance", "-q")
     assert result.exit_code == 130, result.stderr + repr(result.exception)
-    assert ("epochs completed before the stop are in csp.pt.ckpt" in result.stderr) == named, result.stderr
+    assert "--resume" not in result.stderr and not (cli_setup / "csp.pt.ckpt").exists(), result.stderr
+    assert (said in result.stderr) if said else "checkpoint" not in result.stderr, result.stderr
     assert "interrupted by Ctrl-C" in result.stderr and not (cli_setup / "csp.pt").exists()
+
+
+def test_cli_stop_after_an_epoch_names_its_checkpoint(cli_setup, monkeypatch):
+    import cspify.recovery
+
+    real = cspify.recovery.finetune
+
+    def one_epoch_then_stop(*args, **kwargs):
+        real(*args, **dict(kwargs, epochs=1))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cspify.recovery, "finetune", one_epoch_then_stop)
+    result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "8", "--epochs", "2", "-o", "csp.pt",
+                 "--allow-chance", "-q")
+    assert result.exit_code == 130, result.stderr + repr(result.exception)
+    assert "the 1 epoch(s) completed before the stop are in csp.pt.ckpt" in result.stderr, result.stderr
+    assert (cli_setup / "csp.pt.ckpt").exists() and not (cli_setup / "csp.pt").exists()
+
+
+def test_cli_refuses_an_original_at_chance_before_training(cli_setup):
+    result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "8", "-o", "csp.pt", "--json", "r.json")
+    assert result.exit_code == 7, result.stderr + repr(result.exception)
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert "about chance" in error and "normalised none (images in [0, 1])" in error, error
+    assert "--allow-chance" in result.stderr and "--mean/--std" in result.stderr
+    assert "calibrating" not in result.stderr and not list(cli_setup.glob("csp.pt*")) and not (cli_setup / "r.json").exists()
+
+
+def test_cli_normalisation_is_explicit_printed_and_kept(cli_setup):
+    args = ["net.py:Net", "--data", "data", "--epochs", "0", "--allow-chance", "-o", "csp.pt", "--json", "run.json"]
+    result = cli("finetune", *args)
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert "input normalisation none (images in [0, 1]) (the default: the model says nothing)" in result.stderr
+    result = cli("finetune", *args, "--mean", "0.5", "--std", "0.25", "--force")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert "input normalisation mean 0.5, std 0.25 (--mean/--std)" in result.stderr
+    record = json.loads((cli_setup / "run.json").read_text())
+    assert record["data"]["mean"] == [0.5] and record["data"]["std"] == [0.25]
+    bad = cli("finetune", *args, "--mean", "0.5", "--force")
+    assert bad.exit_code == 7 and "--mean and --std come together" in bad.stderr, bad.stderr
 
 
 def test_recover_is_the_pipeline_the_command_runs(cli_setup):
@@ -250,10 +292,12 @@ def test_recover_is_the_pipeline_the_command_runs(cli_setup):
     net = {}
     exec((cli_setup / "net.py").read_text(), net)
     data = open_data("data")
-    done = cspify.recover(net["Net"](), torch.randn(1, 1, *data.size), data, epochs=0, calibration_images=16)
+    done = cspify.recover(net["Net"](), torch.randn(1, 1, *data.size), data, epochs=0, calibration_images=16,
+                          allow_chance=True)
     record = done.to_dict()
     assert record["finetune"] is None and record["calibration"]["images"] == 16
     assert record["converted"]["top1"] == done.top1 == done.top1_before is not None
+    assert done.csp.meta["cspify.inputs"] == {"mean": [], "std": []}  # the normalisation it was fitted on: none
     assert "top-1 (val)" in str(done) and "% saved" in done.table()
 
 

@@ -456,7 +456,17 @@ def test_loaded_has_no_label_field():
 
     from cspify.load import Loaded
 
-    assert [f.name for f in fields(Loaded)] == ["model", "example_inputs"]
+    assert [f.name for f in fields(Loaded)] == ["model", "example_inputs", "mean", "std", "normalisation_from"]
+
+
+def test_zoo_models_say_their_input_normalisation():
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    timm_model = load_model("timm:resnet18", (1, 3, 32, 32))
+    assert (timm_model.mean, timm_model.std) == imagenet and timm_model.normalisation_from == "timm's pretrained_cfg"
+    vision = load_model("torchvision:resnet18", (1, 3, 32, 32))
+    assert (vision.mean, vision.std) == imagenet and "torchvision" in vision.normalisation_from
+    plain = load_model(str(EXAMPLES / "resnet_like.py"))
+    assert plain.mean is plain.std is None and plain.normalisation_from == ""
 
 
 # ---------------------------------------------------------------- trained weights

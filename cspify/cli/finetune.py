@@ -14,6 +14,8 @@ The work is ``cspify.recover``; this file parses its options and prints its reco
 
 from __future__ import annotations
 
+import os
+
 import click
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ from cspify.cli.options import (
     stage_options,
 )
 from cspify.cli.run import Progress, data_step, load_model_step, stage_reports
+from cspify.data import parse_normalisation
 from cspify.files import Outputs
 from cspify.finetune import init_distributed
 from cspify.recovery import recover
@@ -43,6 +46,12 @@ from cspify.recovery import recover
 @click.option("--data", "data_path", required=True, metavar="DATA", help="The images: an ImageFolder tree or IDX files.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None,
               help="Read the images with this many channels (grey as RGB repeats the channel).")
+@click.option("--mean", default=None, metavar="M[,M,M]|none|data",
+              help="Normalise the images by this mean per channel ('none': leave them in [0, 1]; 'data': the "
+                   "training images' own mean and std) [default: what a timm or torchvision model says, else none].")
+@click.option("--std", default=None, metavar="S[,S,S]|none|data", help="The std that goes with --mean.")
+@click.option("--allow-chance", is_flag=True,
+              help="Go on when the original scores near chance on the validation images (a model with random weights).")
 @click.option("--epochs", type=click.IntRange(min=0), default=1, show_default=True,
               help="Epochs of fine-tuning (0: calibrate only, and score that).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
@@ -80,11 +89,13 @@ def _finetune(options: dict) -> None:
         check_options(options, options["output"], options["json_path"])
         if options["resume"] is None or options["resume"] != checkpoint:
             check_writable(checkpoint, True)  # overwritten every epoch: only its folder must take it
+    given = parse_normalisation(options["mean"], options["std"])  # before any long work
     progress = Progress(options["quiet"] or not lead)
     data = data_step(options["data_path"], progress, int(options["channels"]) if options["channels"] else None)
     if options["input_shape"] is None:
         options = dict(options, input_shape=",".join(map(str, (1, data.channels, *data.size))))
     loaded = load_model_step(options, progress)
+    data = _normalised(data, given, loaded, lead and not options["quiet"])
     try:
         done = recover(loaded.model, loaded.example_inputs, data, config=config_from(options), scope=options["scope"],
                        leaf_modules=options["leaves"], seed=options["seed"],
@@ -92,11 +103,14 @@ def _finetune(options: dict) -> None:
                        epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"],
                        use_labels=not options["no_labels"], device=device, bf16=options["bf16"],
                        checkpoint=checkpoint, resume=options["resume"], num_workers=options["workers"],
-                       progress=lead and not options["quiet"], steps=progress, name=options["model"])
+                       progress=lead and not options["quiet"], steps=progress, name=options["model"],
+                       allow_chance=options["allow_chance"])
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as guard() turns it into one
-        if lead and getattr(stop, "checkpoint", None):  # stopped while fine-tuning
-            click.echo(f"cspify: epochs completed before the stop are in {checkpoint}; "
+        if lead and getattr(stop, "completed", 0):  # stopped while fine-tuning, after an epoch
+            click.echo(f"cspify: the {stop.completed} epoch(s) completed before the stop are in {checkpoint}; "
                        f"continue with --resume {checkpoint}", err=True)
+        elif lead and getattr(stop, "checkpoint", None):
+            click.echo("cspify: stopped before the first epoch completed; no checkpoint was written", err=True)
         raise
     if lead:
         with Outputs(force=options["force"]) as out:  # all written, or none
@@ -104,5 +118,20 @@ def _finetune(options: dict) -> None:
             stage_reports(out, options, done)
         click.echo(str(done))
         click.echo(f"\nsaved the fine-tuned model to {options['output']}")
+        if done.run is not None and os.path.exists(checkpoint):
+            click.echo(f"{checkpoint} stays so that --resume can extend the run with more epochs; delete it when done")
     if parallel:
         dist.destroy_process_group()
+
+
+def _normalised(data, given, loaded, say: bool):
+    """DATA normalised as --mean/--std say, else as the model says, else not at all; said on stderr."""
+    if given is not None:
+        data, where = data.normalised(*given), "--mean/--std"
+    elif loaded.mean is not None:
+        data, where = data.normalised(loaded.mean, loaded.std), loaded.normalisation_from
+    else:
+        where = "the default: the model says nothing"
+    if say:
+        click.echo(f"cspify: input normalisation {data.normalisation} ({where})", err=True)
+    return data
