@@ -46,6 +46,7 @@ import copy
 import math
 import os
 import random
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,14 @@ class FinetuneRun:
     device: str = "cpu"
     epochs: list[EpochRecord] = field(default_factory=list)
     val_top1_before: float | None = None
+    kept: str = ""                      # which model the run hands back: "epoch N", or "before fine-tuning"
+    kept_top1: float | None = None      # its validation top-1
+
+    @property
+    def worse(self) -> bool:
+        """Whether fine-tuning ended below where it started, on the validation images."""
+        last = self.epochs[-1].val_top1 if self.epochs else None
+        return last is not None and self.val_top1_before is not None and last < self.val_top1_before
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,17 +164,24 @@ def finetune(
     progress: bool = True,
     seed: int = 0,
     num_workers: int = 0,
+    keep: str = "best",
 ) -> nn.Module:
     """Train ``converted`` (made by ``cspify.convert``) for ``epochs`` on ``train_data``, with
     distillation from ``teacher`` (the original model) where one is given; returns it.
     Any other model trains too, with the same recipe, on cross-entropy and logit
     distillation (it has no converted stage to distil).
 
+    ``keep`` is "best" (with ``val_data``: hand back the model that scored best on it, the
+    one before fine-tuning included, so a run never ends below where it started) or "last"
+    (the last epoch's weights); the run's record says which (``kept``, ``kept_top1``).
+
     ``train_data`` is a Dataset or DataLoader of (inputs, labels) or of inputs alone, or
     any re-iterable of such batches. ``lr`` overrides the recipe's (already scaled) rate.
     The run's record is left at ``converted.meta["cspify.finetune"]`` (on the scoped
     submodule for a ``scope`` conversion) and written into every checkpoint.
     """
+    if keep not in ("best", "last"):
+        raise ConfigError(f"keep is 'best' or 'last', not {keep!r}.", "keep='best' hands back the best epoch on val_data")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch size must be at least 1 (got {epochs} and {batch_size}).", "give positive numbers")
     if recipe.norms not in ("train", "frozen") or recipe.optimizer not in ("sgd", "adamw") or \
@@ -224,6 +240,8 @@ def finetune(
     if run.val_top1_before is None and val_data is not None and start_epoch == 0:
         run.val_top1_before = evaluate(converted, val_data, device, batch_size=max(batch_size, 256))
     leave_step_record(converted, FINETUNE_KEY, run)
+    start_top1 = run.val_top1_before if start_epoch == 0 else (run.epochs[-1].val_top1 if run.epochs else None)
+    best = _Best(start_top1, "before fine-tuning" if start_epoch == 0 else f"epoch {start_epoch}", converted)
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     try:
@@ -294,11 +312,34 @@ def finetune(
                     val_top1=top1, images=images, seconds=round(seconds, 3),
                     images_per_s=round(images / max(seconds, 1e-9), 1), lr=optimizer.param_groups[0]["lr"],
                 ))
+                if progress and rank == 0:
+                    shown = f", val top-1 {100 * top1:.2f}%" if top1 is not None else ""
+                    print(f"epoch {epoch + 1}/{epochs}: loss {run.epochs[-1].loss:.4f}{shown}", file=sys.stderr)
+                best.offer(top1, f"epoch {epoch + 1}", converted)
                 if checkpoint is not None:
                     _save_checkpoint(checkpoint, converted, optimizer, scheduler, epoch + 1, run, rank)
     finally:
         converted.eval()
+    last = run.epochs[-1] if run.epochs else None
+    if keep == "best" and best.state is not None and last is not None and best.name != f"epoch {last.epoch}":
+        converted.load_state_dict(best.state)  # every process holds the same scores, so the same choice
+        run.kept, run.kept_top1 = best.name, best.top1
+    elif last is not None:
+        run.kept, run.kept_top1 = f"epoch {last.epoch}", last.val_top1
     return converted
+
+
+class _Best:
+    """The best model seen on the validation images: its score, its name, a copy of its state."""
+
+    def __init__(self, top1: float | None, name: str, model: nn.Module) -> None:
+        self.top1, self.name, self.state = None, "", None
+        self.offer(top1, name, model)
+
+    def offer(self, top1: float | None, name: str, model: nn.Module) -> None:
+        if top1 is not None and (self.top1 is None or top1 > self.top1):
+            self.top1, self.name = top1, name
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def evaluate(model: nn.Module, data, device: str | torch.device = "cpu", *, batch_size: int = 256) -> float:

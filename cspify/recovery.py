@@ -52,7 +52,7 @@ class Recovery:
     report: Report                  # flops and params of both models, and the conversion
     original_top1: float
     top1_before: float | None       # the converted model's, before fine-tuning (after calibration)
-    top1: float | None              # after fine-tuning
+    top1: float | None              # after fine-tuning: the kept model's (finetune's ``keep``)
     calibration: Calibration | None
     run: FinetuneRun | None
 
@@ -108,6 +108,7 @@ def recover(
     steps: Steps | None = None,
     name: str | None = None,
     allow_chance: bool = False,
+    keep: str = "best",
 ) -> Recovery:
     """Convert ``model`` (``cspify.convert`` with ``config``, ``scope``, ``leaf_modules``,
     ``seed``), calibrate it on ``calibration_images`` of ``data``'s training images (None:
@@ -148,7 +149,8 @@ def recover(
         try:
             finetune(csp, data.train, teacher=model, epochs=epochs, val_data=data.val, lr=lr, batch_size=batch_size,
                      use_labels=use_labels, recipe=recipe or Recipe(), device=device, bf16=bf16,
-                     checkpoint=checkpoint, resume=resume, progress=progress, seed=seed, num_workers=num_workers)
+                     checkpoint=checkpoint, resume=resume, progress=progress, seed=seed, num_workers=num_workers,
+                     keep=keep)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the CLI turns it into one
             stop.checkpoint = checkpoint
             run = step_record(csp, FINETUNE_KEY)
@@ -160,7 +162,7 @@ def recover(
         with steps("scoring the converted model"):
             before = after = evaluate(csp, data.val, device)
     else:  # finetune scored it before its first epoch (a resumed run kept that score)
-        before, after = run.val_top1_before, run.epochs[-1].val_top1 if run.epochs else None
+        before, after = run.val_top1_before, run.kept_top1
     return Recovery(csp, data, report, original_top1, before, after, step_record(csp, CALIBRATE_KEY), run)
 
 

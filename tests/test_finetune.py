@@ -5,6 +5,7 @@ arguments are one ConfigError sentence."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -46,6 +47,26 @@ def test_losses_fall_with_labels_and_distillation(teacher, labels):
     assert last.val_top1 is not None and last.images == 64 and last.images_per_s > 0
     assert run.settings["stages"] == ["layer1", "layer2"] and not model.training
     json.dumps(run.to_dict())
+
+
+def test_a_run_that_ends_worse_hands_back_the_best(teacher, labels, monkeypatch):
+    """Scores that fall epoch by epoch (fed in, so that the test does not hang on training
+    noise): keep='best' hands back the model before fine-tuning, keep='last' the last."""
+    module = importlib.import_module("cspify.finetune")  # the module: cspify.finetune is also the function
+
+    data = TensorDataset(X, labels)
+    for keep, kept in [("best", "before fine-tuning"), ("last", "epoch 2")]:
+        scores = iter([0.8, 0.5, 0.3])
+        monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: next(scores))
+        model = fresh(teacher)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        finetune(model, data, teacher=teacher, epochs=2, batch_size=16, lr=0.1, val_data=data, progress=False, keep=keep)
+        run = model.meta["cspify.finetune"]
+        assert run.worse and run.kept == kept and run.kept_top1 == (0.8 if keep == "best" else 0.3)
+        same = all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+        assert same == (keep == "best")
+    with pytest.raises(ConfigError, match="keep is 'best' or 'last'"):
+        finetune(fresh(teacher), data, keep="first")
 
 
 def test_without_labels_distillation_alone_trains(teacher):
@@ -261,6 +282,22 @@ def test_cli_stop_after_an_epoch_names_its_checkpoint(cli_setup, monkeypatch):
     assert result.exit_code == 130, result.stderr + repr(result.exception)
     assert "the 1 epoch(s) completed before the stop are in csp.pt.ckpt" in result.stderr, result.stderr
     assert (cli_setup / "csp.pt.ckpt").exists() and not (cli_setup / "csp.pt").exists()
+
+
+def test_cli_says_loudly_when_fine_tuning_made_it_worse(cli_setup, monkeypatch):
+    module = importlib.import_module("cspify.finetune")  # the module: cspify.finetune is also the function
+
+    scores = iter([0.9, 0.6, 0.9, 0.4])  # the original, then before fine-tuning and each epoch
+    monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: next(scores))
+    monkeypatch.setattr("cspify.recovery.evaluate", module.evaluate)
+    result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "8", "--epochs", "2", "-o", "csp.pt",
+                 "--json", "run.json")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert "epoch 1/2: loss" in result.stderr and "epoch 2/2: loss" in result.stderr
+    assert ("warning: fine-tuning ended at 40.00% top-1, below the 60.00% it started from; the model saved is that "
+            "of epoch 1 (90.00%)") in result.stderr, result.stderr
+    record = json.loads((cli_setup / "run.json").read_text())
+    assert record["converted"]["top1"] == 0.9 and record["finetune"]["kept"] == "epoch 1"
 
 
 def test_cli_refuses_an_original_at_chance_before_training(cli_setup):

@@ -58,6 +58,9 @@ from cspify.recovery import recover
               help="Images per step (per process under torchrun).")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 0.02 per 128 images of global batch, SGD with Nesterov momentum].")
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Save the model that scored best on the validation images (the calibrated one included), "
+                   "or the last epoch's.")
 @click.option("--no-labels", is_flag=True, help="Distil only: do not use the labels.")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Training images calibration reads (no labels).")
@@ -104,7 +107,7 @@ def _finetune(options: dict) -> None:
                        use_labels=not options["no_labels"], device=device, bf16=options["bf16"],
                        checkpoint=checkpoint, resume=options["resume"], num_workers=options["workers"],
                        progress=lead and not options["quiet"], steps=progress, name=options["model"],
-                       allow_chance=options["allow_chance"])
+                       allow_chance=options["allow_chance"], keep=options["keep"])
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as guard() turns it into one
         if lead and getattr(stop, "completed", 0):  # stopped while fine-tuning, after an epoch
             click.echo(f"cspify: the {stop.completed} epoch(s) completed before the stop are in {checkpoint}; "
@@ -117,6 +120,12 @@ def _finetune(options: dict) -> None:
             out.file(options["output"], lambda f: torch.save(done.csp, f), binary=True)
             stage_reports(out, options, done)
         click.echo(str(done))
+        run = done.run
+        if run is not None and run.worse:
+            click.echo(f"\nwarning: fine-tuning ended at {100 * run.epochs[-1].val_top1:.2f}% top-1, below the "
+                       f"{100 * run.val_top1_before:.2f}% it started from; the model saved is "
+                       f"{'the one before fine-tuning' if run.kept == 'before fine-tuning' else 'that of ' + run.kept} "
+                       f"({100 * run.kept_top1:.2f}%)" + ("" if options["keep"] == "best" else " (--keep last)"), err=True)
         click.echo(f"\nsaved the fine-tuned model to {options['output']}")
         if done.run is not None and os.path.exists(checkpoint):
             click.echo(f"{checkpoint} stays so that --resume can extend the run with more epochs; delete it when done")
