@@ -300,6 +300,25 @@ def test_cli_says_loudly_when_fine_tuning_made_it_worse(cli_setup, monkeypatch):
     assert record["converted"]["top1"] == 0.9 and record["finetune"]["kept"] == "epoch 1"
 
 
+def test_cli_evaluate_scores_a_saved_model(cli_setup):
+    args = ["net.py:Net", "--data", "data", "--epochs", "0", "--allow-chance", "-o", "csp.pt", "--json", "run.json",
+            "--mean", "0.5", "--std", "0.25", "-q"]
+    assert cli("finetune", *args).exit_code == 0
+    record = json.loads((cli_setup / "run.json").read_text())
+    result = cli("evaluate", "csp.pt", "--data", "data", "--json", "top1.json")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert f"top-1 (val) {100 * record['converted']['top1']:.2f}% on 12 images" in result.stdout
+    assert "input normalisation none (images in [0, 1]) (the default: the model says nothing)" in result.stderr
+    scored = cli("evaluate", "csp.pt", "--data", "data", "--mean", "0.5", "--std", "0.25", "-q")
+    assert scored.exit_code == 0 and json.loads((cli_setup / "top1.json").read_text())["top1"] is not None
+    (cli_setup / "junk.pt").write_bytes(b"not a model")
+    for bad, words in [("missing.pt", "does not exist"), ("junk.pt", "cannot read the model file")]:
+        result = cli("evaluate", bad, "--data", "data", "-q")
+        assert result.exit_code == 3 and result.stderr.startswith(f"error: the model file {bad!r}" if bad == "missing.pt"
+                                                                   else "error: cannot read"), result.stderr
+        assert words in result.stderr
+
+
 def test_cli_refuses_an_original_at_chance_before_training(cli_setup):
     result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "8", "-o", "csp.pt", "--json", "r.json")
     assert result.exit_code == 7, result.stderr + repr(result.exception)

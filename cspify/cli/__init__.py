@@ -7,6 +7,7 @@
     bench.py     cspify bench
     sweep.py     cspify sweep
     finetune.py  cspify finetune
+    evaluate.py  cspify evaluate
 
 Loading MODEL runs the Python code in that file, as ``python model.py`` would: only
 convert files you trust. Exit codes: 0 done, 1 internal error, 2 bad option, 3 model not
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from cspify.cli import bench, convert, finetune, sweep
+from cspify.cli import bench, convert, evaluate, finetune, sweep
 from cspify.cli.options import MODEL_HELP
 
 __all__ = ["main"]
@@ -36,3 +37,4 @@ main.add_command(convert.analyze)
 main.add_command(bench.bench)
 main.add_command(sweep.sweep)
 main.add_command(finetune.finetune_command)
+main.add_command(evaluate.evaluate_command)
