@@ -109,6 +109,7 @@ def calibrate(
     reader_depth: int = READER_DEPTH,
     ridge: float = RIDGE,
     seed: int = 0,
+    progress: bool = False,
 ) -> nn.Module:
     """Fit ``converted`` (made by ``cspify.convert(original, ...)``) to ``original`` on
     unlabeled ``images``, in place; returns ``converted``.
@@ -121,7 +122,8 @@ def calibrate(
     partial stage's layers), ``norms`` (its other BatchNorms), ``transitions``, ``readers``
     (``reader_depth`` layers deep) and ``stable`` (the last, function-preserving step).
     ``ridge`` scales the penalty toward the current weights (relative to the mean squared
-    input feature). The record of what was done is left at
+    input feature). ``progress`` shows a bar over the stages (tqdm, on stderr: a count and
+    an ETA). The record of what was done is left at
     ``meta["cspify.calibrate"]`` of the converted GraphModule (the scoped one with a scope).
     """
     start = time.perf_counter()
@@ -136,7 +138,7 @@ def calibrate(
     with eval_mode(converted):
         stages = sorted(record.converted, key=_position(part))
         elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
-        for stage in stages:
+        for stage in _bar(stages, progress):
             found = _transition_of(part, stage, record) if transitions else None
             if isinstance(found, str):
                 result.skipped.append(f"{stage.name}: {found}")
@@ -157,6 +159,14 @@ def calibrate(
     result.seconds = round(time.perf_counter() - start, 3)
     leave_step_record(converted, CALIBRATE_KEY, result)
     return converted
+
+
+def _bar(stages: list, shown: bool):
+    if not shown:
+        return stages
+    from tqdm.auto import tqdm
+
+    return tqdm(stages, desc="calibrating", unit="stage", leave=False, dynamic_ncols=True)
 
 
 @dataclass

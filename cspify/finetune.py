@@ -165,11 +165,15 @@ def finetune(
     seed: int = 0,
     num_workers: int = 0,
     keep: str = "best",
+    max_steps: int | None = None,
 ) -> nn.Module:
     """Train ``converted`` (made by ``cspify.convert``) for ``epochs`` on ``train_data``, with
     distillation from ``teacher`` (the original model) where one is given; returns it.
     Any other model trains too, with the same recipe, on cross-entropy and logit
     distillation (it has no converted stage to distil).
+
+    ``max_steps`` ends the run after that many optimiser steps (the schedule fits them), for
+    a short run: the epoch it stops in is recorded with the images it saw.
 
     ``keep`` is "best" (with ``val_data``: hand back the model that scored best on it, the
     one before fine-tuning included, so a run never ends below where it started) or "last"
@@ -182,6 +186,8 @@ def finetune(
     """
     if keep not in ("best", "last"):
         raise ConfigError(f"keep is 'best' or 'last', not {keep!r}.", "keep='best' hands back the best epoch on val_data")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps must be at least 1 (got {max_steps}).", "give a positive number of steps")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch size must be at least 1 (got {epochs} and {batch_size}).", "give positive numbers")
     if recipe.norms not in ("train", "frozen") or recipe.optimizer not in ("sgd", "adamw") or \
@@ -218,7 +224,9 @@ def finetune(
     global_batch = source.batch_size * world
     rate = lr if lr is not None else recipe.lr * global_batch / recipe.lr_batch
     optimizer = _optimizer(converted, recipe, rate)
-    total = max(1, steps_per_epoch * epochs) if steps_per_epoch else None
+    total = max(1, steps_per_epoch * epochs) if steps_per_epoch else max_steps
+    if total is not None and max_steps is not None:
+        total = min(total, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, recipe.warmup))
     run = FinetuneRun(
         recipe=asdict(recipe) | {"lr": rate},
@@ -249,7 +257,10 @@ def finetune(
             student_values = stack.enter_context(tapping(part, [s.converted_output for s in stages])) if stages else {}
             teacher_values = (stack.enter_context(tapping(teacher_part, [s.output for s in stages], detach=True))
                               if stages else {})
+            steps = 0  # this call's optimiser steps, against max_steps
             for epoch in range(start_epoch, epochs):
+                if max_steps is not None and steps >= max_steps:
+                    break
                 if isinstance(getattr(loader, "sampler", None), DistributedSampler):
                     loader.sampler.set_epoch(epoch)
                 _train_mode(converted, recipe.norms)
@@ -258,6 +269,9 @@ def finetune(
                 seen, began = 0, time.perf_counter()
                 bar = _progress(steps_per_epoch, epoch, epochs, progress and rank == 0)
                 for batch in loader:
+                    if max_steps is not None and steps >= max_steps:
+                        break
+                    steps += 1
                     x, y = split_batch(batch)
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True) if (y is not None and use_labels) else None

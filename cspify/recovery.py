@@ -109,6 +109,7 @@ def recover(
     name: str | None = None,
     allow_chance: bool = False,
     keep: str = "best",
+    max_steps: int | None = None,
 ) -> Recovery:
     """Convert ``model`` (``cspify.convert`` with ``config``, ``scope``, ``leaf_modules``,
     ``seed``), calibrate it on ``calibration_images`` of ``data``'s training images (None:
@@ -150,7 +151,7 @@ def recover(
             finetune(csp, data.train, teacher=model, epochs=epochs, val_data=data.val, lr=lr, batch_size=batch_size,
                      use_labels=use_labels, recipe=recipe or Recipe(), device=device, bf16=bf16,
                      checkpoint=checkpoint, resume=resume, progress=progress, seed=seed, num_workers=num_workers,
-                     keep=keep)
+                     keep=keep, max_steps=max_steps)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the CLI turns it into one
             stop.checkpoint = checkpoint
             run = step_record(csp, FINETUNE_KEY)

@@ -84,6 +84,16 @@ def test_a_transition_the_planner_accepts_is_fitted():
     assert sum(f.role == "partial transition" for f in record.fits) == len(cspify.conversion_of(converted).converted)
 
 
+def test_progress_shows_a_bar_over_the_stages(capsys):
+    model = randomize_norms(seeded(TinyResNet))
+    converted = cspify.convert(model, X[:2])
+    calibrate(model, converted, X[:16], progress=True)
+    shown = capsys.readouterr().err
+    assert "calibrating" in shown and "2/2" in shown, shown
+    calibrate(model, converted, X[:16])
+    assert capsys.readouterr().err == ""
+
+
 def test_modes_momenta_and_the_original_are_left_alone():
     model = randomize_norms(seeded(TinyResNet))
     original = copy.deepcopy(model.state_dict())

@@ -69,6 +69,16 @@ def test_a_run_that_ends_worse_hands_back_the_best(teacher, labels, monkeypatch)
         finetune(fresh(teacher), data, keep="first")
 
 
+def test_max_steps_ends_a_run_early(teacher, labels):
+    model = fresh(teacher)
+    finetune(model, TensorDataset(X, labels), teacher=teacher, epochs=2, batch_size=16, lr=0.1, progress=False,
+             max_steps=3)
+    run = model.meta["cspify.finetune"]
+    assert [e.images for e in run.epochs] == [48] and run.epochs[0].lr == 0.0  # the schedule ended with the steps
+    with pytest.raises(ConfigError, match="max_steps must be at least 1"):
+        finetune(fresh(teacher), TensorDataset(X, labels), max_steps=0)
+
+
 def test_without_labels_distillation_alone_trains(teacher):
     model = fresh(teacher)
     finetune(model, TensorDataset(X), teacher=teacher, epochs=3, batch_size=16, lr=0.1, progress=True)
@@ -317,6 +327,16 @@ def test_cli_evaluate_scores_a_saved_model(cli_setup):
         assert result.exit_code == 3 and result.stderr.startswith(f"error: the model file {bad!r}" if bad == "missing.pt"
                                                                    else "error: cannot read"), result.stderr
         assert words in result.stderr
+
+
+def test_cli_short_runs(cli_setup):
+    result = cli("finetune", "net.py:Net", "--data", "data", "--batch-size", "4", "--fraction", "0.5", "--max-steps", "2",
+                 "--allow-chance", "-o", "csp.pt", "--json", "run.json", "-q")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    record = json.loads((cli_setup / "run.json").read_text())
+    assert record["data"]["train"] == 12 and record["calibration"]["images"] == 12
+    assert [e["images"] for e in record["finetune"]["epochs"]] == [8]
+    assert cli("finetune", "net.py:Net", "--data", "data", "--fraction", "0", "-o", "x.pt").exit_code == 2
 
 
 def test_cli_refuses_an_original_at_chance_before_training(cli_setup):

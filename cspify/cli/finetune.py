@@ -61,6 +61,10 @@ from cspify.recovery import recover
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Save the model that scored best on the validation images (the calibrated one included), "
                    "or the last epoch's.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Train and calibrate on a seeded random part of the training images, for a short run.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="End fine-tuning after this many optimiser steps (the schedule fits them).")
 @click.option("--no-labels", is_flag=True, help="Distil only: do not use the labels.")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Training images calibration reads (no labels).")
@@ -98,7 +102,7 @@ def _finetune(options: dict) -> None:
     if options["input_shape"] is None:
         options = dict(options, input_shape=",".join(map(str, (1, data.channels, *data.size))))
     loaded = load_model_step(options, progress)
-    data = _normalised(data, given, loaded, lead and not options["quiet"])
+    data = _normalised(data, given, loaded, lead and not options["quiet"]).fraction(options["fraction"], options["seed"])
     try:
         done = recover(loaded.model, loaded.example_inputs, data, config=config_from(options), scope=options["scope"],
                        leaf_modules=options["leaves"], seed=options["seed"],
@@ -107,7 +111,8 @@ def _finetune(options: dict) -> None:
                        use_labels=not options["no_labels"], device=device, bf16=options["bf16"],
                        checkpoint=checkpoint, resume=options["resume"], num_workers=options["workers"],
                        progress=lead and not options["quiet"], steps=progress, name=options["model"],
-                       allow_chance=options["allow_chance"], keep=options["keep"])
+                       allow_chance=options["allow_chance"], keep=options["keep"],
+                       max_steps=options["max_steps"])
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as guard() turns it into one
         if lead and getattr(stop, "completed", 0):  # stopped while fine-tuning, after an epoch
             click.echo(f"cspify: the {stop.completed} epoch(s) completed before the stop are in {checkpoint}; "
