@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="resnet50", help="a torchvision model name")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads [torch's default]")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads [1, as cspify bench]")
     args = parser.parse_args()
 
     x = torch.randn(1, 3, 224, 224)

@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="resnet50", help="a torchvision model name")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads [torch's default]")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads [1, as cspify bench]")
     parser.add_argument("--min-run-time", type=float, default=1.0)
     args = parser.parse_args()
 

@@ -17,13 +17,12 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 from tabulate import tabulate
 from tqdm import tqdm
 
 from cspify import api
-from cspify.bench import BenchRow, benchmark, resolve_devices
+from cspify.bench import DEFAULT_THREADS, BenchRow, benchmark, resolve_devices
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, NoStageError
 from cspify.measure import FLOP_NOTE, Figures, measure
@@ -155,4 +154,4 @@ def sweep(
         if latency:
             point.latency = benchmark(model, csp, inputs, batch_sizes, threads, device, min_run_time=min_run_time).rows
         points.append(point)
-    return Sweep(before.totals, points, device, int(threads or torch.get_num_threads()))
+    return Sweep(before.totals, points, device, int(threads or DEFAULT_THREADS))

@@ -21,10 +21,34 @@ def test_bench_command_prints_speedup_and_flops_ratio(tmp_path):
                  "--json", out)
     assert result.exit_code == 0, result.output
     assert "speed-up" in result.output and "flops ratio" in result.output
-    assert [r["batch_size"] for r in json.loads(out.read_text())["rows"]] == [1, 2]
+    assert "1 thread(s), load " in result.output.splitlines()[0]
+    data = json.loads(out.read_text())
+    assert [r["batch_size"] for r in data["rows"]] == [1, 2]
+    assert data["threads"] == 1 and set(data["load"]) == {"before", "after", "cores"}
+    assert all("unreliable" in r for r in data["rows"]) and isinstance(data["notes"], list)
+    assert "timing both models" not in result.stderr  # -q: no progress
     bad = cli("bench", RESNET, *SMALL, "--batch-sizes", "one")
     assert bad.exit_code == 2 and "batch sizes" in bad.stderr
     assert cli("bench", RESNET, *SMALL, "--rounds", "0").exit_code == 2
+
+
+def test_bench_command_states_a_busy_machine_and_shows_progress(tmp_path, monkeypatch):
+    """One thread by default, the load beside the figures, a note when it makes them
+    unreliable, and a progress line on stderr (the load is injected: no timing asserted)."""
+    monkeypatch.setattr("cspify.bench.machine_load", lambda: 9.0)
+    monkeypatch.setattr("cspify.bench.cpu_cores", lambda: 2)
+    out = tmp_path / "bench.json"
+    result = cli("bench", RESNET, "--input-shape", "1,3,32,32", "--min-run-time", "0.01", "--rounds", "1",
+                 "--device", "cpu", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "1 thread(s), load 9.00 before, 9.00 after timing on 2 cores" in result.output
+    (note,) = [line for line in result.output.splitlines() if line.startswith("note: unreliable figures")]
+    assert "other work (load 9.00 less the 1 timed thread(s)) leaves under 1 of its 2 cores free" in note
+    assert "--threads 1" in note
+    assert "timing both models on cpu at batch sizes 1, 1 thread(s)" in result.stderr
+    assert "2/2" in result.stderr and "block" in result.stderr  # tqdm: blocks timed, with an ETA
+    data = json.loads(out.read_text())
+    assert data["load"] == {"before": 9.0, "after": 9.0, "cores": 2} and data["rows"][0]["unreliable"]
 
 
 def test_sweep_gives_one_row_per_point_and_a_plot(tmp_path):
