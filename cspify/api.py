@@ -27,6 +27,7 @@ from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.modes import trace_in_mode
 from cspify.plan import plan_stage, stage_flops
+from cspify.reasons import brief, grouped, module_names, readable
 from cspify.record import Conversion, StageRecord, attach, conversion_of
 from cspify.report import Report, build_report
 from cspify.rewrite import rewrite
@@ -72,6 +73,7 @@ def convert(
     target_flops: float | None = None,
     target_latency: float | None = None,
     search: budget.Search | None = None,
+    refuse_none: bool = True,
 ) -> nn.Module:
     """The CSP version of ``model`` as a new GraphModule; ``model`` itself is not touched.
 
@@ -95,6 +97,11 @@ def convert(
     chooses each stage's gamma and inner widths so the model lands at that fraction of the
     original's flops (or measured time); ``search`` (a ``cspify.budget.Search``) says which
     options are searched and how stages are timed. See ``cspify.budget``.
+
+    Where no stage converts, a NoStageError says why in one sentence; with
+    ``refuse_none=False`` (what ``cspify analyze`` shows) a copy of the traced model comes
+    back unchanged instead, its record saying why each stage found was left (a goal
+    still refuses).
     """
     config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to)
     goal = budget.Goal(objective, target_flops, target_latency)
@@ -104,29 +111,29 @@ def convert(
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)  # lazy modules initialised, on a copy
     if scope:
-        return _convert_scope(model, inputs, scope, config, leaf_modules, seed)
+        return _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none)
     _check_leaves(model, leaf_modules)
     traced = trace_in_mode(model, inputs, leaf_modules)
     found = rules.find_stages(traced, config.kinds)
     if not found:
-        kinds = config.kinds or KINDS
-        kept = "; ".join(f"'{m}' {why.replace('torch.fx cannot trace it', 'torch.fx cannot trace')}"
-                         for m, why in traced.kept_whole.items())
-        raise NoStageError(
-            f"{type(model).__name__} has no {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}{kinds[-1]} stage"
-            + (f" outside the submodules kept whole ({kept})." if kept else "."),
-            "cspify converts " + _and([f"{rules.DESCRIPTIONS[kind]} ({kind})" for kind in KINDS])
-            + ("; without --kind it looks for every kind" if config.kinds else "")
-            + "; run `cspify analyze` to see what it finds",
-        )
+        refusal = _none_found(model, traced, config)
+        if refuse_none:
+            raise refusal
+        return _left_whole(model, traced, config, [], leaf_modules, seed,
+                           f"{refusal.message.rstrip('.')}; {refusal.hint.split('; run `cspify analyze`')[0]}")
     _check_filter(config, found)
     plans = [plan_stage(traced, stage, config) for stage in found]
-    _refuse_if_none(model, plans)
+    refusal = _refusal(model, traced, plans)
+    if refusal is not None:
+        return _refused(refusal, refuse_none, model, traced, config, plans, leaf_modules, seed)
     gm, added, problems = _rewrite_checked(traced, plans, inputs, seed)
     if problems:  # find the stages whose rewrite fails a check, refuse them, convert the rest
         plans = [_alone_ok(model, inputs, leaf_modules, plans, plan, seed) for plan in plans]
-        _refuse_if_none(model, plans)
-        gm, added, problems = _rewrite_checked(trace_in_mode(model, inputs, leaf_modules), plans, inputs, seed)
+        traced = trace_in_mode(model, inputs, leaf_modules)  # the rewrite edited the first trace in place
+        refusal = _refusal(model, traced, plans)
+        if refusal is not None:
+            return _refused(refusal, refuse_none, model, traced, config, plans, leaf_modules, seed)
+        gm, added, problems = _rewrite_checked(traced, plans, inputs, seed)
         if problems:
             raise CspifyError(
                 f"the converted model fails a check ({problems[0]}), which is a bug in cspify.",
@@ -192,20 +199,60 @@ class _Pipeline:
         return {plan.name: stage_flops(traced, plan) for plan in plans if plan.converted}
 
 
-def _refuse_if_none(model: nn.Module, plans: list[StagePlan]) -> None:
-    if not any(plan.converted for plan in plans):
-        stages_by_reason: dict[str, list[str]] = {}
-        for plan in plans:
-            stages_by_reason.setdefault(plan.reason, []).append(plan.name)
-        reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in stages_by_reason.items())
-        hints = ["try another gamma, or allow_costlier (--allow-costlier) where a stage costs more than it saves"]
-        if any(plan.stage.cross_stage for plan in plans):
-            hints.insert(0, "blocks that are cross stage partial already convert only when named: --stage (stages=) "
-                            "nests a second CSP in them")
-        raise NoStageError(
-            f"none of the {len(plans)} stages found in {type(model).__name__} can be converted ({reasons}).",
-            "; ".join(hints),
-        )
+def _none_found(model: nn.Module, traced: Traced, config: CSPConfig) -> NoStageError:
+    """The refusal of a model with no stage of the kinds asked for."""
+    kinds = config.kinds or KINDS
+    kept = [f"'{m}' {why.replace('torch.fx cannot trace it', 'torch.fx cannot trace')}"
+            for m, why in traced.kept_whole.items()]
+    if len(kept) > 3:
+        kept = kept[:3] + [f"and {len(kept) - 3} more"]
+    return NoStageError(
+        f"{type(model).__name__} has no {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}{kinds[-1]} stage"
+        + (f" outside the submodules kept whole ({'; '.join(kept)})." if kept else "."),
+        "cspify converts " + _and([f"{rules.DESCRIPTIONS[kind]} ({kind})" for kind in KINDS])
+        + ("; without --kind it looks for every kind" if config.kinds else "")
+        + "; run `cspify analyze` to see what it finds",
+    )
+
+
+def _refusal(model: nn.Module, traced: Traced, plans: list[StagePlan]) -> NoStageError | None:
+    """Where no plan converts, the refusal: one short sentence, the stages refused alike
+    named together (by their reason's gist where only its details differ), with modules
+    named as the model names them, not by their torch.fx node names."""
+    if any(plan.converted for plan in plans):
+        return None
+    names = module_names(traced.gm, model)
+    reasons = grouped(list(zip([p.name for p in plans], brief([readable(p.reason, names) for p in plans]))))
+    hints = []
+    if any(plan.stage.cross_stage for plan in plans):
+        hints.append("a block that is cross stage partial already converts only when named: --stage (stages=) "
+                     "nests a second CSP in it")
+    if not all(plan.stage.cross_stage for plan in plans):
+        hints.append("try another gamma, or --allow-costlier (allow_costlier) where a stage costs more than it saves")
+    hints.append("`cspify analyze` shows every stage found and why it was left")
+    return NoStageError(
+        f"none of the {len(plans)} stages found in {type(model).__name__} can be converted ({reasons}).",
+        "; ".join(hints),
+    )
+
+
+def _refused(refusal: NoStageError, refuse_none: bool, model, traced, config, plans, leaf_modules, seed) -> nn.Module:
+    """Raise ``refusal``, or (``refuse_none=False``) give back the model as it was with why."""
+    if refuse_none:
+        raise refusal
+    note = f"none of the {len(plans)} stages found can be converted: the model is as it was"
+    return _left_whole(model, traced, config, plans, leaf_modules, seed, note)
+
+
+def _left_whole(model, traced: Traced, config: CSPConfig, plans: list[StagePlan], leaf_modules, seed: int,
+                note: str) -> nn.Module:
+    """A copy of the traced model, unchanged, with the record of every stage found and ``note``."""
+    gm = copy.deepcopy(traced.gm)
+    kept = tuple(traced.kept_whole.items())
+    record = _record(config, plans, {}, seed, tuple(leaf_modules) + tuple(m for m, _ in kept), kept)
+    attach(gm, replace(record, notes=record.notes + (note,)))
+    keep_host_attributes(model, gm)
+    return gm
 
 
 def _rewrite_checked(traced: Traced, plans: list[StagePlan], inputs: tuple, seed: int):
@@ -311,17 +358,34 @@ def compare(
         converted = converted.get_submodule(scope)
     before = measure(original, inputs, leaf_modules)
     after = measure(converted, inputs, leaf_modules)
-    return build_report(before, after, conversion_of(converted))
+    return build_report(before, after, _named(conversion_of(converted), converted, original))
 
 
-def _convert_scope(model, inputs, scope, config, leaf_modules, seed) -> nn.Module:
+def _named(record: Conversion | None, converted: nn.Module, original: nn.Module) -> Conversion | None:
+    """The record with its reasons and notes naming modules, not torch.fx nodes (the record
+    on the model keeps the node names, as the graphs use them)."""
+    names = module_names(converted, original) if record is not None else {}
+    if not names:
+        return record
+
+    def named(stage: StageRecord) -> StageRecord:  # the record itself where no name changes
+        reason, notes = readable(stage.reason, names), tuple(readable(n, names) for n in stage.notes)
+        return stage if (reason, notes) == (stage.reason, stage.notes) else replace(stage, reason=reason, notes=notes)
+
+    stages, notes = tuple(named(s) for s in record.stages), tuple(readable(n, names) for n in record.notes)
+    same = notes == record.notes and all(a is b for a, b in zip(stages, record.stages))
+    return record if same else replace(record, stages=stages, notes=notes)
+
+
+def _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none: bool = True) -> nn.Module:
     """Convert the submodule at ``scope`` and put it back into a copy of the whole model.
 
     ``convert`` checks the part's outputs keep their shapes; the whole model (whose output
     shapes may depend on the data, as a detector's do) must still run.
     """
     part, part_inputs = capture_inputs(model, inputs, scope)
-    converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed)
+    converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed,
+                             refuse_none=refuse_none)
     attach(converted_part, replace(conversion_of(converted_part), scope=scope))
     keep_host_attributes(part, converted_part)
     whole = copy.deepcopy(model)

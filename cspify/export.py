@@ -1,11 +1,14 @@
-"""Writing a converted model out: readable source with its weights, ONNX.
+"""Writing a converted model out: the whole module, readable source with its weights, ONNX.
 
+    save_model(gm, "m.pt")                # torch.save, in a form torch.load reads without cspify
     write_source(gm, "resnet_csp")        # model.py + weights.pt + __init__.py, needs only torch
-    write_onnx(gm, inputs, "model.onnx")  # torch.onnx.export, checked by onnx.checker
+    write_onnx(gm, inputs, "model.onnx")  # torch.onnx.export with a dynamic batch axis, checked by onnx.checker
+    write_onnx(gm, inputs, "model.onnx", dynamic_batch=False)   # the example inputs' shapes, fixed
 
     with Outputs() as out:                # cspify.files: all written, or none
         out.folder("resnet_csp", lambda d: write_source(gm, d))
         out.path("model.onnx", lambda tmp: write_onnx(gm, inputs, tmp), suffix=".onnx")
+        out.path("m.pt", lambda tmp: save_model(gm, tmp), suffix=".pt")
 
 The exported folder loads in a process where cspify is not installed:
 
@@ -21,14 +24,20 @@ whole raises ExportError naming the layer, and ``-o`` (torch.save) or ``--onnx``
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
+import pickletools
 import re
 import sys
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from cspify.errors import CspifyError, OutputError
 
@@ -223,13 +232,145 @@ def _rebuilds(module: nn.Module, expression: str) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- the whole module (-o)
+
+
+def save_model(model: nn.Module, path: str) -> None:
+    """``torch.save`` of ``model`` in a form that ``torch.load(path, weights_only=False)`` reads
+    where cspify is not installed; ``model`` is as it was afterwards.
+
+    Its GraphModules keep their code, layers, weights and attributes (a host framework's
+    included), and are traced again by torch.fx's own Tracer when loaded; cspify's records
+    (``meta``, ``loaded.meta["cspify"]`` the conversion) are saved as plain dicts and tuples,
+    which ``cspify.conversion_of`` does not read. Classes and functions are pickled by name
+    as torch.save does: the loading process needs the packages they come from, and a layer
+    or function defined in a model file cspify ran (``cspify convert model.py``) is named
+    after a module only that run had (``model_file_needs`` lists them). Raises ExportError,
+    before anything is left at ``path``'s target, when the file would still need cspify.
+    """
+    with _detached_from_cspify(model):
+        torch.save(model, path)
+        found = _code_globals(model) | _pickled_globals(path)
+    needed = sorted(f"{module}.{name}" for module, name in found if module.split(".")[0] == "cspify")
+    if needed:
+        raise ExportError(
+            f"the saved model would need cspify to load ({', '.join(needed)}).",
+            "save it with --export-dir or --onnx, which load with torch alone, and report this as a bug",
+        )
+
+
+def model_file_needs(model: nn.Module) -> list[str]:
+    """The layers and functions of ``model`` defined in a model file cspify ran (each file runs
+    as a module of its own, under a name only that process has): a file ``save_model`` writes
+    loads in another process only where those are importable by that name."""
+    found = _code_globals(model) | {(type(m).__module__, type(m).__qualname__) for m in model.modules()}
+    return sorted(name for module, name in found if module.startswith("cspify_user_model_"))
+
+
+_DETACHED = ("meta", "_tracer_cls", "_tracer_extras", "_deepcopy_hooks")  # what cspify leaves on a GraphModule
+_NONE = object()
+
+
+@contextmanager
+def _detached_from_cspify(model: nn.Module):
+    """Within: every GraphModule of ``model`` pickles without a reference to cspify (its
+    records plain, torch.fx's Tracer, torch.fx's reduce); afterwards all is as it was."""
+    saved = []
+    try:
+        for gm in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
+            kept = {key: gm.__dict__[key] for key in _DETACHED if key in gm.__dict__}
+            saved.append((gm, kept, gm.graph._tracer_cls, type(gm).__dict__.get("__reduce__", _NONE)))
+            _detach(gm)
+        yield
+    finally:
+        for gm, kept, tracer, reduce in reversed(saved):
+            for key in _DETACHED:
+                gm.__dict__.pop(key, None)
+            gm.__dict__.update(kept)
+            gm.graph._tracer_cls = tracer
+            if reduce is not _NONE:
+                type(gm).__reduce__ = reduce
+            elif type(gm).__dict__.get("__reduce__") is _reduce_standalone:
+                del type(gm).__reduce__
+
+
+def _detach(gm: fx.GraphModule) -> None:
+    host = dict(gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}))
+    gm.meta = {key: _plain(value) for key, value in gm.meta.items() if key != _USER_PRESERVED_ATTRIBUTES_KEY}
+    if host:
+        gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = host  # torch's deepcopy of the loaded module restores them
+    gm._tracer_cls = None  # unpickling traces the code again with torch.fx's Tracer
+    gm.graph._tracer_cls = None
+    gm._tracer_extras = {}
+    gm._deepcopy_hooks = [hook for hook in getattr(gm, "_deepcopy_hooks", []) if not _from_cspify(hook)]
+    # Every GraphModule has a class of its own: this replaces cspify.host's reduce for this one only.
+    type(gm).__reduce__ = _reduce_standalone
+
+
+def _reduce_standalone(self: fx.GraphModule):
+    """torch.fx's own reduce, with a state that ``nn.Module.__setstate__`` puts back: ``meta``
+    (which torch.fx's unpickling leaves empty) and the host attributes (it skips a name that
+    shadows a Module method, like ``type``)."""
+    rebuild, args = fx.GraphModule.__reduce__(self)
+    return rebuild, args, {"meta": self.meta, **self.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})}
+
+
+def _plain(value):
+    """``value`` as dicts, lists, tuples and scalars where it is a cspify record (a dataclass)."""
+    if value is None or type(value) in (bool, int, float, str, bytes) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        kind = type(value) if type(value) in (list, tuple, set, frozenset) else tuple
+        return kind(_plain(v) for v in value)
+    return repr(value) if _from_cspify(value) else value
+
+
+def _from_cspify(obj) -> bool:
+    module = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "")
+    return str(module).split(".")[0] == "cspify"
+
+
+def _code_globals(model: nn.Module) -> set[tuple[str, str]]:
+    """(module, name) of what the import block of each GraphModule's pickled code imports."""
+    found = set()
+    for module in model.modules():
+        if isinstance(module, fx.GraphModule):
+            for key, obj in module.graph.python_code(root_module="self").globals.items():
+                if type(obj).__name__ == "module":
+                    found.add((obj.__name__, key))
+                elif isinstance(getattr(obj, "__module__", None), str):
+                    found.add((obj.__module__, getattr(obj, "__qualname__", key)))
+    return found
+
+
+def _pickled_globals(path: str) -> set[tuple[str, str]]:
+    """(module, name) of each class and function the pickle in a torch.save file names
+    (torch.save writes pickle protocol 2, where each is one GLOBAL "module name")."""
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    return {tuple(arg.split(" ", 1)) for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
 # ---------------------------------------------------------------- ONNX
 
 
-def write_onnx(model: nn.Module, example_inputs: tuple, path: str) -> None:
+def write_onnx(model: nn.Module, example_inputs: tuple, path: str, dynamic_batch: bool = True) -> None:
     """``torch.onnx.export`` to ``path``: the torch.export-based exporter (needs onnxscript),
-    else the TorchScript-based one; the file is checked with ``onnx.checker`` where onnx is installed."""
+    else the TorchScript-based one; the file is checked with ``onnx.checker`` where onnx is installed.
+
+    With ``dynamic_batch`` (the default, ``--onnx``) the first axis of the tensor inputs is one
+    dynamic axis, ``batch``: the file runs at any batch size. ``dynamic_batch=False``
+    (``--onnx-static``) keeps the example inputs' shapes, batch size included.
+    """
     model = model.eval()
+    inputs = tuple(example_inputs)
+    batched = _batched(inputs) if dynamic_batch else []
     try:
         import onnxscript  # noqa: F401  the torch.export-based exporter needs it
         dynamo = True
@@ -238,14 +379,25 @@ def write_onnx(model: nn.Module, example_inputs: tuple, path: str) -> None:
     try:
         with torch.no_grad():
             if dynamo:
-                program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, verbose=False, optimize=True)
+                batch = torch.export.Dim("batch")
+                shapes = tuple({0: batch} if i in batched else None for i in range(len(inputs))) if batched else None
+                program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, optimize=True, dynamic_shapes=shapes)
                 program.save(path, external_data=False)
+                _check_batch_is_dynamic(path, inputs, batched)
             else:
-                torch.onnx.export(model, tuple(example_inputs), path, dynamo=False)
+                names = [f"input_{i}" for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+                axes = {f"input_{i}": {0: "batch"} for i in batched} or None
+                torch.onnx.export(model, inputs, path, dynamo=False, input_names=names, dynamic_axes=axes)
     except CspifyError:
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        if batched:
+            raise ExportError(
+                f"torch.onnx.export cannot export the converted model with a dynamic batch axis ({type(exc).__name__}: {first}).",
+                "pass --onnx-static (write_onnx(..., dynamic_batch=False)) to keep the example inputs' batch size, "
+                "or save it with -o or --export-dir",
+            ) from exc
         raise ExportError(
             f"torch.onnx.export cannot export the converted model ({type(exc).__name__}: {first}).",
             "save it with -o or --export-dir instead",
@@ -255,3 +407,33 @@ def write_onnx(model: nn.Module, example_inputs: tuple, path: str) -> None:
     except ImportError:
         return
     onnx.checker.check_model(path)
+
+
+def _check_batch_is_dynamic(path: str, inputs: tuple, batched: list[int]) -> None:
+    """An ExportError where the export kept a batched input's first axis fixed: torch.export
+    specialises a dynamic axis the model fixes (a reshape to the example batch size) without
+    saying so."""
+    import onnx  # onnxscript, which the torch.export-based exporter needs, needs onnx
+
+    graph_inputs = onnx.load(path, load_external_data=False).graph.input
+    positions = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    if len(graph_inputs) != len(positions):
+        return  # not one graph input per tensor input: nothing to match them by
+    for graph_input, position in zip(graph_inputs, positions):
+        dims = graph_input.type.tensor_type.shape.dim
+        if position in batched and dims and dims[0].HasField("dim_value"):
+            raise ExportError(
+                f"the converted model fixes its batch size at {dims[0].dim_value}, so its ONNX export "
+                "cannot have a dynamic batch axis.",
+                "pass --onnx-static (write_onnx(..., dynamic_batch=False)) to export it at that batch size",
+            )
+
+
+def _batched(inputs: tuple) -> list[int]:
+    """The positions of the tensor inputs whose first axis is the batch: those with the first
+    tensor input's first size."""
+    tensors = [(i, x) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 1]
+    if not tensors:
+        return []
+    size = tensors[0][1].shape[0]
+    return [i for i, x in tensors if x.shape[0] == size]

@@ -9,8 +9,9 @@ file and no temporary one.
     with atomic_file("run.ckpt") as f:    # one file, replacing what is there
         torch.save(state, f)
 
-An OSError while writing is an OutputError with one sentence. SIGINT and SIGTERM wait
-while a temporary path is created or renamed into place.
+An OSError while writing is an OutputError with one sentence, and so is a second target
+at a path already staged. SIGINT and SIGTERM wait while a temporary path is created or
+renamed into place.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Outputs:
 
     def _temporary(self, path: str, suffix: str, folder: bool = False) -> tuple[int | None, str]:
         """A new temporary path beside ``path``, noted at once so that it is always cleaned up."""
+        if any(_same_path(path, target) for _, target in self.staged):
+            raise OutputError(f"two outputs would both write {path}.", "give each output a path of its own")
         if os.path.lexists(path) and not self.force:
             raise OutputError(f"{path} already exists.", "pass --force to overwrite it, or choose another path")
         with _signals_deferred(), _as_output_error(path):
@@ -134,6 +137,10 @@ def _signals_deferred():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         for s in dict.fromkeys(caught):
             signal.raise_signal(s)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
 def _folder_of(path: str) -> str:

@@ -15,7 +15,8 @@ takes the converted model in its place.
 GraphModule rebuilds itself when copied or unpickled and keeps only what its graph uses;
 its deepcopy restores the attributes listed in its meta, and its unpickling restores
 the others but not names that shadow a Module method (``type``), so both paths are
-given the attributes explicitly here.
+given the attributes explicitly here. A file pickled this way needs cspify to load;
+``cspify.export.save_model`` (``-o``) pickles the same attributes as plain state instead.
 """
 
 from __future__ import annotations

@@ -1,20 +1,29 @@
-"""Pictures of a report or a sweep, as PNG files (matplotlib, Agg: no display needed).
+"""Pictures of a report or a sweep (matplotlib, Agg: no display needed), in the format the
+file's suffix names: PNG, JPEG, PDF, SVG, ... (``FORMATS``).
 
     plot_report(report, "resnet50_csp.png")    # per-stage bars, before/after: flops, memory traffic
                                                # (the FIGURES entries with a ``plot`` panel)
-    plot_sweep(result, "sweep.png")           # flops (and latency, when timed) against gamma
+    plot_sweep(result, "sweep.jpg")           # flops (and latency, when timed) against gamma
 
-Both write to an open binary file too (``plot_report(report, f)``), as the CLI does to
-write through a temporary file.
+Both write to an open binary file too (``plot_report(report, f, "png")``), as the CLI does
+to write through a temporary file; ``plot_format(path)`` is the format a path asks for, or
+an OutputError before any work where matplotlib writes none.
 """
 
 from __future__ import annotations
 
+import os
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cspify.errors import OutputError
 from cspify.measure import FIGURES
 from cspify.report import scale_of
+
+# The formats a plot is written in, by suffix: those matplotlib's Agg canvas writes, less
+# the ones that need more than matplotlib and Pillow (pgf: LaTeX) or hold no picture (raw pixels).
+FORMATS = tuple(sorted(set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf", "raw", "rgba"}))
 
 ORIGINAL, CONVERTED = "#8c8c8c", "#1f77b4"
 SERIES = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
@@ -26,7 +35,23 @@ def _scale(largest: float, unit: str) -> tuple[float, str]:
     return divisor, f"{prefix}{unit}"
 
 
-def plot_report(report, target) -> None:
+def plot_format(path) -> str:
+    """The format ``path``'s suffix names ("jpg" for x.jpg; "png" without a suffix), or an
+    OutputError where it names none matplotlib writes."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if not suffix:
+        return "png"
+    if suffix not in FORMATS:
+        raise OutputError(f"a plot cannot be written as .{suffix} ({path}).",
+                          f"name the plot file with one of the suffixes {', '.join('.' + f for f in FORMATS)}")
+    return suffix
+
+
+def _format(target, format: str | None) -> str:
+    return format or (plot_format(target) if isinstance(target, (str, os.PathLike)) else "png")
+
+
+def plot_report(report, target, format: str | None = None) -> None:
     """A bar chart per FIGURES entry with a ``plot`` panel (GFLOPs, memory traffic in MB),
     one bar pair per converted stage."""
     rows = [row for row in report.stages if row.converted]
@@ -56,10 +81,10 @@ def plot_report(report, target) -> None:
         ax.set_ylabel(ylabel)
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
-    fig.savefig(target, format="png", dpi=110)
+    fig.savefig(target, format=_format(target, format), dpi=110)
 
 
-def plot_sweep(result, target) -> None:
+def plot_sweep(result, target, format: str | None = None) -> None:
     """GFLOPs against gamma, one line per (fusion, hidden); latency against gamma beside it when timed."""
     timed = result.has_latency
     fig = Figure(figsize=(11 if timed else 6.5, 4.8), layout="constrained")
@@ -105,4 +130,4 @@ def plot_sweep(result, target) -> None:
         ax.set_ylabel("latency (ms per forward pass)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.savefig(target, format="png", dpi=110)
+    fig.savefig(target, format=_format(target, format), dpi=110)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from cspify.measure import FIGURES, FLOP_NOTE, FigureSpec, Figures, Measurement
+from cspify.reasons import brief
 from cspify.record import Conversion, StageRecord
 
 # The whole-model counts the JSON's "original" and "converted" carried from the start (integers);
@@ -32,6 +33,7 @@ KEYS = ("flops", "params", "activations", "memory_bytes")
 RECORD_FIELDS = ("name", "kind", "channels", "bypass_channels", "converted", "reason")
 RECORD_FIELDS_AFTER = ("notes", "gamma", "hidden", "time_before_ms", "time_after_ms")
 FIGURE_NOTE = "; ".join(f.note for f in FIGURES if f.note)
+REASON_WIDTH = 72  # the text table's reason column wraps at this many characters
 
 
 @dataclass
@@ -85,15 +87,21 @@ class Report:
             "notes": list(self.notes),
         }
 
-    def _tables(self, fmt: str) -> tuple[str, str, list[str]]:
+    def _tables(self, fmt: str) -> tuple[str, str, str, list[str]]:
+        """The totals, the converted stages (with their memory table), the stages left and
+        why (in text, a reason stages refused alike share said by its gist; all of it in
+        Markdown), and the notes."""
         totals = [[f.label, *cells(f, self.original, self.converted)] for f in FIGURES]
-        rows, skipped = [], []
+        rows = []
+        left = [row for row in self.stages if not row.converted]
+        reasons = [row.reason for row in left]
+        skipped = [[row.name, row.kind, str(row.channels), why]
+                   for row, why in zip(left, brief(reasons) if fmt == "simple" else reasons)]
         per_stage = "per stage" in (self.options.get("gamma"), self.options.get("hidden"))
         timed = any(row.time_before_ms is not None for row in self.stages if row.converted)
         columns = [f for f in FIGURES if f.table == "stages"]
         for row in self.stages:
             if not row.converted:
-                skipped.append(f"{row.name} ({row.kind}, {row.channels} ch): {row.reason}")
                 continue
             rows.append([
                 row.name, row.kind, f"{row.bypass_channels}/{row.channels}",
@@ -112,10 +120,13 @@ class Report:
             if fmt == "simple":  # set apart under its own heading, indented below the first stage table
                 memory = "memory and bottleneck per stage:\n" + "\n".join(f"  {line}" for line in memory.splitlines())
             stage_table += "\n\n" + memory
+        left = tabulate(skipped, headers=["stage", "kind", "ch", "why not converted"], tablefmt=fmt,
+                        disable_numparse=True, colalign=("left", "left", "right", "left"),
+                        maxcolwidths=[None, None, None, REASON_WIDTH if fmt == "simple" else None]) if skipped else ""
         notes = [f"{row.name}: {note}" for row in self.stages for note in row.notes]
         notes += [f"'{module}' kept whole ({why})" for module, why in self.kept_whole.items()]
         notes += self.notes
-        return total_table, stage_table, skipped + [f"note: {n}" for n in notes]
+        return total_table, stage_table, left, notes
 
     def _memory_table(self, fmt: str) -> str:
         """Per converted stage: CIO, peak activations, and the computational bottleneck."""
@@ -127,17 +138,19 @@ class Report:
                         disable_numparse=True)
 
     def __str__(self) -> str:
-        totals, stages, lines = self._tables("simple")
+        totals, stages, left, notes = self._tables("simple")
         parts = [self._title(), "", totals]
         if stages:
             parts += ["", stages]
-        if lines:
-            parts += ["", "not converted / notes:"] + [f"  {line}" for line in lines]
+        if left:
+            parts += ["", "not converted:"] + [f"  {line}" for line in left.splitlines()]
+        if notes:
+            parts += ["", "notes:"] + [f"  {line}" for line in notes]
         parts += ["", f"({self.flop_note}; {FIGURE_NOTE})"]
         return "\n".join(parts)
 
     def to_markdown(self) -> str:
-        totals, stages, lines = self._tables("github")
+        totals, stages, left, notes = self._tables("github")
         parts = [f"## {self._title()}", "", totals, ""]
         if stages:
             parts += ["### Stages", "", stages, ""]
@@ -146,8 +159,10 @@ class Report:
             parts += ["### Converted stages", ""]
             for row, diagram in zip([r for r in self.stages if r.converted], diagrams):
                 parts += [f"**{row.name}** ({row.kind})", "", diagram, ""]
-        if lines:
-            parts += ["### Not converted and notes", ""] + [f"- {line}" for line in lines] + [""]
+        if left:
+            parts += ["### Not converted", "", left, ""]
+        if notes:
+            parts += ["### Notes", ""] + [f"- {line}" for line in notes] + [""]
         parts += [f"_{self.flop_note}; {FIGURE_NOTE}._", ""]
         return "\n".join(parts)
 

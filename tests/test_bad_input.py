@@ -5,6 +5,8 @@ user's model untouched. Extends the error cases of tests/test_cli.py, which it r
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -297,3 +299,117 @@ def test_loading_a_model_file_runs_its_code_as_help_and_readme_say(work, models,
     assert "executed" in " ".join(cli("convert", "--help").output.split())
     from test_cli import ROOT
     assert "Loading a model file runs its Python code" in (ROOT / "README.md").read_text()
+
+
+# ---------------------------------------------------- nothing to convert: analyze reports, convert refuses briefly
+
+CSP_ALREADY = HEADER + """
+
+def cbr(cin, cout, k):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = cbr(c, c, 3), cbr(c, c, 3)
+
+    def forward(self, x):
+        return x + self.conv2(self.conv1(x))
+
+
+class Split(nn.Module):
+    \"\"\"Cross stage partial already: half the channels bypass the blocks.\"\"\"
+
+    def __init__(self, cin, c):
+        super().__init__()
+        self.cv1, self.cv2 = cbr(cin, c, 1), cbr(c, c, 1)
+        self.m = nn.Sequential(Bottleneck(c // 2), Bottleneck(c // 2))
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        return self.cv2(torch.cat([a, self.m(b)], 1))
+
+
+class CSPNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.block1, self.block2 = Split(16, 32), Split(32, 64)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.stem(x))))
+
+
+def example_inputs():
+    return torch.randn(1, 3, 16, 16)
+"""
+FX_NAME = re.compile(r"'[a-z][a-z0-9]*(?:_[a-z0-9]+)+'")  # a torch.fx node name: 'block1_cv1_2', 'getitem_1'
+
+
+def test_analyze_shows_each_stage_left_and_why_where_nothing_converts(work, models):
+    path, content = bad_file(models, "csp.py", CSP_ALREADY)
+    result = cli("analyze", path, "--json", "r.json", "--markdown", "r.md", "-q")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    left = out.split("not converted:\n")[1]
+    for stage, channels in (("block1.m", 16), ("block2.m", 32)):
+        assert re.search(rf"^  {re.escape(stage)}\s+residual\s+{channels}\s+it is already the through part of a cross "
+                         "stage partial block; name it$", left, re.M), out
+    assert "none of the 2 stages found can be converted" in out
+    assert out.rstrip().endswith("saved the report as JSON to r.json\nsaved the report as Markdown to r.md")
+    reasons = [row["reason"] for row in json.loads((work / "r.json").read_text())["stages"]]
+    assert "split from 'block1.cv1.2'" in reasons[0] and "'cat' in 'block1'" in reasons[0]
+    assert not FX_NAME.search(" ".join(reasons) + out + (work / "r.md").read_text())
+    assert path.read_bytes() == content
+
+
+def test_convert_refuses_where_nothing_converts_in_one_short_sentence(work, models):
+    path, _ = bad_file(models, "csp.py", CSP_ALREADY)
+    result, before = run_error(work, "convert", path)
+    check_error(result, 5, before, work, "none of the 2 stages found in CSPNet can be converted (block1.m, block2.m: "
+                "it is already the through part of a cross stage partial block", "--stage", "cspify analyze")
+    error = result.stderr.splitlines()[0]
+    assert len(error) < 250 and error.count("already the through part") == 1 and not FX_NAME.search(error)
+
+
+def test_yolov8n_is_analyzed_and_its_refusal_names_modules(work, monkeypatch):
+    pytest.importorskip("ultralytics")
+    for key, value in (("YOLO_OFFLINE", "1"), ("YOLO_AUTOINSTALL", "0"), ("YOLO_VERBOSE", "0")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(work.parent / "yolo"))
+    args = ("ultralytics:yolov8n.yaml", "--input-shape", "1,3,64,64", "-q")
+    result = cli("analyze", *args)
+    assert result.exit_code == 0, result.output
+    left = result.stdout.split("not converted:\n")[1]
+    assert len(re.findall(r"^  model\.\d+\.m\.0\s", left, re.M)) == 8 and "model.4.m.1" in left
+    assert not FX_NAME.search(result.stdout) and "model_0_act" not in result.stdout
+    refused = cli("convert", *args)
+    assert refused.exit_code == 5 and refused.stderr.startswith("error: none of the 10 stages found in DetectionModel")
+    error = refused.stderr.splitlines()[0]
+    assert len(error) < 300 and "model.2.m.0, model.4.m.0, model.4.m.1, model.6.m.0 and 6 more: it is already" in error
+    assert not FX_NAME.search(refused.stderr) and listing(work) == []
+
+
+# ---------------------------------------------------------------- outputs refused before any work
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-o", "m.pt", "--json", "m.pt"], ["-o and --json both write m.pt"]),
+    (["--json", "r.json", "--markdown", "./r.json"], ["--json and --markdown both write ./r.json"]),
+    (["--markdown", "r.md", "--plot", "r.md"], ["--markdown and --plot both write r.md"]),
+    (["--export-dir", "out", "--onnx", "out"], ["--export-dir and --onnx both write out"]),
+    (["--plot", "p.bmp"], ["cannot be written as .bmp", ".jpg", ".png"]),
+    (["--plot", "p.png", "--force", "--json", "p.png"], ["both write p.png"]),
+], ids=["model-and-json", "json-and-markdown", "markdown-and-plot", "dir-and-onnx", "bmp", "with-force"])
+def test_outputs_that_cannot_be_written_are_refused_before_loading(work, args, words):
+    result = cli("convert", RESNET, *SMALL, *args)
+    check_error(result, 6, [], work, *words, "hint: ", quiet=False)
+    assert "loading" not in result.stderr
+
+
+def test_calibration_data_that_does_not_exist_is_refused_before_converting(work):
+    result = cli("convert", RESNET, *SMALL, "--calibrate", work / "nowhere", "-o", "m.pt")
+    check_error(result, 7, [], work, "nowhere", "does not exist", quiet=False)
+    assert "loading" not in result.stderr and "converting" not in result.stderr

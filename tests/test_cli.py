@@ -490,15 +490,20 @@ def test_error_plain_cnn_has_no_stage(work, models):
     check_error(result, 5, before, work)
 
 
-def test_error_analyze_plain_cnn_has_no_stage(work, models):
-    before = listing(work)
+def test_analyze_plain_cnn_reports_that_it_has_no_stage(work, models):
     result = cli("analyze", models("plain.py", PLAIN), "-q")
-    check_error(result, 5, before, work)
+    assert result.exit_code == 0, result.output
+    assert "CSP conversion" in result.stdout and "0.0%" in result.stdout and result.stderr == ""
+    assert "notes:\n  Plain has no residual, dense, aggregation or plain stage; cspify converts" in result.stdout
+    assert listing(work) == []
 
 
 def test_kind_filter_keeps_to_the_kinds_asked_for(work, models):
     result = cli("analyze", RESNET, *SMALL, "--kind", "dense", "-q")
-    assert result.exit_code == 5 and "no dense stage" in result.output, result.output
+    assert result.exit_code == 0 and "no dense stage" in result.stdout, result.output
+    assert "without --kind it looks for every kind" in result.stdout
+    result = cli("convert", RESNET, *SMALL, "--kind", "dense", "-q")
+    assert result.exit_code == 5 and "no dense stage" in result.stderr, result.output
     result = cli("analyze", RESNET, *SMALL, "--kind", "residual,plain", "-q")
     assert result.exit_code == 0 and "residual" in result.output, result.output
     before = listing(work)

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from cspify.cli import main
 from cspify.cli.run import Progress, load_convert_measure
-from test_cli import TINY_RES, check_error, cli, listing, models, work  # noqa: F401
+from cspify.errors import OutputError
+from cspify.files import Outputs
+from cspify.rules import DESCRIPTIONS, KINDS
+from test_cli import RESNET, SMALL, TINY_RES, check_error, cli, listing, models, work  # noqa: F401
 
 SHARED = ["--stage", "--allow-costlier", "--weights", "--input-shape", "--scope", "--leaf", "--json", "--markdown",
           "--force", "--quiet", "--debug"]
@@ -65,7 +69,7 @@ def test_bench_writes_its_files_all_or_none(work, models, monkeypatch):
 
 
 def test_sweep_writes_its_files_all_or_none(work, models, monkeypatch):
-    def broken(result, f):
+    def broken(result, f, *format):
         raise RuntimeError("matplotlib broke")
 
     import cspify.plot
@@ -80,6 +84,7 @@ def test_sweep_writes_its_files_all_or_none(work, models, monkeypatch):
     result = cli("sweep", path, "--gammas", "0.5", "--json", "s.json", "--markdown", "s.md", "-q")
     assert result.exit_code == 0, result.output
     assert listing(work) == ["s.json", "s.md"] and json.loads((work / "s.json").read_text())["points"]
+    assert result.stdout.endswith("\n\nsaved the sweep as JSON to s.json\nsaved the sweep as Markdown to s.md\n")
 
 
 def test_sweep_refuses_an_existing_output_before_converting(work, models):
@@ -88,3 +93,48 @@ def test_sweep_refuses_an_existing_output_before_converting(work, models):
     result = cli("sweep", models("tiny.py", TINY_RES), "--gammas", "0.5", "--json", "s.json")
     check_error(result, 6, before, work, "s.json", "--force", quiet=False)
     assert "loading" not in result.stderr and os.path.getsize(work / "s.json") == 2
+
+
+def test_every_file_written_says_where_it_went(work):
+    result = cli("convert", RESNET, *SMALL, "-o", "m.pt", "--json", "r.json", "--markdown", "r.md", "--plot", "p.png",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n\nsaved the converted model to m.pt\nsaved the report as JSON to r.json\n"
+                                  "saved the report as Markdown to r.md\nsaved the plot of its stages to p.png\n")
+    assert listing(work) == ["m.pt", "p.png", "r.json", "r.md"]
+    assert (work / "p.png").read_bytes()[:4] == b"\x89PNG"
+    result = cli("analyze", RESNET, *SMALL, "--json", "a.json", "-q")
+    assert result.exit_code == 0 and result.stdout.endswith("\n\nsaved the report as JSON to a.json\n")
+
+
+@pytest.mark.parametrize("command, name, magic", [
+    ("convert", "p.jpg", b"\xff\xd8\xff"), ("convert", "p.PDF", b"%PDF"), ("sweep", "s.jpeg", b"\xff\xd8\xff"),
+], ids=["convert-jpg", "convert-pdf", "sweep-jpeg"])
+def test_a_plot_is_written_in_the_format_its_suffix_names(work, command, name, magic):
+    args = ["--gammas", "0.5"] if command == "sweep" else []
+    result = cli(command, RESNET, *SMALL, *args, "--plot", name, "-q")
+    assert result.exit_code == 0, result.output
+    assert listing(work) == [name] and (work / name).read_bytes().startswith(magic)
+    assert f"to {name}" in result.stdout.splitlines()[-1]
+
+
+def test_sweep_refuses_a_plot_suffix_before_loading(work, models):
+    result = cli("sweep", models("tiny.py", TINY_RES), "--gammas", "0.5", "--plot", "s.bmp")
+    check_error(result, 6, [], work, "cannot be written as .bmp", quiet=False)
+    assert "loading" not in result.stderr
+
+
+def test_outputs_refuse_a_second_target_at_a_path_staged_already(work):
+    with pytest.raises(OutputError, match="two outputs would both write"):
+        with Outputs() as out:
+            out.file("r.json", lambda f: f.write("{}"))
+            out.file("./r.json", lambda f: f.write("[]"))
+    assert listing(work) == []
+
+
+def test_convert_help_names_the_stage_kinds_and_gamma_is_a_float():
+    for command in ("convert", "analyze"):
+        help_text = " ".join(cli(command, "--help").output.split())
+        for kind in KINDS:
+            assert f"{kind} ({DESCRIPTIONS[kind]})" in help_text, (command, kind)
+        assert "--gamma FLOAT" in help_text

@@ -84,7 +84,7 @@ def test_a_stream_split_along_another_axis_than_its_channels_is_refused(monkeypa
     assert "its bypass splits axis 1 of 'permute', but its layers read axis 3" in refused.value.message
     with pytest.raises(NoStageError) as refused:  # with a norm, planning finds it already
         cspify.convert(seeded(ChannelsLastNet), X)
-    assert "'layer1_0_norm' treats axis 1 as channels while they are on axis 2" in refused.value.message
+    assert "'layer1.0.norm' treats axis 1 as channels while they are on axis 2" in refused.value.message
 
 
 def test_the_split_check_refuses_only_the_stage_that_fails_it(monkeypatch):

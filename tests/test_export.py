@@ -17,10 +17,10 @@ from click.testing import CliRunner
 import cspify
 from cspify.cli import main
 from cspify.errors import OutputError
-from cspify.export import ExportError, source_of, write_source
+from cspify.export import ExportError, save_model, source_of, write_onnx, write_source
 from cspify.files import Outputs
 from tiny_models import TinyDenseNet, TinyResNet, randomize_norms, seeded
-from test_cli import cli
+from test_cli import TINY_RES, cli, models  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "resnet_like.py"
@@ -58,6 +58,40 @@ def load_in_clean_process(*folders: Path) -> list[torch.Tensor]:
     env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-I", "-S", "-c", LOAD_WITHOUT_CSPIFY, *map(str, folders)],
+        capture_output=True, text=True, env=env, cwd=folders[0].parent, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"loaded {len(folders)}" in proc.stdout
+    return [torch.load(folder / "y.pt", weights_only=True) for folder in folders]
+
+
+# The same clean process for -o files: each folder's m.pt through torch.load, with cspify
+# blocked outright as well (None in sys.modules: any import of it fails).
+LOAD_PICKLE_WITHOUT_CSPIFY = textwrap.dedent(f"""
+    import sys
+    sys.path.append({SITE_PACKAGES!r})
+    sys.modules["cspify"] = None
+    import torch
+    torch.set_num_threads(1)
+    for folder in sys.argv[1:]:
+        model = torch.load(folder + "/m.pt", weights_only=False).eval()
+        x = torch.load(folder + "/x.pt", weights_only=True)
+        with torch.no_grad():
+            y = model(x)
+        meta = getattr(model, "meta", {{}})
+        torch.save({{"y": y, "type": vars(model).get("type"), "names": getattr(model, "names", None),
+                    "record": type(meta.get("cspify")).__name__, "stages": len(meta.get("cspify", {{}}).get("stages", ()))}},
+                   folder + "/y.pt")
+    bad = [m for m in sys.modules if m.startswith("cspify") and sys.modules[m] is not None]
+    assert not bad, bad
+    print("loaded", len(sys.argv) - 1)
+""")
+
+
+def load_pickles_in_clean_process(*folders: Path) -> list[dict]:
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD_PICKLE_WITHOUT_CSPIFY, *map(str, folders)],
         capture_output=True, text=True, env=env, cwd=folders[0].parent, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -113,6 +147,78 @@ def test_cli_export_dir_and_model_file_agree(tmp_path, monkeypatch):
     with torch.no_grad():
         want = torch.load(tmp_path / "m.pt", weights_only=False).eval()(x)
     assert torch.equal(got, want)
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "m.pt").rename(tmp_path / "alone" / "m.pt")
+    torch.save(x, tmp_path / "alone" / "x.pt")
+    (loaded,) = load_pickles_in_clean_process(tmp_path / "alone")
+    assert torch.equal(loaded["y"], want) and loaded["record"] == "dict" and loaded["stages"] >= 1
+
+
+def test_saved_model_loads_without_cspify_and_matches(tmp_path):
+    """save_model (what -o writes): whole, scoped and folded conversions, and a host framework's
+    attributes, load where cspify cannot be imported, and give the converted model's outputs."""
+    from cspify.fuse import fold_norms
+    from cspify.host import keep_host_attributes
+    from cspify.record import conversion_of
+
+    host = nn.Module()
+    host.type, host.names = "models.TinyResNet", {0: "cat"}
+    residual = cspify.convert(randomize_norms(seeded(TinyResNet)), torch.randn(2, 3, 16, 16)).eval()
+    keep_host_attributes(host, residual)
+    scoped = cspify.convert(seeded(torchvision.models.resnet18).eval(), torch.randn(1, 3, 64, 64), scope="layer1").eval()
+    cases = {
+        "residual": (residual, torch.randn(3, 3, 16, 16)),
+        "dense": (cspify.convert(randomize_norms(seeded(TinyDenseNet)), torch.randn(2, 3, 16, 16)).eval(), torch.randn(1, 3, 16, 16)),
+        "scoped": (scoped, torch.randn(2, 3, 64, 64)),
+        "folded": (fold_norms(residual, torch.randn(2, 3, 16, 16)).model, torch.randn(2, 3, 16, 16)),
+    }
+    expected, folders = {}, []
+    for name, (model, x) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        save_model(model, str(folder / "m.pt"))
+        torch.save(x, folder / "x.pt")
+        with torch.no_grad():
+            expected[name] = model(x)
+        folders.append(folder)
+    assert conversion_of(residual) is not None and conversion_of(scoped, "layer1") is not None  # left as they were
+    loaded = dict(zip(cases, load_pickles_in_clean_process(*folders)))
+    for name, got in loaded.items():
+        assert torch.equal(got["y"], expected[name]), f"{name}: {(got['y'] - expected[name]).abs().max()}"
+    assert loaded["residual"]["type"] == "models.TinyResNet" and loaded["residual"]["names"] == {0: "cat"}
+    assert loaded["residual"]["record"] == "dict" and loaded["residual"]["stages"] == len(conversion_of(residual).stages)
+
+
+def test_save_model_refuses_what_would_still_need_cspify(tmp_path):
+    from cspify.config import CSPConfig
+
+    gm = cspify.convert(seeded(TinyResNet), torch.randn(1, 3, 16, 16))
+    gm.options = CSPConfig()  # a cspify object on the module itself, not a record in meta
+    with pytest.raises(ExportError, match=r"would need cspify to load \(cspify\.config\.CSPConfig\)"):
+        with Outputs() as out:
+            out.path(str(tmp_path / "m.pt"), lambda tmp: save_model(gm, tmp), suffix=".pt")
+    assert listing(tmp_path) == []
+
+
+CUSTOM_LEAF = TINY_RES.replace("class TinyRes(nn.Module):", """class Scale(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+class TinyRes(nn.Module):""").replace("self.head = nn.Sequential(", "self.scale = Scale()\n        self.head = nn.Sequential(").replace(
+    "return self.head(self.layer(self.stem(x)))", "return self.head(self.scale(self.layer(self.stem(x))))")
+
+
+def test_a_layer_of_the_model_file_gets_a_note(tmp_path, monkeypatch, models):
+    """Scale is defined in the model file: -o writes the file, and says where it loads."""
+    path = models("tiny.py", CUSTOM_LEAF)
+    assert "class Scale" in path.read_text()
+    monkeypatch.chdir(tmp_path)
+    result = cli("convert", path, "--leaf", "scale", "-o", "m.pt", "-q")
+    assert result.exit_code == 0, result.output
+    assert "note: m.pt loads only where Scale (defined in" in result.stderr and "--onnx" in result.stderr
+    result = cli("convert", RESNET, *SMALL, "-o", "plain.pt", "-q")
+    assert result.exit_code == 0 and "note:" not in result.stderr
 
 
 class Custom(nn.Module):
@@ -150,21 +256,71 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path, monkeypatch):
     result = cli("convert", RESNET, *SMALL, "-o", "m.pt", "--onnx", "m.onnx", "-q")
     assert result.exit_code == 0, result.output
     assert listing(tmp_path) == ["m.onnx", "m.pt"]
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        want = torch.load("m.pt", weights_only=False).eval()(x).numpy()
+    model = torch.load("m.pt", weights_only=False).eval()
     session = ort.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for batch in (2, 1, 3):  # exported at batch 2: the batch axis is dynamic
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            want = model(x).numpy()
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        diff = float(abs(got - want).max())
+        print(f"batch {batch}: onnxruntime vs PyTorch: max abs difference {diff:.3g}")
+        assert got.shape == want.shape and diff < 1e-4
+
+
+def test_onnx_static_keeps_the_example_batch_size(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    result = cli("convert", RESNET, *SMALL, "--onnx", "m.onnx", "--onnx-static", "-q")
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    assert session.get_inputs()[0].shape == [2, 3, 32, 32]
+    assert session.run(None, {name: torch.randn(2, 3, 32, 32).numpy()})[0].shape[0] == 2
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(None, {name: torch.randn(1, 3, 32, 32).numpy()})
+
+
+def test_onnx_static_without_onnx_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("convert", RESNET, *SMALL, "-o", "m.pt", "--onnx-static", "-q")
+    assert result.exit_code == 2 and "error: --onnx-static applies to an ONNX export" in result.stderr
+    assert "hint: add --onnx PATH" in result.stderr and listing(tmp_path) == []
+
+
+def test_a_model_that_fixes_its_batch_needs_onnx_static(tmp_path):
+    """torch.export keeps the batch axis fixed where the model does (a reshape to the example
+    batch size) without an error; write_onnx refuses, and dynamic_batch=False exports it."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 4)
+
+        def forward(self, x):
+            return self.fc(x.reshape(2, 12))
+
+    gm = torch.fx.symbolic_trace(FixedBatch())
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ExportError, match="fixes its batch size at 2") as info:
+        with Outputs() as out:
+            out.path(str(tmp_path / "f.onnx"), lambda tmp: write_onnx(gm, (x,), tmp), suffix=".onnx")
+    assert "--onnx-static" in info.value.hint and listing(tmp_path) == []
+    write_onnx(gm, (x,), str(tmp_path / "f.onnx"), dynamic_batch=False)
+    session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    diff = float(abs(got - want).max())
-    print(f"onnxruntime vs PyTorch: max abs difference {diff:.3g}")
-    assert got.shape == want.shape and diff < 1e-4
+    with torch.no_grad():
+        assert float(abs(got - gm(x).numpy()).max()) < 1e-5
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     """-o and --export-dir are staged; the ONNX step fails; neither lands, no temporary is left."""
     monkeypatch.chdir(tmp_path)
 
-    def broken(model, inputs, path):
+    def broken(model, inputs, path, **options):
         Path(path).write_bytes(b"half")
         raise ExportError("torch.onnx.export cannot export the converted model.", "save it with -o")
 

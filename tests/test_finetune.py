@@ -318,8 +318,8 @@ def test_cli_evaluate_scores_a_saved_model(cli_setup):
     result = cli("evaluate", "csp.pt", "--data", "data", "--json", "top1.json")
     assert result.exit_code == 0, result.stderr + repr(result.exception)
     assert f"top-1 (val) {100 * record['converted']['top1']:.2f}% on 12 images" in result.stdout
-    assert "input normalisation none (images in [0, 1]) (the default: the model says nothing)" in result.stderr
-    scored = cli("evaluate", "csp.pt", "--data", "data", "--mean", "0.5", "--std", "0.25", "-q")
+    assert "input normalisation mean 0.5, std 0.25 (what the model was fitted on)" in result.stderr, result.stderr
+    scored = cli("evaluate", "csp.pt", "--data", "data", "--mean", "none", "--std", "none", "-q")
     assert scored.exit_code == 0 and json.loads((cli_setup / "top1.json").read_text())["top1"] is not None
     (cli_setup / "junk.pt").write_bytes(b"not a model")
     for bad, words in [("missing.pt", "does not exist"), ("junk.pt", "cannot read the model file")]:

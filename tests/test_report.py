@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
 import cspify
 from cspify.measure import FIGURES, measure
-from cspify.record import StageRecord
-from cspify.report import StageRow, build_report, human, percent, saved, scale_of
+from cspify.record import StageRecord, attach
+from cspify.report import REASON_WIDTH, Report, StageRow, build_report, human, percent, saved, scale_of
 
 from tiny_models import TinyDenseNet, TinyResNet, seeded
 
@@ -58,8 +59,60 @@ def test_json_is_plain_data_with_integer_counts(resnet):
 
 def test_text_lists_what_was_not_converted_and_why(resnet):
     text = str(resnet[3])
-    assert "not converted / notes:" in text and "layer1 (residual, 8 ch): not selected by the stage filter" in text
-    assert "layer2" in text.split("not converted")[0]
+    left = text.split("not converted:\n")[1]
+    assert left.splitlines()[0].split() == ["stage", "kind", "ch", "why", "not", "converted"]
+    assert re.search(r"^  layer1\s+residual\s+8\s+not selected by the stage filter$", left, re.M)
+    assert "layer2" in text.split("not converted")[0] and "layer2" not in left
+
+
+def left_alone(*reasons: str, notes=()) -> Report:
+    """A report of TinyResNet's stages, each left as it was for one of ``reasons``."""
+    x = torch.randn(1, 3, 16, 16)
+    model = seeded(TinyResNet)
+    csp = cspify.convert(model, x, stages=["layer2"])
+    report = cspify.compare(model, csp, x)
+    report.stages = [StageRow(dataclasses.replace(row.record, converted=False, reason=reason), row.before, row.before)
+                     for row, reason in zip(report.stages, reasons)]
+    report.notes = list(notes)
+    return report
+
+
+INSIDE = ("it is already the through part of a cross stage partial block (its output joins 'getitem' in '{0}', split "
+          "from '{0}.cv1.act', in 'cat' in '{0}'); name it with --stage to nest a second CSP in it")
+
+
+def test_a_reason_shared_is_said_by_its_gist_and_wraps_in_its_column():
+    reasons = [INSIDE.format("model.2"), INSIDE.format("model.4")]
+    report = left_alone(*reasons, notes=["a note"])
+    text = str(report)
+    left = text.split("not converted:\n")[1].split("\n\n")[0].splitlines()
+    assert len(left) == 6 and max(map(len, left)) <= 32 + REASON_WIDTH  # heading, rule, two reasons on two lines
+    assert "its output joins" not in text and text.count("nest a second") == 2  # the gist: the details differ
+    assert text.split("notes:\n")[1].startswith("  a note\n")
+    assert [row["reason"] for row in report.to_dict()["stages"]] == reasons
+    markdown = report.to_markdown()
+    assert f"| layer1  | residual |    8 | {reasons[0]} |" in markdown and "### Notes\n\n- a note" in markdown
+
+
+def test_a_reason_of_its_own_is_said_whole():
+    reasons = [INSIDE.format("model.2"), "its conversion failed a check (it splits 'stem.2'), so it was left as it was"]
+    text = " ".join(str(left_alone(*reasons)).split())  # the column wraps
+    assert "its output joins 'getitem' in 'model.2'" in text and "(it splits 'stem.2')" in text
+
+
+def test_the_report_names_modules_where_the_record_names_nodes():
+    """torch.fx names a node of ``layer1.0.conv1`` ``layer1_0_conv1``: the report says the module."""
+    x = torch.randn(1, 3, 16, 16)
+    model = seeded(TinyResNet)
+    csp = cspify.convert(model, x, stages=["layer2"])
+    record = cspify.conversion_of(csp)
+    node, meant = next((n.name, n.target) for n in csp.graph.nodes
+                       if n.op == "call_module" and n.name in record.stages[0].nodes and n.name.startswith("layer1_0_"))
+    changed = dataclasses.replace(record.stages[0], reason=f"'{node}' is made up for this test")
+    attach(csp, dataclasses.replace(record, stages=(changed, *record.stages[1:])))
+    report = cspify.compare(model, csp, x)
+    assert report.stages[0].reason == f"'{meant}' is made up for this test" and "." in meant
+    assert cspify.conversion_of(csp).stages[0].reason == f"'{node}' is made up for this test"
 
 
 def test_markdown_has_a_diagram_per_converted_stage():

@@ -128,7 +128,7 @@ def test_cli_scope_and_leaf(tmp_path):
     assert "blocks " in result.output and "saved" in result.output
     result = runner.invoke(main, ["analyze", f"{source}:WithGate", "--scope", "blocks", "-q"])
     assert result.exit_code == 2 and "never called" in result.output
-    result = runner.invoke(main, ["analyze", f"{source}:WithGate", "--scope", "blocks.0", "-q"])
+    result = runner.invoke(main, ["convert", f"{source}:WithGate", "--scope", "blocks.0", "-q"])
     assert result.exit_code == 5 and "no residual, dense, aggregation or plain stage" in result.output
 
 

@@ -217,7 +217,8 @@ def test_split_sizes_follow_their_parts():
 def test_a_reshape_to_another_tensors_channel_count_is_refused_at_planning():
     with pytest.raises(NoStageError) as refused:
         cspify.convert(model_of(ViewNet, kind="other"), X)
-    reason = "'view_1' reshapes to the channel count of 'stem_2' ('getitem_1'), so its channels cannot be narrowed"
+    reason = ("'view' in 'blocks.0' reshapes to the channel count of 'stem.2' ('getitem' in 'blocks.0'), so its channels "
+              "cannot be narrowed")
     assert reason in refused.value.message
     assert "failed a check" not in refused.value.message
 
@@ -298,7 +299,7 @@ def test_a_split_whose_part_the_last_channels_miss_takes_the_through_part_from_e
 
 
 def test_a_split_the_through_part_cannot_reach_in_every_part_is_refused():
-    with pytest.raises(NoStageError, match="narrowing would leave a part of 'split' no channels"):
+    with pytest.raises(NoStageError, match="narrowing would leave a part of 'split' in 'blocks.0' no channels"):
         cspify.convert(model_of(ShuffleNetLike, sizes=(1, 15)), X, gamma=0.75)
 
 

@@ -32,6 +32,7 @@ from cspify.cli.options import (
 )
 from cspify.cli.run import Progress, data_step, load_model_step, stage_reports
 from cspify.data import parse_normalisation
+from cspify.export import save_model
 from cspify.files import Outputs
 from cspify.finetune import init_distributed
 from cspify.recovery import recover
@@ -122,7 +123,7 @@ def _finetune(options: dict) -> None:
         raise
     if lead:
         with Outputs(force=options["force"]) as out:  # all written, or none
-            out.file(options["output"], lambda f: torch.save(done.csp, f), binary=True)
+            out.path(options["output"], lambda tmp: save_model(done.csp, tmp), suffix=".pt")  # loads without cspify
             stage_reports(out, options, done)
         click.echo(str(done))
         run = done.run

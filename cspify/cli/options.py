@@ -18,7 +18,7 @@ import click
 
 from cspify.budget import OBJECTIVES, Goal
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
-from cspify.errors import ConfigError, OutputError
+from cspify.errors import ConfigError, DataError, OutputError
 from cspify.load import check_weights_file, parse_shape
 from cspify.rules import KINDS
 
@@ -59,8 +59,23 @@ _OBJECTIVE = (
     click.option("--target-latency", default=None, metavar="FRACTION",
                  help="The same for the measured time on the target device (0.8: 20% faster)."),
 )
+
+
+class _Float(click.ParamType):
+    """A number, shown as FLOAT in --help; text that is no number passes through to the
+    option's own check (``CSPConfig``), which refuses it in one sentence with a hint."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value
+
+
 _POINT = (
-    click.option("--gamma", default="0.5", show_default=True,
+    click.option("--gamma", type=_Float(), default="0.5", show_default=True,
                  help="Fraction of channels that bypass each stage (0 < gamma < 1)."),
     click.option("--fusion", type=click.Choice(FUSIONS), default="last", show_default=True,
                  help="Transition then concat (last) or concat then transition (first)."),
@@ -146,10 +161,16 @@ def batch_sizes(text: str) -> tuple[int, ...]:
     return values
 
 
-def check_options(options: dict, *outputs: str | None) -> None:
+REPORT_FILES = (("--json", "json_path"), ("--markdown", "markdown_path"), ("--plot", "plot_path"))
+
+
+def check_options(options: dict, *outputs, data: str | None = None) -> None:
     """What can be refused before any long work: the conversion options (where the command
-    takes them), the input shape, the weights file, and every output path (``options``'
-    --json/--markdown/--plot and ``outputs``)."""
+    takes them), the input shape, the weights file, the DATA folder (``data``), and every
+    output path (``options``' --json/--markdown/--plot and ``outputs``): each writable, a
+    plot's suffix one matplotlib writes, and no two options writing the same path (an
+    output given as ``("-o", path)`` is told apart by its option; a bare path is only
+    checked writable)."""
     if "gamma" in options:
         config_from(options)
     if "objective" in options:
@@ -158,9 +179,37 @@ def check_options(options: dict, *outputs: str | None) -> None:
         parse_shape(options["input_shape"])
     if options["weights"] is not None:
         check_weights_file(options["weights"])
-    reports = (options.get(key) for key in ("json_path", "markdown_path", "plot_path"))
-    for path in (p for p in (*outputs, *reports) if p):
+    named = [o for o in outputs if isinstance(o, tuple)] + [(flag, options.get(key)) for flag, key in REPORT_FILES]
+    named = [(flag, path) for flag, path in named if path]
+    check_distinct(named)
+    if options.get("plot_path"):
+        from cspify.plot import plot_format  # matplotlib loads only when a plot is asked for
+
+        plot_format(options["plot_path"])
+    for path in dict.fromkeys([p for p in outputs if isinstance(p, str)] + [p for _, p in named]):
         check_writable(path, options["force"])
+    if data is not None:
+        check_data_folder(data)
+
+
+def check_distinct(outputs: list[tuple[str, str]]) -> None:
+    """An OutputError where two of the (option, path) pairs name the same file."""
+    seen: dict[str, str] = {}
+    for flag, path in outputs:
+        key = os.path.normcase(os.path.realpath(path))
+        if key in seen:
+            raise OutputError(f"{seen[key]} and {flag} both write {path}.", "give each output a path of its own")
+        seen[key] = flag
+
+
+def check_data_folder(path: str) -> None:
+    """A DataError where the DATA folder is missing or a file (what it holds is read later)."""
+    if not Path(path).exists():
+        raise DataError(f"the data folder {path!r} does not exist.",
+                        "give a folder with train/<class>/* images or the four MNIST-style IDX files")
+    if not Path(path).is_dir():
+        raise DataError(f"{path!r} is a file, not a data folder.",
+                        "give a folder with train/<class>/* images or the four MNIST-style IDX files")
 
 
 def check_writable(path: str, force: bool) -> None:

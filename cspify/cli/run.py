@@ -75,17 +75,18 @@ def load_model_step(options: dict, progress: Progress) -> Loaded:
 
 
 def load_convert_measure(options: dict, progress: Progress, measuring: str = "measuring both models",
-                         search: Search | None = None) -> Converted:
+                         search: Search | None = None, refuse_none: bool = True) -> Converted:
     """Load MODEL, convert it with the options, measure both: one progress line per step.
     ``search``: how a budget or the latency objective times stages (``bench`` times them as
-    it times the models)."""
+    it times the models); ``refuse_none=False``: a model with nothing to convert is measured
+    as it is, its report saying why (``analyze``)."""
     config, goal = config_from(options), goal_from(options)
     loaded = load_model_step(options, progress)
     with progress(_choosing(goal) if goal.active else "tracing and converting"):
         csp = api.convert(loaded.model, loaded.example_inputs, config=config, scope=options["scope"],
                           leaf_modules=options["leaves"], seed=options["seed"], objective=goal.objective,
                           target_flops=goal.target_flops, target_latency=goal.target_latency,
-                          search=search if goal.active else None)
+                          search=search if goal.active else None, refuse_none=refuse_none)
     with progress(measuring):
         report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
                              leaf_modules=options["leaves"])
@@ -122,3 +123,16 @@ def stage_reports(out: Outputs, options: dict, result, plot: Callable | None = N
         out.file(options["markdown_path"], lambda f: f.write(result.to_markdown()))
     if options.get("plot_path") and plot is not None:
         out.file(options["plot_path"], lambda f: plot(result, f), binary=True)
+
+
+def report_files(options: dict, what: str = "report", plot: str = "its plot") -> list[tuple[str, str]]:
+    """(path, what it holds) for --json, --markdown and --plot, those given: for ``echo_saved``."""
+    kinds = (("json_path", f"the {what} as JSON"), ("markdown_path", f"the {what} as Markdown"), ("plot_path", plot))
+    return [(options[key], holds) for key, holds in kinds if options.get(key)]
+
+
+def echo_saved(files: list[tuple[str | None, str]]) -> None:
+    """After the report, a blank line and "saved WHAT to PATH" for each file written (the
+    pairs with a path), so every output says where it went."""
+    for i, (path, what) in enumerate((p, w) for p, w in files if p):
+        click.echo(f"{'' if i else chr(10)}saved {what} to {path}")

@@ -20,7 +20,7 @@ from cspify.cli.options import (
     plot_option,
     stage_options,
 )
-from cspify.cli.run import Progress, load_model_step, stage_reports
+from cspify.cli.run import Progress, echo_saved, load_model_step, report_files, stage_reports
 from cspify.config import FUSIONS, HIDDEN, CSPConfig
 from cspify.errors import ConfigError
 from cspify.files import Outputs
@@ -40,7 +40,7 @@ from cspify.files import Outputs
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time.")
 @click.option("--min-run-time", type=float, default=1.0, show_default=True, help="Seconds of timing per model and round.")
 @output_options("sweep")
-@plot_option("Draw flops (and latency) against gamma as a PNG.")
+@plot_option("Draw flops (and latency) against gamma, in the format the suffix names (.png, .jpg, .pdf, .svg, ...).")
 def sweep(gammas, fusions, hiddens, round_to, latency, sizes, threads, device, min_run_time, **options) -> None:
     with guard(options["debug"]):
         from cspify.sweep import sweep as run_sweep
@@ -61,10 +61,9 @@ def sweep(gammas, fusions, hiddens, round_to, latency, sizes, threads, device, m
             min_run_time=min_run_time, progress=not options["quiet"],
         )
         with Outputs(force=options["force"]) as out:  # all written, or none
-            stage_reports(out, options, result, plot=_plot)
+            stage_reports(out, options, result, plot=lambda sweep, f: _plot(sweep, f, options["plot_path"]))
         click.echo(str(result))
-        if options["plot_path"]:
-            click.echo(f"\nplotted flops against gamma to {options['plot_path']}")
+        echo_saved(report_files(options, "sweep", plot="the plot of flops against gamma"))
 
 
 def _words(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -76,7 +75,7 @@ def _words(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
     return values
 
 
-def _plot(result, f) -> None:
-    from cspify.plot import plot_sweep  # matplotlib loads only when a plot is asked for
+def _plot(result, f, path: str) -> None:
+    from cspify.plot import plot_format, plot_sweep  # matplotlib loads only when a plot is asked for
 
-    plot_sweep(result, f)
+    plot_sweep(result, f, plot_format(path))
