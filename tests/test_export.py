@@ -54,15 +54,20 @@ LOAD_WITHOUT_CSPIFY = textwrap.dedent(f"""
 """)
 
 
-def load_in_clean_process(*folders: Path) -> list[torch.Tensor]:
+def run_without_cspify(script: str, *folders: Path) -> list:
+    """Run ``script`` on ``folders`` in a fresh isolated interpreter; what each folder's y.pt holds."""
     env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", LOAD_WITHOUT_CSPIFY, *map(str, folders)],
+        [sys.executable, "-I", "-S", "-c", script, *map(str, folders)],
         capture_output=True, text=True, env=env, cwd=folders[0].parent, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"loaded {len(folders)}" in proc.stdout
     return [torch.load(folder / "y.pt", weights_only=True) for folder in folders]
+
+
+def load_in_clean_process(*folders: Path) -> list[torch.Tensor]:
+    return run_without_cspify(LOAD_WITHOUT_CSPIFY, *folders)
 
 
 # The same clean process for -o files: each folder's m.pt through torch.load, with cspify
@@ -89,14 +94,7 @@ LOAD_PICKLE_WITHOUT_CSPIFY = textwrap.dedent(f"""
 
 
 def load_pickles_in_clean_process(*folders: Path) -> list[dict]:
-    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", LOAD_PICKLE_WITHOUT_CSPIFY, *map(str, folders)],
-        capture_output=True, text=True, env=env, cwd=folders[0].parent, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"loaded {len(folders)}" in proc.stdout
-    return [torch.load(folder / "y.pt", weights_only=True) for folder in folders]
+    return run_without_cspify(LOAD_PICKLE_WITHOUT_CSPIFY, *folders)
 
 
 def listing(folder: Path) -> list[str]:

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from cspify.cli.exits import guard
-from cspify.cli.options import check_writable
-from cspify.cli.run import Progress, data_step
+from cspify.cli.options import check_writable, data_options
+from cspify.cli.run import Progress, data_step, normalised_step
 from cspify.data import check_fits, parse_normalisation
 from cspify.errors import LoadError
 from cspify.files import Outputs
@@ -28,12 +28,7 @@ from cspify.record import INPUTS_KEY, step_record
 @click.command("evaluate", help="Score a saved model (a file torch.save wrote, as cspify convert -o and cspify "
                                 "finetune -o do) on DATA's validation images: its top-1.")
 @click.argument("saved", metavar="MODEL.pt", type=click.Path(dir_okay=False))
-@click.option("--data", "data_path", required=True, metavar="DATA", help="The images: an ImageFolder tree or IDX files.")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
-              help="Read the images with this many channels (grey as RGB repeats the channel).")
-@click.option("--mean", default=None, metavar="M[,M,M]|none|data",
-              help="Normalise the images by this mean per channel [default: what the model was fitted on, else none].")
-@click.option("--std", default=None, metavar="S[,S,S]|none|data", help="The std that goes with --mean.")
+@data_options("what the model was fitted on")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per forward.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the score as JSON.")
@@ -55,14 +50,8 @@ def _evaluate(options: dict) -> None:
         model = load_saved(path)
     data = data_step(options["data_path"], progress, int(options["channels"]) if options["channels"] else None)
     stored = step_record(model, INPUTS_KEY)
-    if given is not None:
-        data, where = data.normalised(*given), "--mean/--std"
-    elif stored:
-        data, where = data.normalised(tuple(stored["mean"]), tuple(stored["std"])), "what the model was fitted on"
-    else:
-        where = "the default: the model says nothing"
-    if not options["quiet"]:
-        click.echo(f"cspify: input normalisation {data.normalisation} ({where})", err=True)
+    said = (tuple(stored["mean"]), tuple(stored["std"])) if stored else None
+    data = normalised_step(data, given, said, "what the model was fitted on", not options["quiet"])
     check_fits(model, data, path)
     device = torch.device(options["device"])
     with progress(f"scoring on {len(data.val)} validation images"):

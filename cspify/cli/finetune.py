@@ -26,11 +26,12 @@ from cspify.cli.options import (
     check_options,
     check_writable,
     config_from,
+    data_options,
     model_options,
     point_options,
     stage_options,
 )
-from cspify.cli.run import Progress, data_step, load_model_step, stage_reports
+from cspify.cli.run import Progress, data_step, load_model_step, normalised_step, stage_reports
 from cspify.data import parse_normalisation
 from cspify.export import save_model
 from cspify.files import Outputs
@@ -44,13 +45,7 @@ from cspify.recovery import recover
 @model_options
 @stage_options
 @point_options
-@click.option("--data", "data_path", required=True, metavar="DATA", help="The images: an ImageFolder tree or IDX files.")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
-              help="Read the images with this many channels (grey as RGB repeats the channel).")
-@click.option("--mean", default=None, metavar="M[,M,M]|none|data",
-              help="Normalise the images by this mean per channel ('none': leave them in [0, 1]; 'data': the "
-                   "training images' own mean and std) [default: what a timm or torchvision model says, else none].")
-@click.option("--std", default=None, metavar="S[,S,S]|none|data", help="The std that goes with --mean.")
+@data_options("what a timm or torchvision model says")
 @click.option("--allow-chance", is_flag=True,
               help="Go on when the original scores near chance on the validation images (a model with random weights).")
 @click.option("--epochs", type=click.IntRange(min=0), default=1, show_default=True,
@@ -103,7 +98,9 @@ def _finetune(options: dict) -> None:
     if options["input_shape"] is None:
         options = dict(options, input_shape=",".join(map(str, (1, data.channels, *data.size))))
     loaded = load_model_step(options, progress)
-    data = _normalised(data, given, loaded, lead and not options["quiet"]).fraction(options["fraction"], options["seed"])
+    said = (loaded.mean, loaded.std) if loaded.mean is not None else None
+    data = normalised_step(data, given, said, loaded.normalisation_from, lead and not options["quiet"])
+    data = data.fraction(options["fraction"], options["seed"])
     try:
         done = recover(loaded.model, loaded.example_inputs, data, config=config_from(options), scope=options["scope"],
                        leaf_modules=options["leaves"], seed=options["seed"],
@@ -138,15 +135,3 @@ def _finetune(options: dict) -> None:
     if parallel:
         dist.destroy_process_group()
 
-
-def _normalised(data, given, loaded, say: bool):
-    """DATA normalised as --mean/--std say, else as the model says, else not at all; said on stderr."""
-    if given is not None:
-        data, where = data.normalised(*given), "--mean/--std"
-    elif loaded.mean is not None:
-        data, where = data.normalised(loaded.mean, loaded.std), loaded.normalisation_from
-    else:
-        where = "the default: the model says nothing"
-    if say:
-        click.echo(f"cspify: input normalisation {data.normalisation} ({where})", err=True)
-    return data

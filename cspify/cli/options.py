@@ -110,6 +110,21 @@ def objective_options(fn):
     return _apply(fn, _OBJECTIVE)
 
 
+def data_options(default_normalisation: str):
+    """DATA and how to read it: --data, --channels, --mean, --std; ``default_normalisation``
+    says what normalises the images when --mean/--std are not given."""
+    return lambda fn: _apply(fn, (
+        click.option("--data", "data_path", required=True, metavar="DATA",
+                     help="The images: an ImageFolder tree or IDX files."),
+        click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+                     help="Read the images with this many channels (grey as RGB repeats the channel)."),
+        click.option("--mean", default=None, metavar="M[,M,M]|none|data",
+                     help="Normalise the images by this mean per channel ('none': leave them in [0, 1]; 'data': the "
+                          f"training images' own mean and std) [default: {default_normalisation}, else none]."),
+        click.option("--std", default=None, metavar="S[,S,S]|none|data", help="The std that goes with --mean."),
+    ))
+
+
 def point_options(fn):
     """One conversion's choices: --gamma, --fusion, --hidden, --round-to, --seed."""
     return _apply(fn, _POINT)

@@ -106,6 +106,21 @@ def data_step(path: str, progress: Progress, channels: int | None = None) -> Ima
         return open_data(path, channels=channels)
 
 
+def normalised_step(data: ImageData, given, said, said_by: str, say: bool) -> ImageData:
+    """DATA normalised as --mean/--std say (``given``, as ``parse_normalisation`` returns it),
+    else as the model says (``said``: mean and std, read from ``said_by``), else not at all;
+    the choice said on stderr."""
+    if given is not None:
+        data, where = data.normalised(*given), "--mean/--std"
+    elif said is not None:
+        data, where = data.normalised(*said), said_by
+    else:
+        where = "the default: the model says nothing"
+    if say:
+        click.echo(f"cspify: input normalisation {data.normalisation} ({where})", err=True)
+    return data
+
+
 def calibrate_data(path: str, model: nn.Module, csp: nn.Module, spec: str, progress: Progress,
                    images: int = 2048) -> None:
     """``cspify convert --calibrate DATA``: open DATA, check MODEL takes its images, calibrate."""
