@@ -47,7 +47,8 @@ def main() -> None:
             f"{ref_params:+.1f}%" if ref_params is not None else "",
             pct(before.memory_bytes, after.memory_bytes),
         ])
-    print(f"gamma {args.gamma}, fusion last, hidden keep, 1x3x224x224, fvcore (1 multiply-add = 1 flop)\n")
+    print(f"gamma {args.gamma}, fusion last, hidden keep, 1x3x224x224, fvcore (1 multiply-add = 1 flop); "
+          f"stages: the paper's kinds only ({', '.join(PAPER_KINDS)}), as the reference counts them\n")
     print(tabulate(rows, headers=["model", "stages", "GFLOPs", "flops", "reference", "params (M)", "params",
                                   "reference", "memory traffic"], tablefmt="github"))
 

@@ -32,7 +32,11 @@ as fine-tuning runs it, the calibrated model then computes what it does in eval 
 
 A least-squares fit is ridge-regularised toward the layer's current weights (the
 original's, where it had them) and is kept only where it lowers the layer's error. Convs
-are fitted through ``F.unfold`` (im2col); grouped convs are left as they are. The original
+are fitted through ``F.unfold`` (im2col); a grouped or depthwise conv is one small problem
+per group, solved together. Each pass over
+the images starts where the stage starts: both models' values up to the stage's base are
+read once per stage and every later pass computes only what lies after it
+(``cspify.replay``; beyond ``replay.CACHE_BYTES`` of cached values, whole passes). The original
 is traced as ``convert`` traced it (same leaf modules), so the record's node names find
 the stage outputs in both graphs; with a ``scope`` conversion the images are the whole
 model's inputs and the stages live in the scoped submodule.
@@ -50,10 +54,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cspify.batches import image_batches
 from cspify.graph import cat_args, uncast
-from cspify.lstsq import LeastSquares, features_of, fits, outputs_of, rows_of, sample_rows, set_layer, targets_of
+from cspify.lstsq import LeastSquares, features_of, fits, groups_of, outputs_of, rows_of, sample_rows, set_layer, targets_of
 from cspify.ops import role_of
 from cspify.record import CALIBRATE_KEY, Conversion, StageRecord, find_conversion, leave_step_record
-from cspify.taps import Taps, module_nodes, node_named, run_until_tapped
+from cspify.replay import Replay
+from cspify.taps import Taps, module_nodes, node_named
 from cspify.trace import device_of, eval_mode, traced_original
 
 __all__ = ["calibrate", "Calibration", "Fit", "stabilise_norms"]
@@ -139,6 +144,7 @@ def calibrate(
         stages = sorted(record.converted, key=_position(part))
         elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
         for stage in _bar(stages, progress):
+            job.start(stage)
             found = _transition_of(part, stage, record) if transitions else None
             if isinstance(found, str):
                 result.skipped.append(f"{stage.name}: {found}")
@@ -166,7 +172,7 @@ def _bar(stages: list, shown: bool):
         return stages
     from tqdm.auto import tqdm
 
-    return tqdm(stages, desc="calibrating", unit="stage", leave=False, dynamic_ncols=True)
+    return tqdm(stages, desc="calibrating", unit="stage", leave=False, dynamic_ncols=True, mininterval=0)  # a stage is slow: show each
 
 
 @dataclass
@@ -183,7 +189,20 @@ class _Job:
     result: Calibration
 
     def __post_init__(self) -> None:
-        self.taps, self.teacher_taps = Taps(self.part), Taps(self.teacher_part)
+        self.mine = Replay(self.student, self.part, Taps(self.part))
+        self.theirs = Replay(self.teacher, self.teacher_part, Taps(self.teacher_part))
+
+    def start(self, stage: StageRecord) -> None:
+        """Each model's values up to the stage's base, read once: the stage's passes start there."""
+        self.mine.start(stage.base, self.batches)
+        self.theirs.start(stage.base, self.batches)
+
+    def passes(self, mine: list[str], theirs: list[str], changing: list[str]):
+        """Per batch: the converted model's values of nodes ``mine`` and the original's of
+        ``theirs``, with the layers ``changing`` about to be refitted."""
+        self.mine.keep_for(changing)
+        for i, x in enumerate(self.batches):
+            yield self.mine.values(i, x, mine), (self.theirs.values(i, x, theirs) if theirs else {})
 
 
 def _position(gm: fx.GraphModule):
@@ -313,15 +332,11 @@ def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
     generator = torch.Generator().manual_seed(0)
     cap = max(1, MAX_ROWS // len(job.batches))
     source = conv_node.args[0].name
-    with job.taps.values([source], stop=True, detach=True) as mine, \
-            job.teacher_taps.values([stage.output], stop=True, detach=True) as theirs:
-        for x in job.batches:
-            run_until_tapped(job.student, x)
-            run_until_tapped(job.teacher, x)
-            rows = rows_of(conv, mine[source])
-            target = targets_of(conv, theirs[stage.output].narrow(found.axis, start, width))
-            pick = sample_rows(len(rows), cap, generator, rows.device)
-            solver.add(rows if pick is None else rows[pick], target if pick is None else target[pick])
+    for mine, theirs in job.passes([source], [stage.output], [conv_node.name]):
+        rows = rows_of(conv, mine[source])
+        target = targets_of(conv, theirs[stage.output].narrow(found.axis, start, width))
+        pick = sample_rows(len(rows), cap, generator, rows.device)
+        solver.add(rows if pick is None else rows[pick], target if pick is None else target[pick])
     mean_x, second = solver.input_moments()  # before dropping the intercept column
     if not intercept:
         solver = solver.without_intercept()
@@ -435,7 +450,8 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
     for a in wave:
         module = modules[a.node.name]
         intercept = module.bias is not None or follow[a.node.name] is not None
-        solvers[a.node.name] = LeastSquares(features_of(module), outputs_of(module), intercept, module.weight.device)
+        solvers[a.node.name] = LeastSquares(features_of(module), outputs_of(module), intercept, module.weight.device,
+                                            groups=groups_of(module))
     sources = {a.node.name: a.node.args[0].name for a in wave}
     keeps = {a.node.name: torch.tensor(a.keep, device=device_of(gm)) if a.keep is not None else None for a in wave}
     generator = torch.Generator().manual_seed(0)
@@ -447,22 +463,17 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        with job.taps.values([*sources.values(), *norms], stop=True, detach=True) as mine, \
-                job.teacher_taps.values([a.target for a in wave], stop=True, detach=True) as theirs:
-            for x in job.batches:
-                run_until_tapped(job.student, x)
-                if not wave:
-                    continue
-                run_until_tapped(job.teacher, x)
-                for a in wave:
-                    module, keep = modules[a.node.name], keeps[a.node.name]
-                    rows = rows_of(module, mine[sources[a.node.name]])
-                    y = theirs[a.target]
-                    if keep is not None:
-                        y = y.index_select(-1 if isinstance(module, nn.Linear) else 1, keep)
-                    target = targets_of(module, y)
-                    pick = sample_rows(len(rows), cap, generator, rows.device)
-                    solvers[a.node.name].add(rows if pick is None else rows[pick], target if pick is None else target[pick])
+        changing = [a.node.name for a in wave] + list(norms)
+        for mine, theirs in job.passes([*sources.values(), *norms], [a.target for a in wave], changing):
+            for a in wave:
+                module, keep = modules[a.node.name], keeps[a.node.name]
+                rows = rows_of(module, mine[sources[a.node.name]])
+                y = theirs[a.target]
+                if keep is not None:
+                    y = y.index_select(-1 if isinstance(module, nn.Linear) else 1, keep)
+                target = targets_of(module, y)
+                pick = sample_rows(len(rows), cap, generator, rows.device)
+                solvers[a.node.name].add(rows if pick is None else rows[pick], target if pick is None else target[pick])
     finally:
         for m, (momentum, training) in zip(estimating, saved):
             m.momentum, m.training = momentum, training

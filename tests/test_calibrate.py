@@ -184,3 +184,60 @@ def test_taps_record_values_as_computed():
             run_until_tapped(converted, X[4:6])  # a second pass waits for its own values
             assert values["layer1_fuse"].shape[0] == values[expand].shape[0] == 2
     assert "forward" not in vars(converted)  # the model's own forward is back
+
+
+def test_a_grouped_conv_is_one_least_squares_per_group():
+    """A depthwise conv's weights come back exactly from its own inputs and outputs, and a
+    grouped solve equals the groups' separate solves."""
+    from cspify.lstsq import LeastSquares, features_of, groups_of, rows_of, targets_of
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=True)
+    x = torch.randn(8, 6, 10, 10)
+    with torch.no_grad():
+        y = conv(x)
+    solver = LeastSquares(features_of(conv), 6, intercept=True, device="cpu", groups=groups_of(conv))
+    solver.add(rows_of(conv, x), targets_of(conv, y))
+    weight, bias = solver.solve(ridge=0.0)
+    assert torch.allclose(weight.float(), conv.weight.reshape(6, -1), atol=1e-4)
+    assert torch.allclose(bias.float(), conv.bias, atol=1e-4) and solver.error(weight, bias) < 1e-8
+
+    grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    target = torch.randn(8, 6, 10, 10)
+    together = LeastSquares(features_of(grouped), 6, intercept=True, device="cpu", groups=2)
+    together.add(rows_of(grouped, x[:, :4]), targets_of(grouped, target))
+    w, b = together.solve(ridge=1e-3)
+    for g in range(2):
+        alone = nn.Conv2d(2, 3, 3, padding=1)
+        one = LeastSquares(features_of(alone), 3, intercept=True, device="cpu")
+        one.add(rows_of(alone, x[:, 2 * g : 2 * g + 2]), targets_of(alone, target[:, 3 * g : 3 * g + 3]))
+        w1, b1 = one.solve(ridge=1e-3)
+        assert torch.allclose(w[3 * g : 3 * g + 3], w1) and torch.allclose(b[3 * g : 3 * g + 3], b1)
+
+
+def test_depthwise_layers_inside_a_stage_are_refitted():
+    model = randomize_norms(seeded(TinyResNet, groups=8))
+    converted = cspify.convert(model, X[:2], hidden="scale")
+    before = distance(model, converted)
+    calibrate(model, converted, X)
+    fitted = {f.layer for f in converted.meta["cspify.calibrate"].fits}
+    grouped = {name for name, m in converted.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert fitted & grouped, (fitted, grouped)
+    assert distance(model, converted) < 0.5 * before
+
+
+@pytest.mark.parametrize("family", [TinyResNet, TinyDenseNet, ChannelsLastNet])
+def test_passes_resumed_from_the_stage_fit_what_whole_passes_fit(family, monkeypatch):
+    """Calibration resumes each pass from the values cached before the stage (cspify.replay);
+    with no room for that cache every pass runs the whole model: the same fits either way."""
+    import cspify.replay
+
+    model = randomize_norms(seeded(family))
+    resumed, whole = cspify.convert(model, X[:2]), cspify.convert(model, X[:2])
+    calibrate(model, resumed, X)
+    monkeypatch.setattr(cspify.replay, "CACHE_BYTES", 0)
+    calibrate(model, whole, X)
+    a, b = resumed.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key

@@ -22,6 +22,7 @@ def test_bench_command_prints_speedup_and_flops_ratio(tmp_path):
     assert result.exit_code == 0, result.output
     assert "speed-up" in result.output and "flops ratio" in result.output
     assert "1 thread(s), load " in result.output.splitlines()[0]
+    assert result.output.splitlines()[-1] == f"saved the timings as JSON to {out}"
     data = json.loads(out.read_text())
     assert [r["batch_size"] for r in data["rows"]] == [1, 2]
     assert data["threads"] == 1 and set(data["load"]) == {"before", "after", "cores"}

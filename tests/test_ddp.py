@@ -43,6 +43,14 @@ for norms in ("frozen", "train"):
     if dist.get_rank() == 0:
         torch.save({"state": model.state_dict(), "run": model.meta["cspify.finetune"].to_dict()},
                    f"{sys.argv[1]}/{norms}.pt")
+rates = {}
+for name, recipe in (("default", Recipe()), ("linear", Recipe(lr_scaling="linear"))):
+    model = cspify.convert(teacher, X[:2])
+    finetune(model, TensorDataset(X, Y), teacher=teacher, epochs=1, batch_size=int(sys.argv[2]), recipe=recipe,
+             progress=False)
+    rates[name] = model.meta["cspify.finetune"].recipe["lr"]
+if dist.get_rank() == 0:
+    torch.save(rates, f"{sys.argv[1]}/rates.pt")
 dist.destroy_process_group()
 """
 
@@ -71,6 +79,7 @@ def two_processes(folder: Path) -> dict:
     for norms in ("frozen", "train"):
         saved = torch.load(folder / f"{norms}.pt", weights_only=True)
         runs[norms] = saved["state"], saved["run"]
+    runs["rates"] = torch.load(folder / "rates.pt", weights_only=True)
     return runs
 
 
@@ -85,7 +94,17 @@ def test_two_processes_agree_with_one(tmp_path):
     runs = two_processes(tmp_path)
     # one checkpoint per run: rank 0 alone writes
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "frozen.ckpt", "frozen.pt", "train.ckpt", "train.pt", "worker.py"]
+        "frozen.ckpt", "frozen.pt", "rates.pt", "train.ckpt", "train.pt", "worker.py"]
+
+    # The default rate is the one a single process uses, whatever the process count: a rate
+    # scaled with the global batch (lr_scaling="linear", the earlier default) is what turned
+    # calibrated models to chance under torchrun; it is still there when asked for.
+    exec(SETUP, namespace := {})
+    alone = cspify.convert(namespace["teacher"], namespace["X"][:2])
+    finetune(alone, TensorDataset(namespace["X"], namespace["Y"]), teacher=namespace["teacher"], epochs=1,
+             batch_size=GLOBAL_BATCH // 2, progress=False)
+    assert runs["rates"]["default"] == alone.meta["cspify.finetune"].recipe["lr"] == Recipe().lr
+    assert runs["rates"]["linear"] == Recipe().lr * GLOBAL_BATCH / Recipe().lr_batch
 
     # Frozen norm statistics make each sample's gradient independent of its batch, so the
     # averaged gradients of two halves are the gradient of the whole: the same weights up

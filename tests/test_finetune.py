@@ -251,6 +251,19 @@ def test_cli_convert_calibrate(cli_setup):
     assert cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "-o", "plain.pt").exit_code == 0
     calibrated, plain = (torch.load(p, weights_only=False).state_dict() for p in ("csp.pt", "plain.pt"))
     assert not all(torch.equal(v, plain[k]) for k, v in calibrated.items())
+    assert "input normalisation none (images in [0, 1]) (the default: the model says nothing)" in result.stderr
+
+
+def test_cli_convert_calibrate_normalises_as_told(cli_setup):
+    result = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--calibrate", "data", "--mean", "0.5",
+                 "--std", "0.25", "-o", "csp.pt")
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert "input normalisation mean 0.5, std 0.25 (--mean/--std)" in result.stderr
+    saved = torch.load(cli_setup / "csp.pt", weights_only=False)
+    assert saved.meta["cspify.inputs"] == {"mean": [0.5], "std": [0.25]}  # evaluate reads it back
+    # --mean without --calibrate says nothing to read: refused before any work
+    refused = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--mean", "0.5", "--std", "0.25", "-o", "x.pt")
+    assert refused.exit_code != 0 and "--calibrate" in refused.stderr and not (cli_setup / "x.pt").exists()
 
 
 def test_cli_calibrate_only(cli_setup):

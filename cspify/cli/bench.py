@@ -9,7 +9,7 @@ import click
 
 from cspify.cli.exits import guard
 from cspify.cli.options import MODEL_HELP, batch_sizes, check_options, conversion_options
-from cspify.cli.run import Progress, load_convert_measure, stage_reports
+from cspify.cli.run import Progress, echo_saved, load_convert_measure, report_files, stage_reports
 from cspify.files import Outputs
 
 
@@ -46,3 +46,4 @@ def bench(sizes, threads, device, min_run_time, rounds, **options) -> None:
         with Outputs(force=options["force"]) as out:  # all written, or none
             stage_reports(out, options, result)
         click.echo(str(result))
+        echo_saved(report_files(options, "timings"))

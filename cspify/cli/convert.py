@@ -13,6 +13,7 @@ from cspify.budget import Search
 from cspify.cli.exits import guard
 from cspify.cli.options import MODEL_HELP, check_options, conversion_options, plot_option
 from cspify.cli.run import Progress, calibrate_data, echo_saved, load_convert_measure, report_files, stage_reports
+from cspify.data import parse_normalisation
 from cspify.errors import ConfigError
 from cspify.export import model_file_needs, save_model, write_onnx, write_source
 from cspify.files import Outputs
@@ -34,6 +35,8 @@ KINDS_HELP = ", ".join(_KINDS[:-1]) + (" and " if len(_KINDS) > 1 else "") + _KI
 @plot_option("Draw per-stage flops and memory traffic, before and after, in the format the suffix names "
              "(.png, .jpg, .pdf, .svg, ...).")
 @click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it.")
+@click.option("--mean", default=None, metavar="M[,M,M]|none|data", help="With --calibrate: normalise DATA's images by this mean per channel ('none': leave them in [0, 1]; 'data': DATA's own mean and std) [default: what a zoo model's weights say, else none].")
+@click.option("--std", default=None, metavar="S[,S,S]|none|data", help="With --calibrate: the std that goes with --mean.")
 @click.option("--inference", is_flag=True, help="Save and export the converted model for inference: in eval mode, each norm that follows a conv folded into it (checked against the unfused model on the example inputs; after --calibrate). With --objective latency or --target-latency, stages are timed folded too.")
 def convert(output, export_dir, onnx_path, calibrate_path, inference, **options) -> None:
     with guard(options["debug"]):
@@ -55,11 +58,16 @@ def _convert(options: dict, output: str | None = None, export_dir: str | None = 
     if options.get("onnx_static") and not onnx_path:
         raise ConfigError("--onnx-static applies to an ONNX export, and there is none.", "add --onnx PATH, or drop --onnx-static")
     check_options(options, ("-o", output), ("--export-dir", export_dir), ("--onnx", onnx_path), data=calibrate_path)
+    if calibrate_path:
+        parse_normalisation(options["mean"], options["std"])  # a bad --mean/--std fails before any work
+    elif options.get("mean") is not None or options.get("std") is not None:
+        raise ConfigError("--mean and --std say how to read the images of --calibrate, and there is none.",
+                          "add --calibrate DATA, or drop --mean/--std")
     progress = Progress(options["quiet"])
     done = load_convert_measure(options, progress, search=Search(fold=True) if inference else None,
                                 refuse_none=refuse_none)
     if calibrate_path:
-        calibrate_data(calibrate_path, done.model, done.csp, options["model"], progress)
+        calibrate_data(calibrate_path, done, options, progress)
     csp, folded = done.csp, None
     if inference:
         with progress("folding norms into convs"):

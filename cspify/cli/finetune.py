@@ -53,7 +53,7 @@ from cspify.recovery import recover
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per step (per process under torchrun).")
 @click.option("--lr", type=float, default=None,
-              help="Learning rate [default: 0.02 per 128 images of global batch, SGD with Nesterov momentum].")
+              help="Learning rate [default: 0.02 at any batch and process count, SGD with Nesterov momentum].")
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Save the model that scored best on the validation images (the calibrated one included), "
                    "or the last epoch's.")

@@ -23,10 +23,11 @@ import torch.nn as nn
 from cspify import api
 from cspify.budget import Goal, Search
 from cspify.cli.options import config_from, goal_from
-from cspify.data import ImageData, check_fits, open_data
+from cspify.data import ImageData, check_fits, open_data, parse_normalisation
 from cspify.files import Outputs
 from cspify.load import Loaded, load_model, parse_shape
 from cspify.recovery import calibrate_on
+from cspify.record import INPUTS_KEY, leave_step_record
 from cspify.report import Report
 
 
@@ -64,6 +65,7 @@ class Converted:
     inputs: tuple             # its example inputs
     csp: nn.Module            # the converted model
     report: Report            # both models measured
+    loaded: Loaded | None = None  # what loading said besides (the input normalisation a zoo model carries)
 
 
 def load_model_step(options: dict, progress: Progress) -> Loaded:
@@ -90,7 +92,7 @@ def load_convert_measure(options: dict, progress: Progress, measuring: str = "me
     with progress(measuring):
         report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
                              leaf_modules=options["leaves"])
-    return Converted(loaded.model, loaded.example_inputs, csp, report)
+    return Converted(loaded.model, loaded.example_inputs, csp, report, loaded)
 
 
 def _choosing(goal: Goal) -> str:
@@ -121,12 +123,17 @@ def normalised_step(data: ImageData, given, said, said_by: str, say: bool) -> Im
     return data
 
 
-def calibrate_data(path: str, model: nn.Module, csp: nn.Module, spec: str, progress: Progress,
-                   images: int = 2048) -> None:
-    """``cspify convert --calibrate DATA``: open DATA, check MODEL takes its images, calibrate."""
+def calibrate_data(path: str, done: Converted, options: dict, progress: Progress, images: int = 2048) -> None:
+    """``cspify convert --calibrate DATA``: open DATA, normalise it as --mean/--std or the model
+    say, check MODEL takes its images, calibrate; the normalisation is kept with the model."""
+    given = parse_normalisation(options["mean"], options["std"])
     data = data_step(path, progress)
-    check_fits(model, data, spec, classes=False)
-    calibrate_on(model, csp, data, images, progress)
+    loaded = done.loaded
+    said = (loaded.mean, loaded.std) if loaded is not None and loaded.mean is not None else None
+    data = normalised_step(data, given, said, loaded.normalisation_from if loaded else "", not options["quiet"])
+    check_fits(done.model, data, options["model"], classes=False)
+    calibrate_on(done.model, done.csp, data, images, progress)
+    leave_step_record(done.csp, INPUTS_KEY, {"mean": list(data.mean), "std": list(data.std)})
 
 
 def stage_reports(out: Outputs, options: dict, result, plot: Callable | None = None) -> None:
