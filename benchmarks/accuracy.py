@@ -664,7 +664,7 @@ def write_note(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: 
     lines += [
         "Written by `benchmarks/accuracy.py`; rerun with:", "", "```bash", args.command, "```", "",
         f"- machine: {os.cpu_count()} CPU cores shared with other jobs, "
-        + (f"one process per model side by side, each with `torch.set_num_threads(1)`, "
+        + ("one process per model side by side, each with `torch.set_num_threads(1)`, "
            if getattr(args, "parallel", False) else f"`torch.set_num_threads({args.threads})`, ")
         + f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}; "
         f"whole run {elapsed / 60:.1f} min wall time"

@@ -50,7 +50,6 @@ import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -60,7 +59,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DistributedSampler
 
 from cspify.batches import batch_source, split_batch
-from cspify.errors import ConfigError, OutputError
+from cspify.errors import ConfigError
 from cspify.files import atomic_file
 from cspify.graph import cat_args, uncast
 from cspify.record import FINETUNE_KEY, find_conversion, leave_step_record
