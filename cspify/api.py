@@ -23,6 +23,7 @@ from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
 from cspify.graph import shape
 from cspify.host import keep_host_attributes
+from cspify.importance import Importance
 from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.modes import trace_in_mode
@@ -65,9 +66,11 @@ def convert(
     allow_costlier: bool = False,
     kinds: Iterable[str] | str | None = None,
     round_to: int = 1,
+    split: str = "importance",
     scope: str | None = None,
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
+    data=None,
     config: CSPConfig | None = None,
     objective: str = "flops",
     target_flops: float | None = None,
@@ -89,7 +92,12 @@ def convert(
     ``round_to=8`` (or 16) rounds every width the conversion narrows to a multiple of that
     many channels, as fast kernels want them (``CSPConfig.round_to``).
 
-    ``config`` (a CSPConfig) replaces the seven conversion options; giving both is refused.
+    ``data`` (unlabeled images: a tensor, a Dataset or batches, as ``calibrate`` takes them)
+    lets the split choose which channels run through each stage: those it works on most,
+    measured on 512 of the images (``split="importance"``, the default; ``cspify.importance``).
+    Without images, or with ``split="last"``, the last channels run through.
+
+    ``config`` (a CSPConfig) replaces the eight conversion options; giving both is refused.
 
     ``objective="latency"`` converts only the stages that make the model faster on the
     target device (each timed in the converted model, with it and without it, then the
@@ -103,15 +111,16 @@ def convert(
     back unchanged instead, its record saying why each stage found was left (a goal
     still refuses).
     """
-    config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to)
+    config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to, split)
+    importance = data if isinstance(data, Importance) or data is None else Importance(data, seed=seed)
     goal = budget.Goal(objective, target_flops, target_latency)
     if goal.active or search is not None:
         return _convert_by_goal(model, example_inputs, config, goal, search or budget.Search(), scope,
-                                tuple(leaf_modules), seed)
+                                tuple(leaf_modules), seed, importance)
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)  # lazy modules initialised, on a copy
     if scope:
-        return _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none)
+        return _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none, importance)
     _check_leaves(model, leaf_modules)
     traced = trace_in_mode(model, inputs, leaf_modules)
     found = rules.find_stages(traced, config.kinds)
@@ -122,7 +131,8 @@ def convert(
         return _left_whole(model, traced, config, [], leaf_modules, seed,
                            f"{refusal.message.rstrip('.')}; {refusal.hint.split('; run `cspify analyze`')[0]}")
     _check_filter(config, found)
-    plans = [plan_stage(traced, stage, config) for stage in found]
+    scores = importance.scores(traced, found) if importance is not None and config.split == "importance" else {}
+    plans = [plan_stage(traced, stage, config, scores.get(stage.name)) for stage in found]
     refusal = _refusal(model, traced, plans)
     if refusal is not None:
         return _refused(refusal, refuse_none, model, traced, config, plans, leaf_modules, seed)
@@ -140,16 +150,17 @@ def convert(
                 "please report it with the model; convert fewer stages with --stage meanwhile",
             )
     kept = tuple(traced.kept_whole.items())  # submodules torch.fx cannot trace, kept whole as leaves
-    attach(gm, _record(config, plans, added, seed, tuple(leaf_modules) + tuple(m for m, _ in kept), kept))
+    record = _record(config, plans, added, seed, tuple(leaf_modules) + tuple(m for m, _ in kept), kept)
+    attach(gm, replace(record, images=importance.images if scores else 0))
     keep_host_attributes(model, gm)  # what a host framework reads on the model (ultralytics' names, stride)
     return gm
 
 
-def _convert_by_goal(model, example_inputs, config, goal, search, scope, leaf_modules, seed) -> nn.Module:
+def _convert_by_goal(model, example_inputs, config, goal, search, scope, leaf_modules, seed, importance) -> nn.Module:
     """``convert`` with the stages and options a goal chooses (``cspify.budget.choose``)."""
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)
-    pipeline = _Pipeline(model, inputs, scope, leaf_modules, seed)
+    pipeline = _Pipeline(model, inputs, scope, leaf_modules, seed, importance)
     return budget.choose(model, inputs, config, goal, search, pipeline, scope, leaf_modules)
 
 
@@ -159,15 +170,21 @@ class _Pipeline:
     one trace of the model, planned afresh for each config, nothing rewritten)."""
 
     def __init__(self, model: nn.Module, inputs: tuple, scope: str | None, leaf_modules: tuple[str, ...],
-                 seed: int) -> None:
+                 seed: int, importance: Importance | None = None) -> None:
         self.model, self.inputs, self.scope, self.leaf_modules, self.seed = model, inputs, scope, leaf_modules, seed
+        self.importance = importance.within(model, scope) if importance is not None and scope else importance
         self._part = None      # (the original, or its submodule at scope; its inputs)
         self._before = None    # its Measurement
         self._traced = None    # (Traced, stages found, the kinds they were found for)
 
     def convert(self, config: CSPConfig) -> nn.Module:
-        return convert(self.model, self.inputs, config=config, scope=self.scope, leaf_modules=self.leaf_modules,
-                       seed=self.seed)
+        if self.scope:  # the scoped part with the images as it receives them, measured once
+            part, inputs = self.part()
+            converted = convert(part, inputs, config=config, leaf_modules=self.leaf_modules, seed=self.seed,
+                                data=self.importance)
+            return _scoped_back(self.model, self.inputs, self.scope, part, converted)
+        return convert(self.model, self.inputs, config=config, leaf_modules=self.leaf_modules, seed=self.seed,
+                       data=self.importance)
 
     def part(self) -> tuple[nn.Module, tuple]:
         if self._part is None:
@@ -195,7 +212,9 @@ class _Pipeline:
             self._traced = (traced, rules.find_stages(traced, config.kinds), config.kinds)
         traced, found, _ = self._traced
         _check_filter(config, found)
-        plans = (plan_stage(traced, stage, config) for stage in found)
+        use = self.importance is not None and config.split == "importance"
+        scores = self.importance.scores(traced, found) if use else {}
+        plans = (plan_stage(traced, stage, config, scores.get(stage.name)) for stage in found)
         return {plan.name: stage_flops(traced, plan) for plan in plans if plan.converted}
 
 
@@ -377,15 +396,22 @@ def _named(record: Conversion | None, converted: nn.Module, original: nn.Module)
     return record if same else replace(record, stages=stages, notes=notes)
 
 
-def _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none: bool = True) -> nn.Module:
-    """Convert the submodule at ``scope`` and put it back into a copy of the whole model.
+def _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none: bool = True,
+                   importance: Importance | None = None) -> nn.Module:
+    """Convert the submodule at ``scope`` and put it back into a copy of the whole model."""
+    part, part_inputs = capture_inputs(model, inputs, scope)
+    converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed,
+                             refuse_none=refuse_none,
+                             data=importance.within(model, scope) if importance is not None else None)
+    return _scoped_back(model, inputs, scope, part, converted_part)
+
+
+def _scoped_back(model, inputs, scope, part, converted_part) -> nn.Module:
+    """A copy of ``model`` with ``converted_part`` at ``scope``, its record saying so.
 
     ``convert`` checks the part's outputs keep their shapes; the whole model (whose output
     shapes may depend on the data, as a detector's do) must still run.
     """
-    part, part_inputs = capture_inputs(model, inputs, scope)
-    converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed,
-                             refuse_none=refuse_none)
     attach(converted_part, replace(conversion_of(converted_part), scope=scope))
     keep_host_attributes(part, converted_part)
     whole = copy.deepcopy(model)
@@ -439,16 +465,16 @@ def _output_shapes(gm: fx.GraphModule) -> list:
     return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in _output_node(gm).all_input_nodes]
 
 
-def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to) -> CSPConfig:
+def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to, split) -> CSPConfig:
     """One validated CSPConfig from either the record or the separate options, never both."""
     separate = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier, kinds,
-                         round_to=round_to)
+                         round_to=round_to, split=split)
     if config is None:
         return separate
     if separate != CSPConfig():
         raise ConfigError(
             "convert() got both config= and separate conversion options (gamma, fusion, hidden, stages, allow_costlier, "
-            "kinds, round_to).",
+            "kinds, round_to, split).",
             "put every option in the CSPConfig, or pass them separately without config=",
         )
     return config
@@ -465,6 +491,7 @@ def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[st
             bypass_channels=p.bypass_channels, through_channels=p.through_channels, base=p.stage.base,
             blocks=len(p.stage.blocks), nodes=tuple(p.stage.nodes), added=new, output=p.through_output,
             converted_output=new[-1] if p.converted and new else "", notes=tuple(p.notes), through_index=p.through_index,
+            output_index=p.output_index,
             narrowings=p.narrowings,
             gamma=config.for_stage(p.name).gamma, hidden=config.for_stage(p.name).hidden,
         ))

@@ -275,12 +275,20 @@ class _Transition:
     """A stage's partial transition as least squares sees it: the conv (or, on a
     channels-last stream, linear) layer to fit, the BatchNorm after it (None: none), and
     where its channels lie in the original's stage output: the axis, and the first of them
-    (fusion last: the bypass width; fusion first: 0)."""
+    (fusion last: the bypass width; fusion first: 0), or each one's position (``index``:
+    where every channel kept its place, ``StageRecord.output_index``)."""
 
     conv: fx.Node
     norm: nn.Module | None
     axis: int
     start: int
+    index: tuple[int, ...] | None = None
+
+    def of(self, output: torch.Tensor, width: int) -> torch.Tensor:
+        """The channels of the original's stage output that the transition produces."""
+        if self.index is None:
+            return output.narrow(self.axis, self.start, width)
+        return output.index_select(self.axis, torch.tensor(self.index, device=output.device))
 
 
 def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -> _Transition | str | None:
@@ -293,7 +301,7 @@ def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -
         if not concat:
             return "its output is not a concat"
         parts, dim = cat_args(out)
-        through, axis, start = parts[-1], dim % rank, stage.bypass_channels
+        through, axis, start = _joined(parts, stage), dim % rank, stage.bypass_channels
     elif concat:
         return None
     else:
@@ -312,7 +320,17 @@ def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -
     if not fits(layer) or len(norms) > 1 or (norms and (norms[0] is not chain[-1] or own_axis != 1
                                                        or not _settable(gm.get_submodule(norms[0].target)))):
         return f"its partial transition {node.target} cannot be fitted by least squares"
-    return _Transition(node, gm.get_submodule(norms[0].target) if norms else None, own_axis, start)
+    return _Transition(node, gm.get_submodule(norms[0].target) if norms else None, own_axis, start,
+                       stage.output_index)
+
+
+def _joined(parts, stage: StageRecord) -> fx.Node:
+    """The partial transition's output among a fusion-last concat's parts: the last part, or,
+    where every channel kept its place (runs of the base and of it, narrowed), the node the
+    stage added that those runs narrow."""
+    if stage.output_index is None:
+        return parts[-1]
+    return next(p.args[0] for p in parts if p.args[0].name in stage.added)
 
 
 def _settable(norm: nn.Module) -> bool:
@@ -323,7 +341,7 @@ def _settable(norm: nn.Module) -> bool:
 def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
     """Least squares from the conv's input to the original stage output's channels it
     produces; the BatchNorm after it is set to pass the fitted values through."""
-    conv_node, norm, start = found.conv, found.norm, found.start
+    conv_node, norm = found.conv, found.norm
     conv = job.part.get_submodule(conv_node.target)
     width = outputs_of(conv)
     intercept = norm is not None or conv.bias is not None
@@ -334,7 +352,7 @@ def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
     source = conv_node.args[0].name
     for mine, theirs in job.passes([source], [stage.output], [conv_node.name]):
         rows = rows_of(conv, mine[source])
-        target = targets_of(conv, theirs[stage.output].narrow(found.axis, start, width))
+        target = targets_of(conv, found.of(theirs[stage.output], width))
         pick = sample_rows(len(rows), cap, generator, rows.device)
         solver.add(rows if pick is None else rows[pick], target if pick is None else target[pick])
     mean_x, second = solver.input_moments()  # before dropping the intercept column

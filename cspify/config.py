@@ -9,6 +9,7 @@ from cspify.stage import KINDS
 
 FUSIONS = ("last", "first")
 HIDDEN = ("keep", "scale")
+SPLITS = ("importance", "last")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class CSPConfig:
             (with a note); 8 or 16 keeps CPU and GPU kernels on their fast paths
             (oneDNN's depthwise convs run 2x slower per channel off multiples of 16 on
             AVX-512). 1 rounds nothing.
+    split:  which base channels run through the stage. ``importance``: those the stage
+            works on most, measured on the images ``convert`` is given (``data``;
+            ``cspify.importance``), each output channel kept in its place where the output's
+            channels are the base's; without images, the last ones. ``last``: the last
+            ``1 - gamma`` of them, always.
     """
 
     gamma: float = 0.5
@@ -46,6 +52,7 @@ class CSPConfig:
     stage_gammas: tuple[tuple[str, float], ...] = ()
     stage_hidden: tuple[tuple[str, str], ...] = ()
     round_to: int = 1
+    split: str = "importance"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", _gamma(self.gamma))
@@ -62,6 +69,11 @@ class CSPConfig:
         object.__setattr__(self, "stage_gammas", _per_stage(self.stage_gammas, "stage_gammas", _gamma))
         object.__setattr__(self, "stage_hidden", _per_stage(self.stage_hidden, "stage_hidden", _hidden))
         object.__setattr__(self, "round_to", _round_to(self.round_to))
+        if self.split not in SPLITS:
+            raise ConfigError(
+                f"split must be one of {', '.join(SPLITS)}, got {self.split!r}.",
+                "'importance' lets the images choose the channels that run through, 'last' takes the last ones",
+            )
 
     def for_stage(self, name: str) -> CSPConfig:
         """The options the stage ``name`` is planned with: its own gamma and hidden where

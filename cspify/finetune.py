@@ -407,19 +407,24 @@ def _kd_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> 
                     log_target=True) * t * t
 
 
-def _through_part(gm, stage) -> tuple[int, int] | None:
-    """(channel axis, bypass width) of a fusion-last stage output: the concat's axis, which
-    is not 1 for a channels-last stream; None where the output is no concat."""
+def _through_part(gm, stage) -> tuple[int, int | tuple[int, ...]] | None:
+    """(channel axis, bypass width) of a fusion-last stage output, or (axis, the through
+    channels' positions) where each channel kept its place: the concat's axis, which is
+    not 1 for a channels-last stream; None where the output is no concat."""
     node = next((uncast(n) for n in gm.graph.nodes if n.name == stage.converted_output), None)
     if node is None or node.op != "call_function" or node.target is not torch.cat:
         return None
-    return cat_args(node)[1], stage.bypass_channels
+    return cat_args(node)[1], stage.output_index if stage.output_index is not None else stage.bypass_channels
 
 
-def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor, through: tuple[int, int] | None = None) -> torch.Tensor:
+def _feature_loss(mine: torch.Tensor, theirs: torch.Tensor, through: tuple | None = None) -> torch.Tensor:
     """Mean squared error over the teacher feature's variance (scale-free across stages),
-    on the through part ``(axis, bypass width)`` where given."""
-    if through is not None:
+    on the through part ``(axis, bypass width or positions)`` where given."""
+    if through is not None and isinstance(through[1], tuple):
+        axis, index = through
+        index = torch.tensor(index, device=mine.device)
+        mine, theirs = mine.index_select(axis, index), theirs.index_select(axis, index)
+    elif through is not None:
         axis, start = through
         width = mine.shape[axis] - start
         mine, theirs = mine.narrow(axis, start, width), theirs.narrow(axis, start, width)
@@ -517,7 +522,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, run: FinetuneRun,
     target, renamed into place."""
     if rank == 0:
         state = {
-            "format": "cspify.finetune/1", "epoch": epoch, "model": model.state_dict(),
+            "format": "cspify.finetune/1", "epoch": epoch, "model": model.state_dict(), "splits": _splits(model),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run.to_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -538,6 +543,10 @@ def _load_checkpoint(path, model, optimizer, scheduler, run: FinetuneRun) -> tup
                           "give a file cspify finetune wrote (checkpoint=)") from None
     if not isinstance(state, dict) or state.get("format") != "cspify.finetune/1":
         raise ConfigError(f"{str(path)!r} is not a cspify fine-tuning checkpoint.", "give a file cspify finetune wrote")
+    if state.get("splits", _splits(model)) != _splits(model):
+        raise ConfigError("the checkpoint's stages run other channels through than this conversion's, so its "
+                          "weights would read the wrong channels.",
+                          "resume with the model converted on the same images and options as the first run")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -554,6 +563,12 @@ def _load_checkpoint(path, model, optimizer, scheduler, run: FinetuneRun) -> tup
     saved = FinetuneRun.from_dict(state["run"])
     saved.settings = run.settings | {"resumed_from": str(path), "resumed_at_epoch": state["epoch"]}
     return int(state["epoch"]), saved
+
+
+def _splits(model: nn.Module) -> dict[str, list[int]]:
+    """The base channels each converted stage runs through, where not the last ones."""
+    _, record = find_conversion(model)
+    return {s.name: list(s.through_index) for s in record.converted if s.through_index is not None}
 
 
 def _as_tuple(value):

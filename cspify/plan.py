@@ -36,6 +36,7 @@ import torch.nn as nn
 from cspify.channels import Analysis, EmptyPart, Keeps, NarrowingError, analyse, derive_keeps
 from cspify.config import CSPConfig
 from cspify.graph import shape
+from cspify.importance import through_of
 from cspify.narrow import can_mix, layer_width, reparametrization_problem
 from cspify.ops import channel_dim, role_of, rule_for
 from cspify.stage import Narrowing, Stage, StagePlan
@@ -64,10 +65,13 @@ def per_block_keep(width: int, keep: int, blocks: int) -> tuple[int, ...]:
 NOT_SELECTED = "not selected by the stage filter"  # the reason of a stage the filter leaves
 
 
-def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
+def plan_stage(traced: Traced, stage: Stage, config: CSPConfig, scores=None) -> StagePlan:
     """Decide every width of one stage's CSP version, with the options ``config`` gives this
     stage (``CSPConfig.for_stage``); unconvertible stages say why (with the notes planning
-    made before it found the reason)."""
+    made before it found the reason).
+
+    ``scores`` (one per base channel, ``cspify.importance.measure``) choose the channels that
+    run through where ``config.split`` is "importance"; without them the last ones do."""
     config = config.for_stage(stage.name)
     notes: list[str] = []
     try:
@@ -75,6 +79,11 @@ def plan_stage(traced: Traced, stage: Stage, config: CSPConfig) -> StagePlan:
             raise _Skip(NOT_SELECTED)
         if stage.cross_stage and config.stages is None:
             raise _Skip(f"{stage.cross_stage}; name it with --stage to nest a second CSP in it")
+        if config.split == "importance" and scores is not None:
+            try:
+                return _plan(traced, stage, config, [], scores)
+            except _Skip as skip:
+                notes.append(f"the split by importance does not fit it ({skip}): the last channels run through")
         return _plan(traced, stage, config, notes)
     except _Skip as skip:
         reason = str(skip) + (_scale_hint(traced, stage, config) if isinstance(skip, _Costlier) else "")
@@ -126,8 +135,9 @@ def _narrower_base(traced: Traced, stage: Stage) -> str:
             "a bypass would carry those channels, not the stage's features")
 
 
-def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> StagePlan:
-    """The plan of a stage the filter selected; adds to ``notes`` as it goes."""
+def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str], scores=None) -> StagePlan:
+    """The plan of a stage the filter selected; adds to ``notes`` as it goes. With
+    ``scores``, the through part is the channels of highest score (``importance.through_of``)."""
     if stage.channel_axis is None:
         raise _Skip(stage.axis_problem)
     narrower = _narrower_base(traced, stage)
@@ -140,7 +150,8 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
 
     bypass, through = _split(a, stage, config, notes)
     stream = a.spaces.find(a.info[stage.base].space)
-    through_index = tuple(range(bypass, stage.channels))  # the last channels, unless a split needs them spread
+    last = tuple(range(bypass, stage.channels))  # the last channels, unless a split needs them spread
+    through_index = through_of(scores, through) if scores is not None else last
     while True:
         keeps = {stream: through_index}
         if fusion_last and stage.transition:
@@ -153,12 +164,15 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
             narrowings = _narrowings(a, partial, resolve)
             break
         except _EmptyPart as empty:
-            spread = _spread(a, stream, empty.split, through) if not stage.transition else None
+            spread = _spread(a, stream, empty.split, through) if not stage.transition and scores is None else None
             if spread is None or spread == through_index:
                 raise
             through_index, spread_over = spread, empty.split.node
     notes += scaled + resolve.moved
-    if through_index != tuple(range(bypass, stage.channels)):
+    if scores is not None:
+        notes.append(f"the through part is the {through} of {stage.channels} channels it works on most, "
+                     "measured on the images (split by importance)")
+    elif through_index != last:
         notes.append(f"the through part takes the last channels of each part of '{spread_over}' "
                      f"({through} of {stage.channels}), so that every part keeps some")
     _check_single_use(traced, narrowings)
@@ -184,6 +198,9 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
     before, after = _cost(traced, partial, narrowings)
     after += _transition_cost(new_transition, traced.nodes[through_output], stage.channel_axis, norm)
     notes.extend(_cost_note(before, after, config.allow_costlier))
+    # Where the output's channels are the base's (a residual stream), each keeps its place:
+    # the bypass channels where they were, the partial transition's at the through ones.
+    in_place = fusion_last and not stage.transition and a.spaces.find(a.info[through_output].space) == stream
     return StagePlan(
         stage, converted=True, gamma=config.gamma, fusion=config.fusion,
         bypass_channels=bypass, through_channels=through,
@@ -191,7 +208,8 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str]) -> 
         through_output_channels=through_output_channels, output_channels=output_channels,
         new_transition=new_transition, norm_template=norm_template, act_template=act_template,
         narrowings=tuple(narrowings.values()), args=tuple(resolve.args.items()), notes=tuple(notes),
-        through_index=None if through_index == tuple(range(bypass, stage.channels)) else through_index,
+        through_index=None if through_index == last else through_index,
+        output_index=through_index if in_place and through_index != last else None,
     )
 
 

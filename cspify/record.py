@@ -54,6 +54,8 @@ class StageRecord:
     time_before_ms: float | None = None  # with objective latency: the whole model's median ms on the target
     time_after_ms: float | None = None   # device without this stage and with it (the other chosen stages converted)
     through_index: tuple[int, ...] | None = None  # the base channels of the through part, where not the last ones
+    output_index: tuple[int, ...] | None = None   # the output positions of the partial transition's channels, where
+                                                  # not after the bypass (StagePlan.output_index)
     narrowings: tuple[Narrowing, ...] = ()  # which channels each narrowed layer keeps (nodes of the original)
 
     def narrowing(self, node: str) -> Narrowing | None:
@@ -74,6 +76,7 @@ class Conversion:
     objective: str = "flops"                      # what chose the stages and their options (cspify.budget)
     targets: tuple[tuple[str, float], ...] = ()   # (("flops", 0.7),): the budget asked for
     notes: tuple[str, ...] = ()                   # what the choice measured and chose, one sentence each
+    images: int = 0                               # the images the split by importance measured (0: none)
 
     @property
     def converted(self) -> tuple[StageRecord, ...]:
@@ -86,6 +89,8 @@ class Conversion:
                    "hidden": "per stage" if config.stage_hidden else config.hidden}
         if config.round_to > 1:
             options["round_to"] = config.round_to
+        if self.images:
+            options["split"] = f"importance ({self.images} images)"
         if self.objective != "flops":
             options["objective"] = self.objective
         options.update((f"target_{what}", value) for what, value in self.targets)

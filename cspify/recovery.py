@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tabulate import tabulate
 
@@ -30,6 +31,7 @@ from cspify.config import CSPConfig
 from cspify.data import ImageData, check_fits
 from cspify.errors import DataError
 from cspify.finetune import Recipe, FinetuneRun, evaluate, finetune
+from cspify.importance import Importance
 from cspify.record import CALIBRATE_KEY, FINETUNE_KEY, INPUTS_KEY, leave_step_record, step_record
 from cspify.report import Report, human
 
@@ -127,8 +129,9 @@ def recover(
     """
     steps = steps or _silent
     check_fits(model, data, name)
-    with steps("tracing and converting"):
-        csp = api.convert(model, example_inputs, config=config, scope=scope, leaf_modules=leaf_modules, seed=seed)
+    with steps("tracing and converting" + (" (measuring the split on the images)" if calibration_images else "")):
+        csp = convert_on(model, example_inputs, data.train if calibration_images else None, config=config,
+                         scope=scope, leaf_modules=leaf_modules, seed=seed)
     with steps("counting flops"):
         report = api.compare(model, csp, example_inputs, scope=scope, leaf_modules=leaf_modules)
     device = torch.device(device)
@@ -165,6 +168,22 @@ def recover(
     else:  # finetune scored it before its first epoch (a resumed run kept that score)
         before, after = run.val_top1_before, run.kept_top1
     return Recovery(csp, data, report, original_top1, before, after, step_record(csp, CALIBRATE_KEY), run)
+
+
+def convert_on(model: nn.Module, example_inputs, images=None, **options) -> nn.Module:
+    """``api.convert(model, example_inputs, data=images, **options)``: ``images`` choose the
+    split. Under torch.distributed every process calls it: rank 0 measures, and every rank
+    converts with its scores, so that all choose the same channels."""
+    importance = Importance(images, seed=options.get("seed", 0)) if images is not None else None
+    if importance is None or not (dist.is_available() and dist.is_initialized()):
+        return api.convert(model, example_inputs, data=importance, **options)
+    lead = dist.get_rank() == 0
+    csp = api.convert(model, example_inputs, data=importance, **options) if lead else None
+    shared = [importance.measured if lead else None]
+    dist.broadcast_object_list(shared, src=0)
+    if lead:
+        return csp
+    return api.convert(model, example_inputs, data=Importance.of(shared[0], importance.images), **options)
 
 
 def calibrate_on(model: nn.Module, csp: nn.Module, data: ImageData, images: int = 2048,

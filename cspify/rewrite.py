@@ -5,6 +5,10 @@ For each converted stage (fusion last):
     x0 ─┬─ narrow(x0, 0, bypass) ────────────────────────────────┐
         └─ narrow(x0, bypass, through) ─ narrowed blocks ─ partial transition ─ cat ─▶
 
+Where the plan chose other channels to run through (``through_index``: by importance), the
+through part gathers them; where the output's channels are the base's (a residual stream),
+the concat puts each channel back in its place (``output_index``), else the bypass comes first.
+
 The split and the concat work along the stage's channel axis. The partial transition is
 the stage's own (narrowed) transition layer where the plan reuses it, else a new pointwise
 layer over that axis (a 1x1 conv, or a linear layer where the channels are last) followed
@@ -73,13 +77,16 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
         mix = fresh_mix(in_channels, out_channels, rank, axis, bias=plan.norm_template is None)
         return _partial_transition(gm, source, mix, out_channels, templates, _home(gm, stage.name, slug), added)
 
+    width = plan.bypass_channels + plan.through_channels
     if plan.through_index is None:  # the first channels bypass, the last run through
         with graph.inserting_after(base):
             bypass = call(torch.narrow, (base, axis, 0, plan.bypass_channels), "bypass")
         with graph.inserting_after(bypass):
             through = call(torch.narrow, (base, axis, plan.bypass_channels, plan.through_channels), "through")
+    elif plan.output_index is not None:  # the bypass channels are read where the output is joined
+        bypass = None
+        through = _gather(call, base, axis, plan.through_index, "through", after=base)
     else:
-        width = plan.bypass_channels + plan.through_channels
         others = [i for i in range(width) if i not in set(plan.through_index)]
         bypass = _gather(call, base, axis, others, "bypass", after=base)
         through = _gather(call, base, axis, plan.through_index, "through", after=bypass)
@@ -97,7 +104,11 @@ def _rewrite_stage(gm: fx.GraphModule, plan: StagePlan, fused_outputs: dict[str,
     out = nodes[plan.through_output]
     users = list(out.users)
     with graph.inserting_after(out):
-        if plan.fusion == "last":
+        if plan.output_index is not None:
+            last = transition(out) if plan.new_transition else out
+            fused, bypass = _in_place(call, base, last, axis, plan.output_index, width, after=last)
+            added[:] = [bypass.name, through.name] + [n for n in added if n not in (bypass.name, through.name)]
+        elif plan.fusion == "last":
             last = transition(out) if plan.new_transition else out
             with graph.inserting_after(last):
                 fused = call(torch.cat, ([bypass, last], axis), "fuse")
@@ -131,6 +142,31 @@ def _gather(call, base: fx.Node, axis: int, index, name: str, after: fx.Node) ->
         return parts[0]
     with graph.inserting_after(after):
         return call(torch.cat, (parts, axis), name)
+
+
+def _in_place(call, base: fx.Node, last: fx.Node, axis: int, positions, width: int,
+              after: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The stage output with every channel in its place: channel c of ``base`` at each
+    position c not in ``positions``, and channel j of ``last`` (the partial transition) at
+    ``positions[j]``. One narrow per run of channels from one source, joined by one concat,
+    which moves no more memory than the two-part concat it replaces. Returns the concat and
+    the first narrow of the base (the bypass, as the checks read it)."""
+    where = {p: j for j, p in enumerate(positions)}
+    runs = []  # [source, first channel, length]
+    for p in range(width):
+        source, channel = (last, where[p]) if p in where else (base, p)
+        if runs and runs[-1][0] is source and runs[-1][1] + runs[-1][2] == channel:
+            runs[-1][2] += 1
+        else:
+            runs.append([source, channel, 1])
+    graph, parts = base.graph, []
+    for k, (source, start, length) in enumerate(runs):
+        with graph.inserting_after(after):
+            after = call(torch.narrow, (source, axis, start, length), f"{'bypass' if source is base else 'joined'}_{k}")
+        parts.append(after)
+    with graph.inserting_after(after):
+        fused = call(torch.cat, (parts, axis), "fuse")
+    return fused, next(p for p in parts if p.args[0] is base)
 
 
 def _as_dtype_of(graph: fx.Graph, fused: fx.Node, out: fx.Node, slug: str, added: list[str]) -> fx.Node:

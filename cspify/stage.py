@@ -110,7 +110,12 @@ class StagePlan:
                              literal sizes changed).
     through_index:           the base channels the through part takes where they are not
                              its last ``through_channels`` (a split of the stream that needs
-                             some of every part); the bypass takes the others, in order.
+                             some of every part, or the split by importance); the bypass
+                             takes the others, in order.
+    output_index:            where the output's channels are the base's (a residual stream,
+                             fusion last), the output positions of the partial transition's
+                             channels when they are not the last ones: the through ones, so
+                             that every channel keeps its place (the bypass ones theirs).
     """
 
     stage: Stage
@@ -131,6 +136,7 @@ class StagePlan:
     args: tuple[tuple[tuple[str, int | str], object], ...] = ()
     notes: tuple[str, ...] = ()
     through_index: tuple[int, ...] | None = None
+    output_index: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:

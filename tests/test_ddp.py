@@ -51,6 +51,15 @@ for name, recipe in (("default", Recipe()), ("linear", Recipe(lr_scaling="linear
     rates[name] = model.meta["cspify.finetune"].recipe["lr"]
 if dist.get_rank() == 0:
     torch.save(rates, f"{sys.argv[1]}/rates.pt")
+# the split by importance: each process reads other images here, yet rank 0 measures and
+# every process converts with its scores, so all run the same channels through
+from cspify.recovery import convert_on
+images = X + dist.get_rank() * torch.randn(X.shape, generator=torch.Generator().manual_seed(5))
+csp = convert_on(teacher, X[:2], images)
+splits = [None, None]
+dist.all_gather_object(splits, {s.name: s.through_index for s in cspify.conversion_of(csp).converted})
+if dist.get_rank() == 0:
+    torch.save(splits, f"{sys.argv[1]}/splits.pt")
 dist.destroy_process_group()
 """
 
@@ -80,6 +89,7 @@ def two_processes(folder: Path) -> dict:
         saved = torch.load(folder / f"{norms}.pt", weights_only=True)
         runs[norms] = saved["state"], saved["run"]
     runs["rates"] = torch.load(folder / "rates.pt", weights_only=True)
+    runs["splits"] = torch.load(folder / "splits.pt", weights_only=True)
     return runs
 
 
@@ -94,12 +104,17 @@ def test_two_processes_agree_with_one(tmp_path):
     runs = two_processes(tmp_path)
     # one checkpoint per run: rank 0 alone writes
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "frozen.ckpt", "frozen.pt", "rates.pt", "train.ckpt", "train.pt", "worker.py"]
+        "frozen.ckpt", "frozen.pt", "rates.pt", "splits.pt", "train.ckpt", "train.pt", "worker.py"]
 
     # The default rate is the one a single process uses, whatever the process count: a rate
     # scaled with the global batch (lr_scaling="linear", the earlier default) is what turned
     # calibrated models to chance under torchrun; it is still there when asked for.
     exec(SETUP, namespace := {})
+    # both processes chose rank 0's channels: those one process chooses on rank 0's images
+    alone = cspify.convert(namespace["teacher"], namespace["X"][:2], data=namespace["X"])
+    chosen = {s.name: s.through_index for s in cspify.conversion_of(alone).converted}
+    assert runs["splits"] == [chosen, chosen] and any(index is not None for index in chosen.values())
+
     alone = cspify.convert(namespace["teacher"], namespace["X"][:2])
     finetune(alone, TensorDataset(namespace["X"], namespace["Y"]), teacher=namespace["teacher"], epochs=1,
              batch_size=GLOBAL_BATCH // 2, progress=False)

@@ -191,6 +191,7 @@ class Block(nn.Module):
 class Net(nn.Module):
     def __init__(self, channels=CHANNELS, classes=3):
         super().__init__()
+        torch.manual_seed(0)  # the same weights in every run: a resumed run converts as the first did
         self.stem = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.blocks = nn.Sequential(Block(8), Block(8))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
@@ -252,6 +253,11 @@ def test_cli_convert_calibrate(cli_setup):
     calibrated, plain = (torch.load(p, weights_only=False).state_dict() for p in ("csp.pt", "plain.pt"))
     assert not all(torch.equal(v, plain[k]) for k, v in calibrated.items())
     assert "input normalisation none (images in [0, 1]) (the default: the model says nothing)" in result.stderr
+    # the images chose the split first: the report says how many it read
+    assert "measuring the split on the images" in result.stderr and "split=importance (24 images)" in result.output
+    last = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--calibrate", "data", "--split", "last",
+               "-o", "last.pt")
+    assert last.exit_code == 0 and "split=" not in last.output
 
 
 def test_cli_convert_calibrate_normalises_as_told(cli_setup):

@@ -12,7 +12,8 @@ import click
 from cspify.budget import Search
 from cspify.cli.exits import guard
 from cspify.cli.options import MODEL_HELP, check_options, conversion_options, plot_option
-from cspify.cli.run import Progress, calibrate_data, echo_saved, load_convert_measure, report_files, stage_reports
+from cspify.cli.run import (Progress, calibrate_data, calibration_data, echo_saved, load_convert_measure, report_files,
+                            stage_reports)
 from cspify.data import parse_normalisation
 from cspify.errors import ConfigError
 from cspify.export import model_file_needs, save_model, write_onnx, write_source
@@ -34,7 +35,7 @@ KINDS_HELP = ", ".join(_KINDS[:-1]) + (" and " if len(_KINDS) > 1 else "") + _KI
 @click.option("--onnx-static", is_flag=True, help="With --onnx: keep the example inputs' batch size fixed in the ONNX graph.")
 @plot_option("Draw per-stage flops and memory traffic, before and after, in the format the suffix names "
              "(.png, .jpg, .pdf, .svg, ...).")
-@click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it.")
+@click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it; 512 of them choose the channels that run through each stage first (--split importance).")
 @click.option("--mean", default=None, metavar="M[,M,M]|none|data", help="With --calibrate: normalise DATA's images by this mean per channel ('none': leave them in [0, 1]; 'data': DATA's own mean and std) [default: what a zoo model's weights say, else none].")
 @click.option("--std", default=None, metavar="S[,S,S]|none|data", help="With --calibrate: the std that goes with --mean.")
 @click.option("--inference", is_flag=True, help="Save and export the converted model for inference: in eval mode, each norm that follows a conv folded into it (checked against the unfused model on the example inputs; after --calibrate). With --objective latency or --target-latency, stages are timed folded too.")
@@ -64,10 +65,11 @@ def _convert(options: dict, output: str | None = None, export_dir: str | None = 
         raise ConfigError("--mean and --std say how to read the images of --calibrate, and there is none.",
                           "add --calibrate DATA, or drop --mean/--std")
     progress = Progress(options["quiet"])
+    images = (lambda loaded: calibration_data(calibrate_path, loaded, options, progress)) if calibrate_path else None
     done = load_convert_measure(options, progress, search=Search(fold=True) if inference else None,
-                                refuse_none=refuse_none)
+                                refuse_none=refuse_none, images=images)
     if calibrate_path:
-        calibrate_data(calibrate_path, done, options, progress)
+        calibrate_data(done, progress)
     csp, folded = done.csp, None
     if inference:
         with progress("folding norms into convs"):

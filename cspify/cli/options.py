@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from cspify.budget import OBJECTIVES, Goal
-from cspify.config import FUSIONS, HIDDEN, CSPConfig
+from cspify.config import FUSIONS, HIDDEN, SPLITS, CSPConfig
 from cspify.errors import ConfigError, DataError, OutputError
 from cspify.load import check_weights_file, parse_shape
 from cspify.rules import KINDS
@@ -84,6 +84,9 @@ _POINT = (
     click.option("--round-to", default="1", show_default=True, metavar="N",
                  help="Round every narrowed width to a multiple of N channels (8 or 16 keeps CPU and GPU kernels "
                       "on their fast paths)."),
+    click.option("--split", type=click.Choice(SPLITS), default="importance", show_default=True,
+                 help="Which channels run through each stage: those it works on most, measured on the images "
+                      "(convert --calibrate DATA, finetune's DATA; without images the last ones), or the last ones."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seed of the new layers' initialisation (same seed, same model)."),
 )
@@ -126,7 +129,7 @@ def data_options(default_normalisation: str):
 
 
 def point_options(fn):
-    """One conversion's choices: --gamma, --fusion, --hidden, --round-to, --seed."""
+    """One conversion's choices: --gamma, --fusion, --hidden, --round-to, --split, --seed."""
     return _apply(fn, _POINT)
 
 
@@ -156,7 +159,8 @@ def conversion_options(fn):
 def config_from(options: dict) -> CSPConfig:
     """The conversion options as one validated record."""
     return CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
-                     options["allow_costlier"], options["kinds"], round_to=options["round_to"])
+                     options["allow_costlier"], options["kinds"], round_to=options["round_to"],
+                     split=options["split"])
 
 
 def goal_from(options: dict) -> Goal:

@@ -66,6 +66,7 @@ class Converted:
     csp: nn.Module            # the converted model
     report: Report            # both models measured
     loaded: Loaded | None = None  # what loading said besides (the input normalisation a zoo model carries)
+    data: ImageData | None = None  # the images the conversion measured its split on (convert --calibrate)
 
 
 def load_model_step(options: dict, progress: Progress) -> Loaded:
@@ -77,22 +78,28 @@ def load_model_step(options: dict, progress: Progress) -> Loaded:
 
 
 def load_convert_measure(options: dict, progress: Progress, measuring: str = "measuring both models",
-                         search: Search | None = None, refuse_none: bool = True) -> Converted:
+                         search: Search | None = None, refuse_none: bool = True,
+                         images: Callable[[Loaded], ImageData] | None = None) -> Converted:
     """Load MODEL, convert it with the options, measure both: one progress line per step.
     ``search``: how a budget or the latency objective times stages (``bench`` times them as
     it times the models); ``refuse_none=False``: a model with nothing to convert is measured
-    as it is, its report saying why (``analyze``)."""
+    as it is, its report saying why (``analyze``); ``images``: the images, read once MODEL
+    is loaded, that the split by importance measures (``calibration_data``)."""
     config, goal = config_from(options), goal_from(options)
     loaded = load_model_step(options, progress)
-    with progress(_choosing(goal) if goal.active else "tracing and converting"):
+    data = images(loaded) if images is not None else None
+    measured = data is not None and config.split == "importance"
+    doing = _choosing(goal) if goal.active else "tracing and converting"
+    with progress(doing + (" (measuring the split on the images)" if measured else "")):
         csp = api.convert(loaded.model, loaded.example_inputs, config=config, scope=options["scope"],
                           leaf_modules=options["leaves"], seed=options["seed"], objective=goal.objective,
                           target_flops=goal.target_flops, target_latency=goal.target_latency,
-                          search=search if goal.active else None, refuse_none=refuse_none)
+                          search=search if goal.active else None, refuse_none=refuse_none,
+                          data=data.train if measured else None)
     with progress(measuring):
         report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
                              leaf_modules=options["leaves"])
-    return Converted(loaded.model, loaded.example_inputs, csp, report, loaded)
+    return Converted(loaded.model, loaded.example_inputs, csp, report, loaded, data)
 
 
 def _choosing(goal: Goal) -> str:
@@ -123,15 +130,20 @@ def normalised_step(data: ImageData, given, said, said_by: str, say: bool) -> Im
     return data
 
 
-def calibrate_data(path: str, done: Converted, options: dict, progress: Progress, images: int = 2048) -> None:
-    """``cspify convert --calibrate DATA``: open DATA, normalise it as --mean/--std or the model
-    say, check MODEL takes its images, calibrate; the normalisation is kept with the model."""
+def calibration_data(path: str, loaded: Loaded, options: dict, progress: Progress) -> ImageData:
+    """``cspify convert --calibrate DATA``: DATA opened, normalised as --mean/--std or the
+    model say, and checked to fit MODEL."""
     given = parse_normalisation(options["mean"], options["std"])
     data = data_step(path, progress)
-    loaded = done.loaded
-    said = (loaded.mean, loaded.std) if loaded is not None and loaded.mean is not None else None
-    data = normalised_step(data, given, said, loaded.normalisation_from if loaded else "", not options["quiet"])
-    check_fits(done.model, data, options["model"], classes=False)
+    said = (loaded.mean, loaded.std) if loaded.mean is not None else None
+    data = normalised_step(data, given, said, loaded.normalisation_from, not options["quiet"])
+    check_fits(loaded.model, data, options["model"], classes=False)
+    return data
+
+
+def calibrate_data(done: Converted, progress: Progress, images: int = 2048) -> None:
+    """Calibrate the converted model on ``done.data``; the normalisation is kept with the model."""
+    data = done.data
     calibrate_on(done.model, done.csp, data, images, progress)
     leave_step_record(done.csp, INPUTS_KEY, {"mean": list(data.mean), "std": list(data.std)})
 
