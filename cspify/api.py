@@ -22,6 +22,7 @@ from cspify.channels import stream_axis
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
 from cspify.graph import shape
+from cspify.agreement import Evidence
 from cspify.host import keep_host_attributes
 from cspify.importance import Importance
 from cspify.inplace import restore_inplace_adds
@@ -95,7 +96,12 @@ def convert(
     ``data`` (unlabeled images: a tensor, a Dataset or batches, as ``calibrate`` takes them)
     lets the split choose which channels run through each stage: those it works on most,
     measured on 512 of the images (``split="importance"``, the default; ``cspify.importance``).
-    Without images, or with ``split="last"``, the last channels run through.
+    Without images, or with ``split="last"``, the last channels run through. With
+    ``target_flops`` too, the images also choose each stage's option: each stage alone at
+    each option is calibrated on 512 of them and judged on 256 others against the original
+    (``cspify.agreement``: KL of a classifier's outputs, else their relative error), and the
+    options that lose least in sum land on the budget; the record's notes say what each
+    choice measured.
 
     ``config`` (a CSPConfig) replaces the eight conversion options; giving both is refused.
 
@@ -112,11 +118,13 @@ def convert(
     still refuses).
     """
     config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to, split)
-    importance = data if isinstance(data, Importance) or data is None else Importance(data, seed=seed)
+    raw = data is not None and not isinstance(data, Importance)
+    importance = Importance(data, seed=seed) if raw and config.split == "importance" else (None if raw else data)
     goal = budget.Goal(objective, target_flops, target_latency)
     if goal.active or search is not None:
+        judging = raw and goal.target_flops is not None and goal.objective == "flops"
         return _convert_by_goal(model, example_inputs, config, goal, search or budget.Search(), scope,
-                                tuple(leaf_modules), seed, importance)
+                                tuple(leaf_modules), seed, importance, Evidence(data, seed=seed) if judging else None)
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)  # lazy modules initialised, on a copy
     if scope:
@@ -156,11 +164,12 @@ def convert(
     return gm
 
 
-def _convert_by_goal(model, example_inputs, config, goal, search, scope, leaf_modules, seed, importance) -> nn.Module:
+def _convert_by_goal(model, example_inputs, config, goal, search, scope, leaf_modules, seed, importance,
+                     evidence) -> nn.Module:
     """``convert`` with the stages and options a goal chooses (``cspify.budget.choose``)."""
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)
-    pipeline = _Pipeline(model, inputs, scope, leaf_modules, seed, importance)
+    pipeline = _Pipeline(model, inputs, scope, leaf_modules, seed, importance, evidence)
     return budget.choose(model, inputs, config, goal, search, pipeline, scope, leaf_modules)
 
 
@@ -170,8 +179,9 @@ class _Pipeline:
     one trace of the model, planned afresh for each config, nothing rewritten)."""
 
     def __init__(self, model: nn.Module, inputs: tuple, scope: str | None, leaf_modules: tuple[str, ...],
-                 seed: int, importance: Importance | None = None) -> None:
+                 seed: int, importance: Importance | None = None, evidence: Evidence | None = None) -> None:
         self.model, self.inputs, self.scope, self.leaf_modules, self.seed = model, inputs, scope, leaf_modules, seed
+        self.evidence = evidence  # images a flops budget judges each option on, or None
         self.importance = importance.within(model, scope) if importance is not None and scope else importance
         self._part = None      # (the original, or its submodule at scope; its inputs)
         self._before = None    # its Measurement

@@ -44,13 +44,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 
+from tqdm.auto import tqdm
+
 from cspify import bench
+from cspify.agreement import Evidence, Judged
 from cspify.config import HIDDEN, CSPConfig
 from cspify.errors import ConfigError, NoStageError
 from cspify.fuse import fuse_for_inference
@@ -196,6 +199,8 @@ class Pipeline(Protocol):
 
     def estimate(self, config: CSPConfig) -> dict[str, tuple[int, int]]: ...
 
+    evidence: Evidence | None  # images to judge options on (a budget that reads accuracy), or None
+
 
 @dataclass
 class _Stage:
@@ -205,6 +210,7 @@ class _Stage:
     flops: int                                   # the stage's flops in the original
     saved: dict[tuple[float, str], int]
     per_flop_ms: float | None = None             # measured ms saved per flop saved (timed objectives)
+    judged: dict[tuple[float, str], Judged] = field(default_factory=dict)  # with images: each option measured
 
 
 def choose(model: nn.Module, inputs: tuple, config: CSPConfig, goal: Goal, search: Search, pipeline: Pipeline,
@@ -232,6 +238,7 @@ class _Walk:
         self.searched: set[str] = set()                   # the stages a budget could cut
         self.notes: list[str] = []
         self.reasons: dict[str, str] | None = None       # stage -> why it converts at no option given
+        self.chosen: dict[str, Judged] = {}               # stage -> what its chosen option measured (with images)
 
     # -- objective latency: the stages that pay at the given options
 
@@ -381,9 +388,16 @@ class _Walk:
         target, original = self.goal.target_flops, self.pipeline.original_flops()
         need = (1 - target) * original
         window = (need, need + self.search.tolerance * original)
+        evidence = self.pipeline.evidence
         if self.goal.objective == "latency":
-            cost = lambda s, saved: -s.per_flop_ms * saved + 1e-3 * s.per_flop_ms * saved ** 2 / s.flops
+            cost = lambda s, option, saved: -s.per_flop_ms * saved + 1e-3 * s.per_flop_ms * saved ** 2 / s.flops
             how = "the cut buys the most measured time"
+        elif evidence is not None:
+            self._judge(stages, evidence)
+            cost = lambda s, option, saved: s.judged[option].loss
+            how = (f"the cut that loses least by {next(iter(stages[0].judged.values())).measure} against the "
+                   f"original on {len(evidence.held)} held-out images, each option calibrated on "
+                   f"{len(evidence.fit)} (label-free)")
         else:
             cost, how = _even_cost, "the cut spread evenly over the stages' flops"
         picked = _pick(stages, window, cost, lambda s, saved: saved)
@@ -410,14 +424,25 @@ class _Walk:
             ": the nearest the options searched allow" + (", more than 0.02 from the target; search more gammas "
                                                             "to land closer" if abs(achieved - target) > 0.02 else ""))
         self.notes.append(f"flops land at {achieved:.3f} of the original's (target {target:g}){off}")
+        if evidence is not None:
+            by_name = {s.name: s for s in stages}
+            self.chosen = {name: by_name[name].judged[option] for name, option in picked.items()}
+            self.notes.append(f"the model chosen, calibrated: {evidence.judge(self.model, gm)} on the held-out images")
         return self._reattach(gm)
+
+    def _judge(self, stages: list[_Stage], evidence: Evidence) -> None:
+        """Each stage alone at each option it converts at, calibrated and judged (``Judged``)."""
+        todo = [(s, option) for s in stages for option in s.saved if option not in s.judged]
+        for stage, option in tqdm(todo, desc="cspify: judging each stage's options", unit="option", leave=False,
+                                  disable=None):
+            stage.judged[option] = evidence.judge(self.model, self.convert(self._config_of({stage.name: option})))
 
     def _exact(self, stages: list[_Stage]) -> list[_Stage]:
         """``stages`` again, their savings counted by fvcore (keeping what timing found)."""
-        timed = {s.name: s.per_flop_ms for s in stages}
+        timed = {s.name: s for s in stages}
         exact = [s for s in self._savings(exact=True) if s.name in timed]
         for s in exact:
-            s.per_flop_ms = timed[s.name]
+            s.per_flop_ms, s.judged = timed[s.name].per_flop_ms, timed[s.name].judged
         return exact
 
     def _land_latency(self, stages: list[_Stage]) -> nn.Module:
@@ -465,6 +490,9 @@ class _Walk:
         for s in record.stages:
             before, after = self.times.get(s.name, (None, None))
             s = replace(s, time_before_ms=before, time_after_ms=after)
+            if s.name in self.chosen:
+                s = replace(s, notes=s.notes + (f"chosen at gamma {s.gamma:g}, hidden {s.hidden}, which alone and "
+                                                f"calibrated measured {self.chosen[s.name]}",))
             if not s.converted and s.name in self.left:
                 s = replace(s, reason=self.left[s.name])
             elif not s.converted and s.name in self.searched:
@@ -478,12 +506,12 @@ class _Walk:
         return gm
 
 
-def _even_cost(stage: _Stage, saved: int) -> float:
+def _even_cost(stage: _Stage, option: tuple[float, str], saved: int) -> float:
     """F r^2 for a cut of r = saved / F of a stage's F flops: least where cuts are even."""
     return saved * saved / max(stage.flops, 1)
 
 
-def _pick(stages: list[_Stage], window: tuple[float, float], cost: Callable[[_Stage, int], float],
+def _pick(stages: list[_Stage], window: tuple[float, float], cost: Callable[[_Stage, tuple, int], float],
           amount: Callable[[_Stage, int], float]) -> dict[str, tuple[float, str]] | None:
     """One option per stage (or none) whose summed ``amount`` lies in ``window`` at the least
     summed ``cost``; where none lands in it, the sum nearest to it (above it on a tie); None
@@ -494,7 +522,7 @@ def _pick(stages: list[_Stage], window: tuple[float, float], cost: Callable[[_St
     states: dict[int, tuple[float, float, tuple]] = {0: (0.0, 0.0, ())}   # bucket -> (cost, amount, picks)
     for stage in stages:
         moves = [(None, 0.0, 0.0)] + [
-            (option, amount(stage, saved), cost(stage, saved) + 1e-9 * stage.flops * (option[0] + (option[1] != "keep")))
+            (option, amount(stage, saved), cost(stage, option, saved) + 1e-9 * stage.flops * (option[0] + (option[1] != "keep")))
             for option, saved in stage.saved.items()]
         new: dict[int, tuple[float, float, tuple]] = {}
         for total_cost, total, picks in states.values():

@@ -3,7 +3,8 @@ file's suffix names: PNG, JPEG, PDF, SVG, ... (``FORMATS``).
 
     plot_report(report, "resnet50_csp.png")    # per-stage bars, before/after: flops, memory traffic
                                                # (the FIGURES entries with a ``plot`` panel)
-    plot_sweep(result, "sweep.jpg")           # flops (and latency, when timed) against gamma
+    plot_sweep(result, "sweep.jpg")           # flops (and latency, when timed) against gamma; with
+                                               # data, top-1 against flops (and latency): the Pareto picture
 
 Both write to an open binary file too (``plot_report(report, f, "png")``), as the CLI does
 to write through a temporary file; ``plot_format(path)`` is the format a path asks for, or
@@ -33,6 +34,34 @@ def _scale(largest: float, unit: str) -> tuple[float, str]:
     """The divisor and prefixed unit that keep axis numbers between 1 and 1000."""
     divisor, prefix = scale_of(largest)
     return divisor, f"{prefix}{unit}"
+
+
+def _accuracy_panels(result, axes, series: dict, colors: dict, scale: float, unit: str) -> None:
+    """Top-1 against flops, and against latency (the smallest batch timed) where timed."""
+    panels = [("flops", f"{unit} (1 multiply-add = 1 flop)", lambda p: p.figures.flops / scale,
+               result.original.flops / scale)]
+    if result.has_latency:
+        batch = min(r.batch_size for p in result.points for r in p.latency)
+        originals = sorted(r.original.median_ms for p in result.points for r in p.latency if r.batch_size == batch)
+        panels.append((f"latency at batch {batch}", "latency (ms per forward pass)",
+                       lambda p: next(r.converted.median_ms for r in p.latency if r.batch_size == batch),
+                       originals[len(originals) // 2]))
+    for ax, (what, label, x_of, original_x) in zip(axes, panels):
+        if result.original_top1 is not None:
+            ax.plot([original_x], [100 * result.original_top1], marker="*", markersize=12, color=ORIGINAL,
+                    linestyle="", label="original")
+        for (fusion, hidden), points in series.items():
+            done = [p for p in points if p.accuracy is not None]
+            xs, ys = [x_of(p) for p in done], [100 * p.accuracy.top1 for p in done]
+            ax.plot(xs, ys, marker="o", color=colors[fusion, hidden], label=f"fusion {fusion}, hidden {hidden}")
+            for p, x, y in zip(done, xs, ys):
+                ax.annotate(f"{p.gamma:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        epochs = max(p.accuracy.epochs for p in result.points if p.accuracy)
+        ax.set_title(f"Top-1 against {what} (calibrated" + (f", {epochs} epoch(s) distilled)" if epochs else ")"))
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 on the validation images (%)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
 
 
 def plot_format(path) -> str:
@@ -85,11 +114,15 @@ def plot_report(report, target, format: str | None = None) -> None:
 
 
 def plot_sweep(result, target, format: str | None = None) -> None:
-    """GFLOPs against gamma, one line per (fusion, hidden); latency against gamma beside it when timed."""
-    timed = result.has_latency
-    fig = Figure(figsize=(11 if timed else 6.5, 4.8), layout="constrained")
+    """GFLOPs against gamma, one line per (fusion, hidden); latency against gamma beside it when
+    timed; where the points were scored on data, a second row: top-1 against flops (and
+    against latency when timed), each point labelled with its gamma."""
+    timed, scored = result.has_latency, result.has_accuracy
+    columns = 2 if timed else 1
+    fig = Figure(figsize=(11 if timed else 6.5, 9 if scored else 4.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if timed else 1, squeeze=False)[0]
+    grid = fig.subplots(2 if scored else 1, columns, squeeze=False)
+    axes = grid[0]
     fig.suptitle("CSP sweep: cost against gamma (fraction of channels that bypass each stage)", fontsize=12)
     series = {}
     for p in sorted(result.points, key=lambda p: (p.fusion, p.hidden, p.gamma)):
@@ -130,4 +163,6 @@ def plot_sweep(result, target, format: str | None = None) -> None:
         ax.set_ylabel("latency (ms per forward pass)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    if scored:
+        _accuracy_panels(result, grid[1], series, colors, scale, unit)
     fig.savefig(target, format=_format(target, format), dpi=110)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import cspify
+from cspify.agreement import Evidence, Judged
 from cspify.budget import Goal, Search, _pick, _Stage
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, NoStageError
@@ -143,7 +144,7 @@ def test_target_flops_out_of_reach_says_how_far_it_goes(three):
 def test_knapsack_picks_the_least_cost_inside_the_window():
     a = _Stage("a", 100, {(0.25, "keep"): 10, (0.5, "keep"): 30, (0.75, "keep"): 60})
     b = _Stage("b", 100, {(0.25, "keep"): 20, (0.5, "keep"): 40})
-    even = lambda s, saved: saved * saved / s.flops
+    even = lambda s, option, saved: saved * saved / s.flops
     assert _pick([a, b], (50, 52), even, lambda s, saved: saved) == {"a": (0.5, "keep"), "b": (0.25, "keep")}  # 30 + 20
     assert _pick([a, b], (0, 1), even, lambda s, saved: saved) == {}
     assert _pick([a, b], (105, 107), even, lambda s, saved: saved) is None  # 100 at most
@@ -494,3 +495,46 @@ def test_the_record_carries_what_each_stage_narrowed(three):
         assert saved.narrowings and saved.narrowing(saved.narrowings[0].node) == saved.narrowings[0]
     assert record.stages[0].narrowing("no such node") is None
     cspify.calibrate(three, csp, torch.randn(16, 3, 16, 16))
+
+
+# ---------------------------------------------------------------- a budget that reads accuracy
+
+IMAGES = torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def _cuts(model, csp) -> dict[str, float]:
+    return {r.name: 1 - r.after.flops / r.before.flops for r in cspify.compare(model, csp, X).stages if r.converted}
+
+
+def test_a_budget_with_images_cuts_where_the_model_loses_least(three, monkeypatch):
+    """Judged losses that make stage1 costly to cut: the budget cuts it less than the even
+    cut does, and says per stage what it measured (a fake judge: the choice is what is tested)."""
+    weight = {"stage1": 100.0, "stage2": 0.01, "stage3": 0.01}
+
+    def judge(self, original, converted, calibrated=False):
+        record = conversion_of(converted)
+        return Judged(sum(weight[s.name] * s.bypass_channels / s.channels for s in record.converted), 0.9, "KL")
+
+    monkeypatch.setattr(Evidence, "judge", judge)
+    even = cspify.convert(three, X, target_flops=0.75, search=QUICK)
+    measured = cspify.convert(three, X, target_flops=0.75, search=QUICK, data=IMAGES)
+    assert abs(_flops_ratio(three, measured) - 0.75) <= 0.02
+    assert _cuts(three, measured).get("stage1", 0.0) < _cuts(three, even)["stage1"]
+    record = conversion_of(measured)
+    assert any("loses least by KL" in note and "held-out images" in note for note in record.notes)
+    assert any(note.startswith("the model chosen, calibrated: KL") for note in record.notes)
+    for stage in record.converted:
+        assert any("alone and calibrated measured KL" in note for note in stage.notes)
+
+
+def test_evidence_judges_a_classifier_by_kl_and_agreement(three):
+    csp = cspify.convert(three, X)
+    judged = Evidence(IMAGES).judge(three, csp)
+    assert judged.measure == "KL" and judged.loss >= 0 and 0 <= judged.agreement <= 1
+    assert Evidence(IMAGES).judge(three, three, calibrated=True).loss == pytest.approx(0, abs=1e-6)
+    assert Evidence(IMAGES).judge(three, three, calibrated=True).agreement == 1
+
+
+def test_too_few_images_for_a_budget_say_how_many_it_needs(three):
+    with pytest.raises(ConfigError, match="at least 64 images.*has 10"):
+        cspify.convert(three, X, target_flops=0.75, search=QUICK, data=IMAGES[:10])

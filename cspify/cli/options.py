@@ -113,12 +113,12 @@ def objective_options(fn):
     return _apply(fn, _OBJECTIVE)
 
 
-def data_options(default_normalisation: str):
+def data_options(default_normalisation: str, required: bool = True, what: str = ""):
     """DATA and how to read it: --data, --channels, --mean, --std; ``default_normalisation``
-    says what normalises the images when --mean/--std are not given."""
+    says what normalises the images when --mean/--std are not given; ``what`` what DATA is for."""
     return lambda fn: _apply(fn, (
-        click.option("--data", "data_path", required=True, metavar="DATA",
-                     help="The images: an ImageFolder tree or IDX files."),
+        click.option("--data", "data_path", required=required, metavar="DATA",
+                     help="The images: an ImageFolder tree or IDX files." + (f" {what}" if what else "")),
         click.option("--channels", type=click.Choice(["1", "3"]), default=None,
                      help="Read the images with this many channels (grey as RGB repeats the channel)."),
         click.option("--mean", default=None, metavar="M[,M,M]|none|data",

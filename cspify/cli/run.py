@@ -89,23 +89,26 @@ def load_convert_measure(options: dict, progress: Progress, measuring: str = "me
     loaded = load_model_step(options, progress)
     data = images(loaded) if images is not None else None
     measured = data is not None and config.split == "importance"
-    doing = _choosing(goal) if goal.active else "tracing and converting"
+    judged = data is not None and goal.target_flops is not None and goal.objective == "flops"
+    doing = _choosing(goal, judged) if goal.active else "tracing and converting"
     with progress(doing + (" (measuring the split on the images)" if measured else "")):
         csp = api.convert(loaded.model, loaded.example_inputs, config=config, scope=options["scope"],
                           leaf_modules=options["leaves"], seed=options["seed"], objective=goal.objective,
                           target_flops=goal.target_flops, target_latency=goal.target_latency,
                           search=search if goal.active else None, refuse_none=refuse_none,
-                          data=data.train if measured else None)
+                          data=data.train if data is not None else None)
     with progress(measuring):
         report = api.compare(loaded.model, csp, loaded.example_inputs, scope=options["scope"],
                              leaf_modules=options["leaves"])
     return Converted(loaded.model, loaded.example_inputs, csp, report, loaded, data)
 
 
-def _choosing(goal: Goal) -> str:
+def _choosing(goal: Goal, judged: bool = False) -> str:
     """The progress line of a conversion a goal chooses (it converts, measures or times many times)."""
     what = [f"{what} {value:g}" for what, value in goal.targets] or ["the stages that pay"]
-    how = "timing each stage" if goal.timed else "measuring every stage at each option"
+    how = ("timing each stage" if goal.timed else
+           "calibrating and judging every stage at each option on the images" if judged else
+           "measuring every stage at each option")
     return f"choosing stages for {' and '.join(what)} by {goal.objective} ({how})"
 
 
