@@ -8,7 +8,7 @@ several seeds; writes ACCURACY.md.
 Per model and seed, each row from the same trained original (the teacher):
 
     1  original, trained E epochs from scratch (cached in benchmarks/.cache/, so reruns skip it)
-    2  converted at gamma 0.5, as is, the calibration images choosing the split (by importance)
+    2  converted at gamma 0.5, as is (cspify.convert's defaults: split last)
     3  calibrated: cspify.calibrate on 2,048 unlabeled training images, no gradient step
     4  calibrated + 1 epoch cspify.finetune, cross-entropy only
     5  calibrated + 1 epoch cspify.finetune, cross-entropy + logit distillation
@@ -19,8 +19,8 @@ Per model and seed, each row from the same trained original (the teacher):
     9  Torch-Pruning (L1 magnitude, uniform channel pruning) of the original to the converted
        model's flops + 1 epoch cspify.finetune with cross-entropy only (and, row 9b, with
        logit distillation from the original, as row 5; --no-pruned-kd skips it)
-    3s, 6s  rows 3 and 6 with split "last" (the last channels run through, as before the
-       split by importance), the same images and seed
+    3s, 6s  rows 3 and 6 with split "importance" (the calibration images choose the channels
+       that run through each stage), the same images and seed
 
 and row 6 again under ``torchrun --nproc_per_node 2`` (gloo, CPU) at the same global batch,
 for the models and seeds that ``--ddp-models`` and ``--ddp-seeds`` name. All fine-tunes run
@@ -83,8 +83,8 @@ ROWS = [
     ("narrow", "8. baseline: original at the same flops (widths scaled), E epochs from scratch"),
     ("pruned", "9. baseline: Torch-Pruning to the same flops + 1 epoch fine-tune, CE only"),
     ("pruned_kd", "9b. Torch-Pruning to the same flops + 1 epoch, CE + logit distillation"),
-    ("split_calibrated", "3s. row 3 with split last (the last channels run through)"),
-    ("split_kd_stages", "6s. row 6 with split last"),
+    ("split_calibrated", "3s. row 3 with split importance (the images choose the channels that run through)"),
+    ("split_kd_stages", "6s. row 6 with split importance"),
     ("ddp", "6 under torchrun, 2 processes (gloo), same global batch"),
 ]
 LABELS = dict(ROWS)
@@ -349,8 +349,7 @@ def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
     teacher = state["teacher"]
 
     def converted():
-        csp = cspify.convert(teacher, example, gamma=GAMMA, seed=seed, kinds=PAPER_KINDS,
-                             data=data.calibration_images(seed))
+        csp = cspify.convert(teacher, example, gamma=GAMMA, seed=seed, kinds=PAPER_KINDS)
         state["converted"] = csp
         figures["converted"] = flops(csp, example)
         record = cspify.conversion_of(csp)
@@ -359,24 +358,24 @@ def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
 
     row("converted", converted)
 
-    def calibrated(split="importance"):
-        csp = copy.deepcopy(state["converted"]) if split == "importance" else cspify.convert(
-            teacher, example, gamma=GAMMA, seed=seed, kinds=PAPER_KINDS, split=split)
+    def calibrated(split=None):
+        csp = copy.deepcopy(state["converted"]) if split is None else cspify.convert(
+            teacher, example, gamma=GAMMA, seed=seed, kinds=PAPER_KINDS, split=split, data=data.calibration_images(seed))
         start = time.perf_counter()
         calibrate(teacher, csp, data.calibration_images(seed), max_images=CALIBRATION_IMAGES)
         seconds = time.perf_counter() - start
-        state["calibrated" if split == "importance" else f"calibrated_{split}"] = csp
+        state["calibrated" if split is None else "calibrated_split"] = csp
         return {"top1": top1(csp, data.val_x, data.val_y), "seconds": seconds}
 
     if "converted" in state:
         row("calibrated", calibrated)
-        row("split_calibrated", lambda: calibrated("last"))
+        row("split_calibrated", lambda: calibrated("importance"))
 
     def split_tuned():
-        if "calibrated_last" not in state:
-            raise RuntimeError("no calibrated model with split last")
+        if "calibrated_split" not in state:
+            raise RuntimeError("no calibrated model with split importance")
         start = time.perf_counter()
-        model = run_finetune(copy.deepcopy(state["calibrated_last"]), data, teacher, FINETUNE_ROWS["kd_stages"], seed)
+        model = run_finetune(copy.deepcopy(state["calibrated_split"]), data, teacher, FINETUNE_ROWS["kd_stages"], seed)
         return {"top1": top1(model, data.val_x, data.val_y), "seconds": time.perf_counter() - start}
 
     row("split_kd_stages", split_tuned)
@@ -490,8 +489,7 @@ def ddp_worker(args) -> None:
     teacher, info = trained(kind, "original", seed, 1.0, args, data)
     if not info["cached"]:
         raise SystemExit("the DDP row needs the cached original: run the 1-process rows first")
-    csp = cspify.convert(teacher, data.example(), gamma=GAMMA, seed=seed, kinds=PAPER_KINDS,
-                         data=data.calibration_images(seed))  # every rank the same images: the same split
+    csp = cspify.convert(teacher, data.example(), gamma=GAMMA, seed=seed, kinds=PAPER_KINDS)
     reference = None
     if args.ddp_start:  # a batch case: every rank starts from the calibrated weights given
         csp.load_state_dict(torch.load(args.ddp_start, weights_only=True))
@@ -524,8 +522,7 @@ def run_batches(kind: str, seed: int, args, data: Data, log) -> dict:
     """Row 6 at each of BATCH_CASES under both RECIPES, each under torchrun from the same
     calibrated model (made once here, loaded by every rank): {"2x512-linear": {top1, lr, seconds}}."""
     teacher, info = trained(kind, "original", seed, 1.0, args, data)
-    csp = cspify.convert(teacher, data.example(), gamma=GAMMA, seed=seed, kinds=PAPER_KINDS,
-                         data=data.calibration_images(seed))
+    csp = cspify.convert(teacher, data.example(), gamma=GAMMA, seed=seed, kinds=PAPER_KINDS)
     calibrate(teacher, csp, data.calibration_images(seed), max_images=CALIBRATION_IMAGES)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -634,9 +631,9 @@ def targets(results: dict, ddp: dict, kind: str) -> list[str]:
             missing(f"row 6 ≥ {what}", "kd_stages", base)
     for row_, other, what in (("calibrated", "split_calibrated", "calibrated"), ("kd_stages", "split_kd_stages", "row 6")):
         if m[row_] is not None and m[other] is not None:
-            check(f"the split by importance ≥ the last channels ({what}, rows {LABELS[row_][:1]} and "
-                  f"{LABELS[other][:2]}): {m[row_]:.2f} vs {m[other]:.2f} ({diff(m[row_] - m[other])})",
-                  m[row_] >= m[other])
+            check(f"the split by importance ≥ the last channels ({what}, rows {LABELS[other][:2]} and "
+                  f"{LABELS[row_][:1]}): {m[other]:.2f} vs {m[row_]:.2f} ({diff(m[other] - m[row_])})",
+                  m[other] >= m[row_])
     if m["kd_stages"] is not None and m["kd_nolabels"] is not None:
         gap = m["kd_stages"] - m["kd_nolabels"]
         check(f"labels withheld (row 7) within 2 points of the labelled result (row 6): {m['kd_nolabels']:.2f} vs "

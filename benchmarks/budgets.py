@@ -7,7 +7,7 @@ all at 0.7x the original's flops; writes BUDGETS.md.
 Per model and seed, from accuracy.py's cached original (run accuracy.py first):
 
     flops     convert(target_flops=0.7): each stage's gamma and inner width chosen by flops
-              alone (the cut spread evenly), the split by importance measured on the images
+              alone (the cut spread evenly)
     measured  convert(target_flops=0.7, data=images): each stage alone at each option
               calibrated on 512 of the images and judged on 256 others against the original
               (KL of the logits), the options that lose least in sum chosen
@@ -39,7 +39,6 @@ import accuracy as A  # noqa: E402
 import cspify  # noqa: E402
 from cspify.budget import Search  # noqa: E402
 from cspify.calibrate import calibrate  # noqa: E402
-from cspify.importance import Importance  # noqa: E402
 
 TARGET = 0.7
 SEARCH = Search(gammas=(0.25, 0.375, 0.5, 0.625, 0.75), hidden=("keep", "scale"))
@@ -64,7 +63,7 @@ def run_one(kind: str, seed: int, args, data: A.Data, log) -> dict:
     original = A.flops(teacher, example)
     out = {"original": A.top1(teacher, data.val_x, data.val_y), "flops": {"original": original},
            "test_images": len(data.val_y)}
-    for name, budget_data in (("flops", Importance(images, seed=seed)), ("measured", images)):
+    for name, budget_data in (("flops", None), ("measured", images)):
         start = time.perf_counter()
         csp = cspify.convert(teacher, example, target_flops=TARGET, search=SEARCH, data=budget_data, seed=seed,
                              kinds=A.PAPER_KINDS)

@@ -67,7 +67,7 @@ def convert(
     allow_costlier: bool = False,
     kinds: Iterable[str] | str | None = None,
     round_to: int = 1,
-    split: str = "importance",
+    split: str = "last",
     scope: str | None = None,
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
@@ -94,9 +94,9 @@ def convert(
     many channels, as fast kernels want them (``CSPConfig.round_to``).
 
     ``data`` (unlabeled images: a tensor, a Dataset or batches, as ``calibrate`` takes them)
-    lets the split choose which channels run through each stage: those it works on most,
-    measured on 512 of the images (``split="importance"``, the default; ``cspify.importance``).
-    Without images, or with ``split="last"``, the last channels run through. With
+    with ``split="importance"`` lets the split choose which channels run through each stage:
+    those it works on most, measured on 512 of the images (``cspify.importance``). Without
+    images, or with ``split="last"`` (the default), the last channels run through. With
     ``target_flops`` too, the images also choose each stage's option: each stage alone at
     each option is calibrated on 512 of them and judged on 256 others against the original
     (``cspify.agreement``: KL of a classifier's outputs, else their relative error), and the

@@ -129,8 +129,9 @@ def recover(
     """
     steps = steps or _silent
     check_fits(model, data, name)
-    with steps("tracing and converting" + (" (measuring the split on the images)" if calibration_images else "")):
-        csp = convert_on(model, example_inputs, data.train if calibration_images else None, config=config,
+    measured = bool(calibration_images) and (config or CSPConfig()).split == "importance"
+    with steps("tracing and converting" + (" (measuring the split on the images)" if measured else "")):
+        csp = convert_on(model, example_inputs, data.train if measured else None, config=config,
                          scope=scope, leaf_modules=leaf_modules, seed=seed)
     with steps("counting flops"):
         report = api.compare(model, csp, example_inputs, scope=scope, leaf_modules=leaf_modules)

@@ -46,7 +46,7 @@ def test_load_convert_measure_is_the_one_step(tmp_path):
     path.write_text(TINY_RES)
     options = dict(model=str(path), weights=None, input_shape=None, scope=None, leaves=(), seed=0, gamma="0.5",
                    fusion="last", hidden="keep", stages=(), allow_costlier=False, kinds=None, round_to="1",
-                   split="importance")
+                   split="last")
     done = load_convert_measure(options, Progress(quiet=True))
     assert [tuple(x.shape) for x in done.inputs] == [(1, 3, 16, 16)]
     assert done.report.converted.flops < done.report.original.flops

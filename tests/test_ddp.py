@@ -55,7 +55,7 @@ if dist.get_rank() == 0:
 # every process converts with its scores, so all run the same channels through
 from cspify.recovery import convert_on
 images = X + dist.get_rank() * torch.randn(X.shape, generator=torch.Generator().manual_seed(5))
-csp = convert_on(teacher, X[:2], images)
+csp = convert_on(teacher, X[:2], images, split="importance")
 splits = [None, None]
 dist.all_gather_object(splits, {s.name: s.through_index for s in cspify.conversion_of(csp).converted})
 if dist.get_rank() == 0:
@@ -111,7 +111,7 @@ def test_two_processes_agree_with_one(tmp_path):
     # calibrated models to chance under torchrun; it is still there when asked for.
     exec(SETUP, namespace := {})
     # both processes chose rank 0's channels: those one process chooses on rank 0's images
-    alone = cspify.convert(namespace["teacher"], namespace["X"][:2], data=namespace["X"])
+    alone = cspify.convert(namespace["teacher"], namespace["X"][:2], data=namespace["X"], split="importance")
     chosen = {s.name: s.through_index for s in cspify.conversion_of(alone).converted}
     assert runs["splits"] == [chosen, chosen] and any(index is not None for index in chosen.values())
 

@@ -246,7 +246,8 @@ def test_cli_bad_data(cli_setup, model, data, words):
 
 
 def test_cli_convert_calibrate(cli_setup):
-    result = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--calibrate", "data", "-o", "csp.pt")
+    result = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--calibrate", "data", "--split", "importance",
+                 "-o", "csp.pt")
     assert result.exit_code == 0, result.stderr + repr(result.exception)
     assert "calibrating on 24 images" in result.stderr
     assert cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "-o", "plain.pt").exit_code == 0
@@ -255,9 +256,18 @@ def test_cli_convert_calibrate(cli_setup):
     assert "input normalisation none (images in [0, 1]) (the default: the model says nothing)" in result.stderr
     # the images chose the split first: the report says how many it read
     assert "measuring the split on the images" in result.stderr and "split=importance (24 images)" in result.output
-    last = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--calibrate", "data", "--split", "last",
-               "-o", "last.pt")
+    last = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--calibrate", "data", "-o", "last.pt")
     assert last.exit_code == 0 and "split=" not in last.output
+
+
+def test_cli_budget_that_reads_accuracy_needs_enough_images(cli_setup):
+    """--target-flops with --calibrate DATA judges every option on DATA's images: 24 are too
+    few, and the sentence says how many it needs; nothing is written."""
+    result = cli("convert", "net.py:Net", "--input-shape", "1,1,8,8", "--target-flops", "0.8", "--calibrate", "data",
+                 "-o", "csp.pt")
+    assert result.exit_code == 2, result.stderr
+    assert "at least 64 images" in result.stderr and "has 24" in result.stderr
+    assert not (cli_setup / "csp.pt").exists()
 
 
 def test_cli_convert_calibrate_normalises_as_told(cli_setup):

@@ -41,7 +41,7 @@ def stage(record, name):
 
 def test_the_channels_a_residual_stage_leaves_as_they_are_take_the_bypass():
     model = resnet_leaving_still()
-    csp = cspify.convert(model, IMAGES[:2], data=IMAGES)
+    csp = cspify.convert(model, IMAGES[:2], data=IMAGES, split="importance")
     layer1 = stage(cspify.conversion_of(csp), "layer1")
     assert layer1.converted and layer1.bypass_channels == len(STILL)
     assert set(range(layer1.channels)) - set(layer1.through_index) == set(STILL)
@@ -61,7 +61,7 @@ def test_the_channels_a_residual_stage_leaves_as_they_are_take_the_bypass():
 
 def test_split_last_and_no_images_keep_the_last_channels():
     model = resnet_leaving_still()
-    for csp in (cspify.convert(model, IMAGES[:2], data=IMAGES, split="last"), cspify.convert(model, IMAGES[:2])):
+    for csp in (cspify.convert(model, IMAGES[:2], data=IMAGES), cspify.convert(model, IMAGES[:2], split="importance")):
         record = cspify.conversion_of(csp)
         assert all(s.through_index is None and s.output_index is None for s in record.converted)
         assert "split" not in record.summary()
@@ -74,7 +74,7 @@ def test_a_dense_stage_runs_the_channels_its_layers_read_through():
         for layer in model.block1.values():
             layer.conv1.weight[:, unread] = 0
         model.trans1.conv.weight[:, unread] = 0  # the transition reads them too, in the block's concat
-    csp = cspify.convert(model, IMAGES[:2], data=IMAGES, kinds="dense")
+    csp = cspify.convert(model, IMAGES[:2], data=IMAGES, kinds="dense", split="importance")
     block1 = stage(cspify.conversion_of(csp), "block1")
     assert block1.converted and set(range(block1.channels)) - set(block1.through_index) == set(unread)
     assert block1.output_index is None  # the transition's output channels are not the base's
@@ -83,7 +83,7 @@ def test_a_dense_stage_runs_the_channels_its_layers_read_through():
 
 def test_calibration_and_finetuning_fit_the_channels_chosen(tmp_path):
     model = resnet_leaving_still()
-    csp = cspify.convert(model, IMAGES[:2], data=IMAGES)
+    csp = cspify.convert(model, IMAGES[:2], data=IMAGES, split="importance")
     last = cspify.convert(model, IMAGES[:2], split="last")
     for converted in (csp, last):
         calibrate(model, converted, IMAGES, max_images=64)
@@ -106,7 +106,7 @@ def test_calibration_and_finetuning_fit_the_channels_chosen(tmp_path):
 def test_the_report_and_the_onnx_export_follow_the_split(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = resnet_leaving_still()
-    csp = cspify.convert(model, IMAGES[:2], data=IMAGES)
+    csp = cspify.convert(model, IMAGES[:2], data=IMAGES, split="importance")
     last = cspify.convert(model, IMAGES[:2], split="last")
     # the same widths: the same flops and parameters, whichever channels run through; the
     # gathered through part is one copy more of memory traffic, which the report counts
@@ -126,7 +126,7 @@ def test_images_that_do_not_fit_the_model_are_refused_in_one_sentence():
     model = resnet_leaving_still()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError) as refused:
-        cspify.convert(model, IMAGES[:2], data=torch.randn(8, 1, 16, 16))
+        cspify.convert(model, IMAGES[:2], data=torch.randn(8, 1, 16, 16), split="importance")
     assert refused.value.message.count(". ") == 0 and "split by importance" in refused.value.message
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -139,7 +139,7 @@ def test_through_of_takes_the_highest_scores_and_ties_go_to_the_last_channels():
 def test_a_budget_measures_each_stage_once():
     model = resnet_leaving_still()
     importance = Importance(IMAGES)
-    csp = cspify.convert(model, IMAGES[:2], target_flops=0.9, data=importance)
+    csp = cspify.convert(model, IMAGES[:2], target_flops=0.9, data=importance, split="importance")
     record = cspify.conversion_of(csp)
     assert set(importance.measured) >= {s.name for s in record.converted}
     assert all(s.through_index is not None for s in record.converted if s.name == "layer1")

@@ -35,7 +35,7 @@ KINDS_HELP = ", ".join(_KINDS[:-1]) + (" and " if len(_KINDS) > 1 else "") + _KI
 @click.option("--onnx-static", is_flag=True, help="With --onnx: keep the example inputs' batch size fixed in the ONNX graph.")
 @plot_option("Draw per-stage flops and memory traffic, before and after, in the format the suffix names "
              "(.png, .jpg, .pdf, .svg, ...).")
-@click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it; 512 of them choose the channels that run through each stage first (--split importance).")
+@click.option("--calibrate", "calibrate_path", default=None, metavar="DATA", help="Calibrate the converted model on 2,048 training images of DATA (train/<class>/* folders or IDX files; no labels) before saving it; with --split importance, 512 of them choose the channels that run through each stage first.")
 @click.option("--mean", default=None, metavar="M[,M,M]|none|data", help="With --calibrate: normalise DATA's images by this mean per channel ('none': leave them in [0, 1]; 'data': DATA's own mean and std) [default: what a zoo model's weights say, else none].")
 @click.option("--std", default=None, metavar="S[,S,S]|none|data", help="With --calibrate: the std that goes with --mean.")
 @click.option("--inference", is_flag=True, help="Save and export the converted model for inference: in eval mode, each norm that follows a conv folded into it (checked against the unfused model on the example inputs; after --calibrate). With --objective latency or --target-latency, stages are timed folded too.")

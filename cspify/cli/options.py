@@ -84,9 +84,9 @@ _POINT = (
     click.option("--round-to", default="1", show_default=True, metavar="N",
                  help="Round every narrowed width to a multiple of N channels (8 or 16 keeps CPU and GPU kernels "
                       "on their fast paths)."),
-    click.option("--split", type=click.Choice(SPLITS), default="importance", show_default=True,
-                 help="Which channels run through each stage: those it works on most, measured on the images "
-                      "(convert --calibrate DATA, finetune's DATA; without images the last ones), or the last ones."),
+    click.option("--split", type=click.Choice(SPLITS), default="last", show_default=True,
+                 help="Which channels run through each stage: the last ones, or those it works on most, measured on "
+                      "the images (importance: convert --calibrate DATA, finetune's DATA; without images the last ones)."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seed of the new layers' initialisation (same seed, same model)."),
 )
