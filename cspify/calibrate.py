@@ -44,6 +44,7 @@ model's inputs and the stages live in the scoped submodule.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -53,6 +54,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cspify.batches import image_batches
+from cspify.errors import ConfigError
 from cspify.graph import cat_args, uncast
 from cspify.lstsq import LeastSquares, features_of, fits, groups_of, outputs_of, rows_of, sample_rows, set_layer, targets_of
 from cspify.ops import role_of
@@ -140,31 +142,53 @@ def calibrate(
     teacher_part = traced.gm
     result = Calibration(images=sum(len(b) for b in batches), seconds=0.0)
     job = _Job(converted, part, teacher, teacher_part, batches, ridge, result)
+    stages = sorted(record.converted, key=_position(part))
+    elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
+    work = []  # per stage: (stage, its transition, its layers, its norms, the layers reading it), found first
+    for stage in stages:
+        found = _transition_of(part, stage, record) if transitions else None
+        if isinstance(found, str):
+            result.skipped.append(f"{stage.name}: {found}")
+            found = None
+        layers = _inner_layers(part, teacher_part, stage) if inner else []
+        layers = [layer for layer in layers if found is None or layer.node is not found.conv]
+        refit = {layer.node.name for layer in layers}
+        names = [n for n in _stage_norms(part, stage) if not _follows(part, n, refit)] if norms else []
+        reading = _readers(part, teacher_part, stage.converted_output, reader_depth,
+                           elsewhere - set(stage.nodes) - set(stage.added)) if readers else []
+        work.append((stage, found, layers, names, reading))
+    fitted = [n for _, found, layers, _, reading in work
+              for n in ([found.conv] if found is not None else []) + [layer.node for layer in (*layers, *reading)]]
+    _check_enough(part, fitted, result.images)  # before anything is fitted: refused whole, or done
     with eval_mode(converted):
-        stages = sorted(record.converted, key=_position(part))
-        elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
-        for stage in _bar(stages, progress):
+        for stage, found, layers, names, reading in _bar(work, progress):
             job.start(stage)
-            found = _transition_of(part, stage, record) if transitions else None
-            if isinstance(found, str):
-                result.skipped.append(f"{stage.name}: {found}")
-                found = None
-            layers = _inner_layers(part, teacher_part, stage) if inner else []
-            layers = [layer for layer in layers if found is None or layer.node is not found.conv]
-            refit = {layer.node.name for layer in layers}
-            names = [n for n in _stage_norms(part, stage) if not _follows(part, n, refit)] if norms else []
             _fit_layers(job, stage, layers, names)
             if found is not None:
                 _fit_transition(job, stage, found)
-            if readers:
-                layers = _readers(part, teacher_part, stage.converted_output, reader_depth,
-                                  elsewhere - set(stage.nodes) - set(stage.added))
-                _fit_layers(job, stage, layers)
+            _fit_layers(job, stage, reading)
         if stable:
             result.stabilised = stabilise_norms(converted, part, batches)
     result.seconds = round(time.perf_counter() - start, 3)
     leave_step_record(converted, CALIBRATE_KEY, result)
     return converted
+
+
+def _check_enough(gm: fx.GraphModule, nodes: list[fx.Node], images: int) -> None:
+    """A ConfigError where some layer to fit would get fewer rows (output positions over
+    the images) than it has features: its least squares would be underdetermined."""
+    worst, which = 0, ""
+    for node in nodes:
+        layer = gm.get_submodule(node.target)
+        dims = node.meta["tensor_meta"].shape
+        positions = math.prod(dims[1:-1]) if isinstance(layer, nn.Linear) else math.prod(dims[2:])
+        need = math.ceil((features_of(layer) + 1) / max(positions, 1))
+        if need > worst:
+            worst, which = need, node.target
+    if images < worst:
+        raise ConfigError(f"calibration fits {which} by least squares, which needs at least {worst} images and got "
+                          f"{images}.", f"give {worst} or more images (max_images, --calibration-images), "
+                                        "or fine-tune without calibrating")
 
 
 def _bar(stages: list, shown: bool):

@@ -21,7 +21,9 @@ rule gives them), with a note; scaled inner widths the same way.
 
 The through part is the *last* ``C - bypass`` channels of the base output, along the axis
 the stream's layers read as channels (``Stage.channel_axis``), so narrowed layers keep the
-weights of exactly the channels they still see.
+weights of exactly the channels they still see. With ``split="importance"`` and scores
+measured on images (``cspify.importance``) it is the ``C - bypass`` channels of highest
+score instead (``StagePlan.through_index``), the narrowed layers keeping those.
 """
 
 from __future__ import annotations

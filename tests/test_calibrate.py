@@ -87,11 +87,22 @@ def test_a_transition_the_planner_accepts_is_fitted():
 def test_progress_shows_a_bar_over_the_stages(capsys):
     model = randomize_norms(seeded(TinyResNet))
     converted = cspify.convert(model, X[:2])
-    calibrate(model, converted, X[:16], progress=True)
+    calibrate(model, converted, X[:24], progress=True)
     shown = capsys.readouterr().err
     assert "calibrating" in shown and "2/2" in shown, shown
-    calibrate(model, converted, X[:16])
+    calibrate(model, converted, X[:24])
     assert capsys.readouterr().err == ""
+
+
+def test_too_few_images_for_a_solve_are_refused_with_the_count_needed():
+    """The classifier reads 16 features (and an intercept) per image: 16 images cannot
+    determine it. Refused before anything is fitted."""
+    model = randomize_norms(seeded(TinyResNet))
+    converted = cspify.convert(model, X[:2])
+    before = {k: v.clone() for k, v in converted.state_dict().items()}
+    with pytest.raises(ConfigError, match="needs at least 17 images and got 16"):
+        calibrate(model, converted, X[:16])
+    assert all(torch.equal(v, before[k]) for k, v in converted.state_dict().items())
 
 
 def test_modes_momenta_and_the_original_are_left_alone():
