@@ -1,7 +1,7 @@
 """Does a converted model recover the original's accuracy? Fashion-MNIST, three small models,
 several seeds; writes ACCURACY.md.
 
-    python benchmarks/accuracy.py                       # the full run: 26 minutes on 2 shared cores
+    python benchmarks/accuracy.py                       # the full run: 24 minutes alone on 2 cores (41 with budgets.py beside it)
     python benchmarks/accuracy.py --quick               # a smoke run in about a minute (numbers meaningless)
     python benchmarks/accuracy.py --models resnet --seeds 0,1 --epochs 3 --train-subset 20000
 

@@ -1,7 +1,7 @@
 """A budget that reads accuracy against one that reads flops alone, and against Torch-Pruning,
 all at 0.7x the original's flops; writes BUDGETS.md.
 
-    python benchmarks/budgets.py                  # 3 models x 3 seeds, one process per model: ~25 min on 2 cores
+    python benchmarks/budgets.py                  # 3 models x 3 seeds, one process per model: 42 min on 2 shared cores
     python benchmarks/budgets.py --quick          # a smoke run (numbers meaningless)
 
 Per model and seed, from accuracy.py's cached original (run accuracy.py first):
