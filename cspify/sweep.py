@@ -10,7 +10,7 @@ A point where no stage can be converted gets a row that says why instead of stop
 the sweep.
 
 With ``data`` (an ImageData, ``cspify.data.open_data``), each point is also calibrated on
-its training images (which choose the split first) and, with ``finetune_epochs=N``,
+its training images and, with ``finetune_epochs=N``,
 distilled from the original for N epochs; then scored on its validation images: top-1, and
 agreement with the original's predictions (no labels needed). That is the paper's gamma
 ablation on the user's own model and data: top-1 against flops, and against latency.
@@ -31,13 +31,13 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from cspify import api
+from cspify.batches import image_batches
 from cspify.bench import DEFAULT_THREADS, BenchRow, benchmark, resolve_devices
+from cspify.calibrate import calibrate
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, NoStageError
-from cspify.measure import FLOP_NOTE, Figures, measure
-from cspify.batches import image_batches
-from cspify.calibrate import calibrate
 from cspify.finetune import evaluate, finetune
+from cspify.measure import FLOP_NOTE, Figures, measure
 from cspify.record import conversion_of
 from cspify.report import human, percent
 from cspify.trace import as_inputs, capture_inputs, device_of, eval_mode

@@ -43,8 +43,8 @@ from cspify.files import Outputs
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time.")
 @click.option("--min-run-time", type=float, default=1.0, show_default=True, help="Seconds of timing per model and round.")
 @data_options("what a timm or torchvision model says", required=False,
-              what="Calibrate each point on its training images (which choose the split first) and score it on its "
-                   "validation images: top-1, and agreement with the original.")
+              what="Calibrate each point on its training images and score it on its validation images: top-1, and "
+                   "agreement with the original.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --data: distil each point from the original for this many epochs after calibrating it.")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=2048, show_default=True,
