@@ -58,9 +58,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DistributedSampler
 
+from cspify import checkpoints
 from cspify.batches import batch_source, split_batch
 from cspify.errors import ConfigError
-from cspify.files import atomic_file
 from cspify.graph import cat_args, uncast
 from cspify.record import FINETUNE_KEY, find_conversion, leave_step_record
 from cspify.taps import tapping
@@ -244,7 +244,10 @@ def finetune(
     )
     start_epoch = 0
     if resume is not None:
-        start_epoch, run = _load_checkpoint(resume, converted, optimizer, scheduler, run)
+        start_epoch, saved = checkpoints.load(resume, converted, optimizer, scheduler)
+        settings = run.settings | {"resumed_from": str(resume), "resumed_at_epoch": start_epoch}
+        run = FinetuneRun.from_dict(saved)
+        run.settings = settings
     else:
         torch.manual_seed(seed)
         random.seed(seed)
@@ -339,7 +342,7 @@ def finetune(
                     print(f"epoch {epoch + 1}/{epochs}: loss {run.epochs[-1].loss:.4f}{shown}", file=sys.stderr)
                 best.offer(top1, f"epoch {epoch + 1}", converted)
                 if checkpoint is not None:
-                    _save_checkpoint(checkpoint, converted, optimizer, scheduler, epoch + 1, run, rank)
+                    checkpoints.save(checkpoint, converted, optimizer, scheduler, epoch + 1, run.to_dict(), rank)
     finally:
         converted.eval()
     last = run.epochs[-1] if run.epochs else None
@@ -512,67 +515,6 @@ def _train_mode(model: nn.Module, norms: str) -> None:
         for m in model.modules():
             if isinstance(m, _BatchNorm):
                 m.eval()
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(path, model, optimizer, scheduler, epoch, run: FinetuneRun, rank: int) -> None:
-    """Write atomically on rank 0 (``cspify.files.atomic_file``): a temporary file beside the
-    target, renamed into place."""
-    if rank == 0:
-        state = {
-            "format": "cspify.finetune/1", "epoch": epoch, "model": model.state_dict(), "splits": _splits(model),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run.to_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }
-        with atomic_file(path, name=f"the checkpoint {str(path)!r}", hint="choose a folder you can write to") as f:
-            torch.save(state, f)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _load_checkpoint(path, model, optimizer, scheduler, run: FinetuneRun) -> tuple[int, FinetuneRun]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"the checkpoint {str(path)!r} does not exist.", "give a file a previous run wrote") from None
-    except Exception as exc:
-        raise ConfigError(f"cannot read the checkpoint {str(path)!r}: {exc}.",
-                          "give a file cspify finetune wrote (checkpoint=)") from None
-    if not isinstance(state, dict) or state.get("format") != "cspify.finetune/1":
-        raise ConfigError(f"{str(path)!r} is not a cspify fine-tuning checkpoint.", "give a file cspify finetune wrote")
-    if state.get("splits", _splits(model)) != _splits(model):
-        raise ConfigError("the checkpoint's stages run other channels through than this conversion's, so its "
-                          "weights would read the wrong channels.",
-                          "resume with the model converted on the same images and options as the first run")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"the checkpoint does not fit this model ({first}).",
-                          "resume with the model converted with the same options as the first run") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(_as_tuple(rng["python"]))
-    if rng.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    saved = FinetuneRun.from_dict(state["run"])
-    saved.settings = run.settings | {"resumed_from": str(path), "resumed_at_epoch": state["epoch"]}
-    return int(state["epoch"]), saved
-
-
-def _splits(model: nn.Module) -> dict[str, list[int]]:
-    """The base channels each converted stage runs through, where not the last ones."""
-    _, record = find_conversion(model)
-    return {s.name: list(s.through_index) for s in record.converted if s.through_index is not None}
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # ---------------------------------------------------------------- small helpers

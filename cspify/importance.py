@@ -108,9 +108,8 @@ class Importance:
 
     def within(self, model: nn.Module, scope: str) -> Importance:
         """The same images as the submodule at ``scope`` receives them when ``model`` runs."""
-        part = Importance.__new__(Importance)
+        part = Importance.of({}, self.images)
         part.batches = [capture_inputs(model, batch, scope)[1] for batch in self.batches]
-        part.images, part._scores = self.images, {}
         return part
 
 

@@ -175,16 +175,18 @@ def convert_on(model: nn.Module, example_inputs, images=None, **options) -> nn.M
     """``api.convert(model, example_inputs, data=images, **options)``: ``images`` choose the
     split. Under torch.distributed every process calls it: rank 0 measures, and every rank
     converts with its scores, so that all choose the same channels."""
-    importance = Importance(images, seed=options.get("seed", 0)) if images is not None else None
-    if importance is None or not (dist.is_available() and dist.is_initialized()):
+    parallel = dist.is_available() and dist.is_initialized()
+    if images is None or not parallel:
+        importance = Importance(images, seed=options.get("seed", 0)) if images is not None else None
         return api.convert(model, example_inputs, data=importance, **options)
-    lead = dist.get_rank() == 0
-    csp = api.convert(model, example_inputs, data=importance, **options) if lead else None
-    shared = [importance.measured if lead else None]
-    dist.broadcast_object_list(shared, src=0)
-    if lead:
+    if dist.get_rank() == 0:
+        importance = Importance(images, seed=options.get("seed", 0))
+        csp = api.convert(model, example_inputs, data=importance, **options)
+        dist.broadcast_object_list([(importance.measured, importance.images)], src=0)
         return csp
-    return api.convert(model, example_inputs, data=Importance.of(shared[0], importance.images), **options)
+    shared = [None]
+    dist.broadcast_object_list(shared, src=0)
+    return api.convert(model, example_inputs, data=Importance.of(*shared[0]), **options)
 
 
 def calibrate_on(model: nn.Module, csp: nn.Module, data: ImageData, images: int = 2048,

@@ -97,10 +97,9 @@ def test_a_sweep_with_data_calibrates_and_scores_every_point(scored):
     assert picture.getvalue().startswith(b"\x89PNG")
 
 
-def test_a_stopped_sweep_keeps_the_points_done(scored, monkeypatch):
+def _stop_at_the_second_point(monkeypatch) -> None:
+    """Ctrl-C while the sweep scores its second point."""
     sweeping = importlib.import_module("cspify.sweep")  # the module: cspify.sweep is the function
-
-    model, data = scored
     real, calls = sweeping._Scorer.score, []
 
     def score(self, *args):
@@ -110,6 +109,11 @@ def test_a_stopped_sweep_keeps_the_points_done(scored, monkeypatch):
         return real(self, *args)
 
     monkeypatch.setattr(sweeping._Scorer, "score", score)
+
+
+def test_a_stopped_sweep_keeps_the_points_done(scored, monkeypatch):
+    model, data = scored
+    _stop_at_the_second_point(monkeypatch)
     result = cspify.sweep(model, torch.zeros(1, 1, 8, 8), gammas=(0.25, 0.5, 0.75), data=data)
     assert isinstance(result.stopped, KeyboardInterrupt) and [p.gamma for p in result.points] == [0.25]
     assert "stopped after 1 of 3 points" in str(result)
@@ -118,22 +122,13 @@ def test_a_stopped_sweep_keeps_the_points_done(scored, monkeypatch):
 def test_cli_sweep_with_data_writes_the_points_done_when_stopped(scored, monkeypatch):
     import json
 
-    sweeping = importlib.import_module("cspify.sweep")  # the module: cspify.sweep is the function
     from test_cli import cli
-
-    real, calls = sweeping._Scorer.score, []
-
-    def score(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args)
 
     result = cli("sweep", "net.py:Net", "--data", "data", "--gammas", "0.25,0.5", "--json", "s.json", "-q")
     assert result.exit_code == 0, result.output
     saved = json.loads(open("s.json").read())
     assert saved["original_top1"] is not None and all("accuracy" in p for p in saved["points"])
-    monkeypatch.setattr(sweeping._Scorer, "score", score)
+    _stop_at_the_second_point(monkeypatch)
     stopped = cli("sweep", "net.py:Net", "--data", "data", "--gammas", "0.25,0.5", "--json", "t.json", "-q")
     assert stopped.exit_code == 130 and "interrupted" in stopped.stderr
     saved = json.loads(open("t.json").read())
