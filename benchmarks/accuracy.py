@@ -89,6 +89,17 @@ ROWS = [
 ]
 LABELS = dict(ROWS)
 
+# The two runs: the comparison on every training image (ACCURACY.md) and the ablations of the
+# losses, the split and the processes on a 20,000-image subset (ACCURACY-ablations.md).
+FULL_ROWS = ["original", "converted", "calibrated", "kd_logits", "narrow", "pruned_kd"]
+FULL = dict(train_subset=0, rows=FULL_ROWS, long_epochs=3, ddp_models=[], note="ACCURACY.md")
+ABLATIONS = dict(train_subset=20000, rows=[n for n, _ in ROWS if n != "ddp"], long_epochs=0, ddp_models=["resnet"],
+                 note="ACCURACY-ablations.md")
+
+
+def names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
 # "batch and processes": row 6 at each (processes, batch per process), with the default recipe
 # and with the earlier one, whose rate grew with the global batch (0.02 per 128, 3% warm-up).
 BATCH_CASES = [(1, 128), (1, 512), (2, 128), (2, 512)]
@@ -295,12 +306,13 @@ def trained(kind: str, what: str, seed: int, width: float, args, data: Data) -> 
 
 
 def run_finetune(model: nn.Module, data: Data, teacher: nn.Module | None, switches: dict, seed: int,
-                 batch_size: int = 128, recipe: Recipe = Recipe()) -> nn.Module:
-    """cspify.finetune for 1 epoch with its defaults; only the loss switches change (and the
-    seed of the data order, and ``batch_size`` per process under DDP: 128 // processes)."""
+                 batch_size: int = 128, recipe: Recipe = Recipe(), epochs: int = 1) -> nn.Module:
+    """cspify.finetune for ``epochs`` (1: rows 4-7 and 9) with its defaults; only the loss
+    switches change (and the seed of the data order, and ``batch_size`` per process under DDP:
+    128 // processes)."""
     kwargs = {k: v for k, v in switches.items() if k != "teacher"}
     torch.manual_seed(seed)
-    return finetune(model, data.train_set(), teacher=teacher if switches.get("teacher") else None, epochs=1,
+    return finetune(model, data.train_set(), teacher=teacher if switches.get("teacher") else None, epochs=epochs,
                     batch_size=batch_size, seed=seed, progress=False, recipe=recipe, **kwargs)
 
 
@@ -314,27 +326,14 @@ def as_finetunable(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
-    """Every row for one model and seed: {row: {top1, seconds, note} or {error}}."""
+def run_one(kind: str, seed: int, args, data: Data, log, state: dict) -> dict:
+    """The 1-epoch rows of ``args.rows`` for one model and seed: {row: {top1, seconds, note} or
+    {error}}. ``state`` keeps the teacher, the calibrated and the pruned models for the long
+    rows (``run_long``)."""
     rows, figures = {}, {}
     example = data.example()
-
-    def row(name, fn):
-        start = time.perf_counter()
-        try:
-            out = fn() or {}
-            out.setdefault("seconds", time.perf_counter() - start)
-            rows[name] = out
-            log(f"{kind} seed {seed} {name}: {out.get('top1', float('nan')):.2f}% in {out['seconds']:.0f}s "
-                f"{out.get('note', '')}")
-        except Exception as exc:  # a failed row writes its reason; the run goes on
-            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200],
-                          "seconds": time.perf_counter() - start}
-            log(f"{kind} seed {seed} {name} FAILED: {rows[name]['error']}")
-            if args.debug:
-                traceback.print_exc()
-
-    state = {}
+    wanted = set(args.rows)
+    row = row_runner(kind, seed, args, rows, log)
 
     def original():
         model, info = trained(kind, "original", seed, 1.0, args, data)
@@ -369,7 +368,8 @@ def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
 
     if "converted" in state:
         row("calibrated", calibrated)
-        row("split_calibrated", lambda: calibrated("importance"))
+        if wanted & {"split_calibrated", "split_kd_stages"}:
+            row("split_calibrated", lambda: calibrated("importance"))
 
     def split_tuned():
         if "calibrated_split" not in state:
@@ -380,17 +380,8 @@ def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
 
     row("split_kd_stages", split_tuned)
     for name, switches in FINETUNE_ROWS.items():
-        if "calibrated" not in state:
-            break
-
-        def tuned(switches=switches):
-            model = copy.deepcopy(state["calibrated"])
-            start = time.perf_counter()
-            model = run_finetune(model, data, teacher, switches, seed)
-            seconds = time.perf_counter() - start
-            return {"top1": top1(model, data.val_x, data.val_y), "seconds": seconds}
-
-        row(name, tuned)
+        if "calibrated" in state:
+            row(name, lambda switches=switches: tuned_row(state["calibrated"], data, teacher, switches, seed))
 
     target = figures.get("converted")
 
@@ -405,37 +396,93 @@ def run_one(kind: str, seed: int, args, data: Data, log) -> dict:
 
     row("narrow", narrow)
 
-    def pruned():
+    def prune():
         if target is None:
             raise RuntimeError("no converted model to match the flops of")
         start = time.perf_counter()
         model, ratio, cost = prune_to(teacher, data, target)
-        prune_seconds = time.perf_counter() - start
+        state["prune_seconds"] = time.perf_counter() - start
         figures["pruned"], figures["pruned_ratio"] = cost, round(ratio, 3)
         figures["pruned_removed"] = round(removed_channels(teacher, model), 3)
         state["pruned"] = model
         state["pruned_top1"] = top1(model, data.val_x, data.val_y)
-        state["prune_seconds"] = prune_seconds
-        tuned = run_finetune(as_finetunable(copy.deepcopy(model)), data, None, FINETUNE_ROWS["ft_ce"], seed)
-        return {"top1": top1(tuned, data.val_x, data.val_y), "seconds": time.perf_counter() - start,
-                "before": state["pruned_top1"],
-                "note": f"ratio {ratio:.3f} ({figures['pruned_removed']:.1%} of conv channels removed), "
-                        f"pruning {prune_seconds:.0f}s"}
+        state["pruned_note"] = (f"ratio {ratio:.3f} ({figures['pruned_removed']:.1%} of conv channels removed), "
+                                f"pruning {state['prune_seconds']:.0f}s")
 
-    row("pruned", pruned)
-
-    def pruned_kd():
+    def pruned(switches):
         if "pruned" not in state:
-            raise RuntimeError("no pruned model")
-        start = time.perf_counter()
-        tuned = run_finetune(as_finetunable(copy.deepcopy(state["pruned"])), data, teacher, FINETUNE_ROWS["kd_logits"],
-                             seed)
-        return {"top1": top1(tuned, data.val_x, data.val_y),
-                "seconds": time.perf_counter() - start + state["prune_seconds"]}
+            prune()
+        out = tuned_row(as_finetunable(state["pruned"]), data, teacher, switches, seed)
+        out["seconds"] += state["prune_seconds"]
+        return out | {"before": state["pruned_top1"], "note": state["pruned_note"]}
 
+    row("pruned", lambda: pruned(FINETUNE_ROWS["ft_ce"]))
     if args.pruned_kd:
-        row("pruned_kd", pruned_kd)
+        row("pruned_kd", lambda: pruned(FINETUNE_ROWS["kd_logits"]))
     return {"rows": rows, "flops": figures}
+
+
+def run_long(kind: str, seed: int, args, data: Data, log, state: dict, into: dict) -> None:
+    """The long rows (``--long-rows``, each ``--long-epochs`` epochs) for one model and seed,
+    from the calibrated and the pruned models ``run_one`` left in ``state``; added to ``into``."""
+    row = row_runner(kind, seed, args, into["rows"], log, long=True)
+    teacher = state.get("teacher")
+    epochs = args.long_epochs
+    starts = {"kd_logits": ("calibrated", "kd_logits"), "kd_stages": ("calibrated", "kd_stages"),
+              "pruned_kd": ("pruned", "kd_logits"), "pruned": ("pruned", "ft_ce")}
+    for name in args.long_rows:
+        start, switches = starts[name]
+
+        def tuned(start=start, switches=switches):
+            if start not in state:
+                raise RuntimeError(f"no {start} model")
+            model = as_finetunable(state[start]) if start == "pruned" else state[start]
+            return tuned_row(model, data, teacher, FINETUNE_ROWS[switches], seed, epochs)
+
+        row(long_name(name, epochs), tuned)
+
+
+def row_runner(kind: str, seed: int, args, rows: dict, log, long: bool = False):
+    """``row(name, fn)``: runs ``fn`` when ``args.rows`` asks for ``name`` (or, ``long``, always)
+    and stores its result, or its error: a failed row writes its reason and the run goes on."""
+    def row(name, fn):
+        if not long and name not in args.rows:
+            return
+        start = time.perf_counter()
+        try:
+            out = fn() or {}
+            out.setdefault("seconds", time.perf_counter() - start)
+            rows[name] = out
+            log(f"{kind} seed {seed} {name}: {out.get('top1', float('nan')):.2f}% in {out['seconds']:.0f}s "
+                f"{out.get('note', '')}")
+        except Exception as exc:
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200],
+                          "seconds": time.perf_counter() - start}
+            log(f"{kind} seed {seed} {name} FAILED: {rows[name]['error']}")
+            if args.debug:
+                traceback.print_exc()
+
+    return row
+
+
+def tuned_row(start: nn.Module, data: Data, teacher: nn.Module, switches: dict, seed: int, epochs: int = 1) -> dict:
+    """A fine-tune row: a copy of ``start`` fine-tuned, its top-1 and the fine-tune's seconds."""
+    model = copy.deepcopy(start)
+    began = time.perf_counter()
+    model = run_finetune(model, data, teacher, switches, seed, epochs=epochs)
+    return {"top1": top1(model, data.val_x, data.val_y), "seconds": time.perf_counter() - began}
+
+
+def long_name(row: str, epochs: int) -> str:
+    return f"{row}@{epochs}"
+
+
+def all_rows(args) -> list[tuple[str, str]]:
+    """(name, label) of every row the note may show: ROWS, then the long rows."""
+    epochs = getattr(args, "long_epochs", 0)
+    long = [(long_name(name, epochs), LABELS[name].replace(". ", f"@{epochs}. ", 1).replace("1 epoch", f"{epochs} epochs"))
+            for name in getattr(args, "long_rows", ()) if epochs]
+    return ROWS + long
 
 
 # ---------------------------------------------------------------- DDP
@@ -591,55 +638,54 @@ def diff(value: float) -> str:
     return f"{value:+.2f}" if round(value, 2) != 0 else f"{value:+.3f}"
 
 
-def targets(results: dict, ddp: dict, kind: str) -> list[str]:
-    """The issue's five targets for one model: reached / missed, with the numbers."""
-    m = {name: mean_of(results, kind, name) for name, _ in ROWS}
+def targets(results: dict, ddp: dict, kind: str, args) -> list[str]:
+    """The issues' targets for one model: reached / missed, with the numbers, for the rows run."""
+    rows = all_rows(args)
+    m = {name: mean_of(results, kind, name) for name, _ in rows}
+    number = {name: label.split(" ", 1)[0].rstrip(".") for name, label in rows}
     lines = []
 
     def check(text, ok):
         lines.append(f"- {'reached' if ok else 'MISSED'}: {text}")
 
-    def missing(text, *names):
-        lines.append(f"- not measured: {text} (no result for {', '.join(n for n in names if m[n] is None)})")
+    def compare(row, base, what, goal):
+        if m.get(row) is not None and m.get(base) is not None:
+            check(f"row {number[row]} ≥ {what} (row {number[base]}, {goal}): {m[row]:.2f} vs {m[base]:.2f} "
+                  f"({diff(m[row] - m[base])})", m[row] >= m[base])
 
     orig = m["original"]
     if orig is not None and m["calibrated"] is not None:
         ratio = m["calibrated"] / orig
         check(f"calibrated ≥ 97% of the original's top-1 (issue 21; 90% in issue 10): {m['calibrated']:.2f} / "
               f"{orig:.2f} = {100 * ratio:.1f}%", ratio >= 0.97)
-    else:
-        missing("calibrated ≥ 97% of the original", "original", "calibrated")
-    seconds = {name: [r["rows"][name]["seconds"] for r in results[kind].values()
-                      if "top1" in r["rows"].get(name, {})] for name in ("calibrated", "kd_stages")}
-    if seconds["calibrated"] and seconds["kd_stages"]:
-        share = statistics.mean(seconds["calibrated"]) / statistics.mean(seconds["kd_stages"])
-        check(f"calibration ≤ 0.25x one fine-tune epoch (issue 21; rows 3 and 6, same process and machine): "
-              f"{statistics.mean(seconds['calibrated']):.1f}s vs {statistics.mean(seconds['kd_stages']):.1f}s = "
-              f"{share:.2f}x", share <= 0.25)
-    if orig is not None and m["kd_stages"] is not None:
-        gap = orig - m["kd_stages"]
-        check(f"1 epoch of distillation (row 6) within 1.0 point of the original: {m['kd_stages']:.2f} vs "
-              f"{orig:.2f} ({diff(-gap)})", gap <= 1.0)
-    else:
-        missing("1 epoch of distillation within 1.0 point", "original", "kd_stages")
-    for base, what in (("narrow", "the same-flops narrow model trained E epochs (row 8)"),
-                       ("pruned", "Torch-Pruning at the same flops and budget (row 9)")):
-        if m["kd_stages"] is not None and m[base] is not None:
-            check(f"row 6 (1 epoch after E) ≥ {what}: {m['kd_stages']:.2f} vs {m[base]:.2f} "
-                  f"({diff(m['kd_stages'] - m[base])})", m["kd_stages"] >= m[base])
-        else:
-            missing(f"row 6 ≥ {what}", "kd_stages", base)
+    epoch_row = next((n for n in ("kd_stages", "kd_logits") if m.get(n) is not None), None)
+    if epoch_row and m["calibrated"] is not None:
+        seconds = {name: [r["rows"][name]["seconds"] for r in results[kind].values()
+                          if "top1" in r["rows"].get(name, {})] for name in ("calibrated", epoch_row)}
+        calib, epoch = statistics.mean(seconds["calibrated"]), statistics.mean(seconds[epoch_row])
+        check(f"calibration ≤ 0.25x one fine-tune epoch (issue 21; rows 3 and {number[epoch_row]}, same process and "
+              f"machine): {calib:.1f}s vs {epoch:.1f}s = {calib / epoch:.2f}x", calib / epoch <= 0.25)
+    if orig is not None and epoch_row:
+        gap = orig - m[epoch_row]
+        check(f"1 epoch of distillation (row {number[epoch_row]}) within 1.0 point of the original: "
+              f"{m[epoch_row]:.2f} vs {orig:.2f} ({diff(-gap)})", gap <= 1.0)
+    budgets = [("", 1)] + [(f"@{args.long_epochs}", args.long_epochs)] * bool(args.long_epochs)
+    for suffix, epochs in budgets:
+        budget = f"{epochs} epoch{'s' * (epochs > 1)} after E"
+        for row in ("kd_stages", "kd_logits"):
+            compare(row + suffix, "narrow", "the same-flops narrow model trained E epochs", budget)
+        compare("kd_stages" + suffix, "pruned" + suffix, "Torch-Pruning at the same flops", f"{budget}, CE only")
+        compare("kd_logits" + suffix, "pruned_kd" + suffix, "Torch-Pruning at the same flops and loss",
+                f"{budget}, CE + logits for both")
     for row_, other, what in (("calibrated", "split_calibrated", "calibrated"), ("kd_stages", "split_kd_stages", "row 6")):
         if m[row_] is not None and m[other] is not None:
-            check(f"the split by importance ≥ the last channels ({what}, rows {LABELS[other][:2]} and "
-                  f"{LABELS[row_][:1]}): {m[other]:.2f} vs {m[row_]:.2f} ({diff(m[other] - m[row_])})",
+            check(f"the split by importance ≥ the last channels ({what}, rows {number[other]} and "
+                  f"{number[row_]}): {m[other]:.2f} vs {m[row_]:.2f} ({diff(m[other] - m[row_])})",
                   m[other] >= m[row_])
     if m["kd_stages"] is not None and m["kd_nolabels"] is not None:
         gap = m["kd_stages"] - m["kd_nolabels"]
         check(f"labels withheld (row 7) within 2 points of the labelled result (row 6): {m['kd_nolabels']:.2f} vs "
               f"{m['kd_stages']:.2f} ({diff(-gap)})", gap <= 2.0)
-    else:
-        missing("labels withheld within 2 points", "kd_stages", "kd_nolabels")
     runs = ddp.get(kind, {})
     if runs:
         # The reference: the same fine-tune in 1 process from the same calibrated model, run by
@@ -706,6 +752,15 @@ def write_note(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: 
         "since `finetune` trains only models cspify made)"
         + ("; row 9b as row 5 (CE + logit distillation from the original)" if args.pruned_kd else ""),
         "- row 8: the largest width multiplier (bisected) whose model has at most the converted model's flops",
+    ] + ([
+        f"- rows marked @{args.long_epochs}: the same rows with {args.long_epochs} epochs of fine-tuning instead of 1 "
+        f"(the same recipe, its cosine schedule spread over {args.long_epochs} epochs), from the same calibrated and "
+        f"pruned models; seeds {', '.join(map(str, args.long_seeds))}, run after every seed's 1-epoch rows"]
+        if args.long_epochs and args.long_rows else []) + [
+        "- rows not listed were not run: `python benchmarks/accuracy.py --ablations` runs every row on 20,000 images "
+        "(ACCURACY-ablations.md)" if not args.ablations else
+        "- the comparison on all 60,000 training images at 1 and 3 epochs is `python benchmarks/accuracy.py` "
+        "(ACCURACY.md)",
         "- flops: fvcore (one multiply-add is one flop) for one image, as `cspify.compare` counts them",
         f"- cspify: {getattr(args, 'library', 'not recorded')}",
         "",
@@ -743,7 +798,7 @@ def write_note(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: 
         lines += [f"flops per image: {', '.join(parts)}" + (f"; {', '.join(extra)}" if extra else "") + ".", ""]
         lines += ["| row | top-1 % | vs original | time (s) | seeds | notes |", "|---|---|---|---|---|---|"]
         orig = mean_of(results, kind, "original")
-        for name, label in ROWS:
+        for name, label in all_rows(args):
             if name == "ddp":
                 runs_ddp = {seed: r for seed, r in ddp.get(kind, {}).items() if "seconds" in r}
                 if not runs_ddp:
@@ -771,8 +826,8 @@ def write_note(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: 
             delta = f"{statistics.mean(values) - orig:+.2f}" if values and orig is not None and name != "original" else ""
             lines.append(f"| {label} | {mean_std(values)} | {delta} | {statistics.mean(times):.0f} | "
                          f"{len(values)}/{len(times) if name == 'ddp' else seeds} | {notes.replace('|', '/')} |")
-        lines += ["", "Targets (issues 10 and 21), on the means:", ""] + targets(results, ddp, kind) + [""]
-        names = [n for n, _ in ROWS if any(n in r["rows"] for r in runs.values())]
+        lines += ["", "Targets (issues 10 and 21), on the means:", ""] + targets(results, ddp, kind, args) + [""]
+        names = [n for n, _ in all_rows(args) if any(n in r["rows"] for r in runs.values())]
         lines += ["Per seed (top-1 %):", "", "| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for seed, r in runs.items():
             cells = [f"{r['rows'][n]['top1']:.2f}" if "top1" in r["rows"].get(n, {}) else
@@ -792,11 +847,22 @@ def parse(argv=None):
     p.add_argument("--models", default="resnet,densenet,mobilenet", type=lambda s: [m for m in s.split(",") if m])
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",") if x])
     p.add_argument("--epochs", type=int, default=3, help="E: epochs of the original and the narrow baseline")
-    p.add_argument("--train-subset", type=int, default=20000, help="training images used (0: all 60,000)")
+    p.add_argument("--ablations", action="store_true",
+                   help="the loss, split and process ablations: every row on 20,000 images, 1 epoch, the DDP rows; "
+                        "writes ACCURACY-ablations.md (default: the comparison on all 60,000 images at 1 and 3 epochs)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="training images used (0: all 60,000; default 0, --ablations 20000)")
+    p.add_argument("--rows", default=None, type=names,
+                   help=f"the 1-epoch rows to run (default {','.join(FULL_ROWS)}; --ablations: all)")
+    p.add_argument("--long-rows", default="kd_logits,pruned_kd", type=names,
+                   help="the rows run again for --long-epochs (default: rows 5 and 9b, the same loss for both)")
+    p.add_argument("--long-epochs", type=int, default=None, help="epochs of the long rows (default 3; --ablations 0: none)")
+    p.add_argument("--long-seeds", default=None, type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="seeds of the long rows, run after every seed's 1-epoch rows (default: all --seeds)")
     p.add_argument("--test-subset", type=int, default=0, help="test images used (0: all 10,000; --quick uses 1,000)")
     p.add_argument("--batch-size", type=int, default=128, help="batch of the from-scratch training (rows 1 and 8)")
-    p.add_argument("--ddp-models", default="resnet", type=lambda s: [m for m in s.split(",") if m],
-                   help="models whose row 6 also runs under torchrun with 2 processes ('' for none)")
+    p.add_argument("--ddp-models", default=None, type=names,
+                   help="models whose row 6 also runs under torchrun with 2 processes (default none; --ablations resnet)")
     p.add_argument("--ddp-seeds", default=None, type=lambda s: [int(x) for x in s.split(",") if x],
                    help="seeds of the DDP row (default: all --seeds)")
     p.add_argument("--no-pruned-kd", dest="pruned_kd", action="store_false",
@@ -820,6 +886,15 @@ def parse(argv=None):
     p.add_argument("--batch-seeds", default="0", type=lambda s: [int(x) for x in s.split(",") if x],
                    help="seeds of the batch and processes table, for the --ddp-models (default 0; empty: none)")
     args = p.parse_args(argv)
+    preset = ABLATIONS if args.ablations else FULL
+    for key, value in preset.items():
+        if key != "note" and getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.long_seeds is None:
+        args.long_seeds = list(args.seeds)
+    unknown = [r for r in args.rows + args.long_rows if r not in LABELS or r == "ddp"]
+    if unknown:
+        p.error(f"unknown row {unknown[0]!r}: choose from {', '.join(n for n, _ in ROWS if n != 'ddp')}")
     unknown = [m for m in args.models + args.ddp_models if m not in MODELS]
     if unknown:
         p.error(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}")
@@ -827,12 +902,13 @@ def parse(argv=None):
         args.epochs, args.train_subset = 1, 1024
         args.test_subset = args.test_subset or 1000
         args.seeds = args.seeds[:1]
+        args.long_seeds, args.long_epochs = args.long_seeds[:1], min(args.long_epochs, 2)
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
     if args.ddp_seeds is None:
         args.ddp_seeds = list(args.seeds)
     if args.out is None:
-        args.out = str(Path(tempfile.gettempdir()) / "ACCURACY.quick.md") if args.quick else str(ROOT / "ACCURACY.md")
+        args.out = str(Path(tempfile.gettempdir()) / "ACCURACY.quick.md") if args.quick else str(ROOT / preset["note"])
     return args
 
 
@@ -852,7 +928,7 @@ def library_state() -> str:
 
 
 SETTINGS = ("data", "seeds", "epochs", "train_subset", "test_subset", "batch_size", "threads", "pruned_kd", "quick",
-            "ddp_models", "ddp_seeds", "batch_seeds")
+            "ddp_models", "ddp_seeds", "batch_seeds", "rows", "long_rows", "long_epochs", "long_seeds", "ablations")
 
 
 def save_results(path: Path, results: dict, ddp: dict, args, data: Data, elapsed: float) -> None:
@@ -914,8 +990,11 @@ def run_parallel(args) -> None:
                  "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset or 0),
                  "--batch-size", str(args.batch_size), "--data", args.data, "--out", str(out),
                  "--ddp-models", ",".join(m for m in args.ddp_models if m == kind),
-                 "--ddp-seeds", ",".join(map(str, args.ddp_seeds)), "--batch-seeds", ",".join(map(str, args.batch_seeds))]
+                 "--ddp-seeds", ",".join(map(str, args.ddp_seeds)), "--batch-seeds", ",".join(map(str, args.batch_seeds)),
+                 "--rows", ",".join(args.rows), "--long-rows", ",".join(args.long_rows),
+                 "--long-epochs", str(args.long_epochs), "--long-seeds", ",".join(map(str, args.long_seeds))]
         child += ["--no-pruned-kd"] * (not args.pruned_kd) + ["--quick"] * args.quick + ["--debug"] * args.debug
+        child += ["--ablations"] * args.ablations
         log = open(CACHE / f"accuracy-{kind}.log", "w")
         procs[kind] = (subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
         paths.append(results_path(str(out), args.quick))
@@ -963,8 +1042,13 @@ def main(argv=None) -> None:
     results, ddp = {}, {}
     out = Path(args.out)
     for kind in args.models:
+        states = {seed: {} for seed in args.seeds}
         for seed in args.seeds:
-            results.setdefault(kind, {})[seed] = run_one(kind, seed, args, data, log)
+            results.setdefault(kind, {})[seed] = run_one(kind, seed, args, data, log, states[seed])
+            save_results(raw, results, ddp, args, data, time.perf_counter() - start)
+            write_note(out, results, ddp, args, data, time.perf_counter() - start, done=False)
+        for seed in args.long_seeds if args.long_epochs else ():  # last: the 1-epoch rows of every seed come first
+            run_long(kind, seed, args, data, log, states[seed], results[kind][seed])
             save_results(raw, results, ddp, args, data, time.perf_counter() - start)
             write_note(out, results, ddp, args, data, time.perf_counter() - start, done=False)
         if kind in args.ddp_models:
