@@ -323,25 +323,27 @@ def summary(facts: dict, kept: dict) -> list[str]:
                "cspify's mechanical conversion reaches the paper's -80% for no model-wide bottleneck here, and comes "
                "near it only layer by layer inside a converted stage. " if not moved else "")
             + "The paper reports its figure from its detection experiments, where the CSP backbone comes with its "
-            "EFM neck; cutting a detector's largest layer takes rebuilding the neck and head (EFM, or CSP over the "
-            "neck's conv stacks as in Scaled-YOLOv4's CSP-PAN), which is out of scope here."
+            "EFM neck. cspify converts a neck's conv stacks (YOLOv3's five-conv sets) as plain stages, CSP over "
+            "them as in Scaled-YOLOv4's CSP-PAN; a largest layer inside a module that tracing keeps whole "
+            "(ultralytics' Detect head) or in an FPN's single conv per level stays as it is: the traceable parts "
+            "of a kept-whole module are not converted yet."
         )
         necks = [(title.split(" (")[0], *find(parts, "neck", "FPN")) for (title, _), (_, parts) in converted.items()]
         necks = [(m, label.split(" (")[0], fig) for m, label, fig in necks if label]
         backbones = [(title.split(" (")[0], *find(parts, "backbone", "body"))
                      for (title, _), (_, parts) in converted.items()]
         prose.append(
-            "**Memory of the feature pyramid.** A converted stage keeps its output shapes, so the pyramid reads, "
-            "computes and writes what it did: "
+            "**Memory of the feature pyramid.** A converted stage keeps its output shapes, so the maps the pyramid "
+            "hands between levels stay as they are; what falls is the traffic inside the stages converted. In the "
+            "neck: "
             + "; ".join(f"{m} {label}: memory traffic {pct(f[0].memory_bytes, f[1].memory_bytes)}, CIO "
                         f"{pct(f[0].cio_bytes, f[1].cio_bytes)}" for m, label, f in necks)
-            + ". What falls is the backbone's traffic: "
+            + ". In the backbone: "
             + "; ".join(f"{m} {label.split(' (')[0]}: {pct(f[0].memory_bytes, f[1].memory_bytes)}"
                         for m, label, f in backbones if label)
             + ". The paper's -75% is EFM's doing: it compresses the pyramid's feature maps (cross-channel pooling, "
-            "Maxout) and fuses, for each output scale, the levels that fit its anchors: a new neck whose outputs "
-            "differ from the original's. cspify converts stages and keeps their outputs, so that the rest of a "
-            "detector, and its trained head, still fit: that redesign is out of its scope."
+            "Maxout) and fuses, for each output scale, the levels that fit its anchors; cspify does not compress "
+            "the pyramid yet."
         )
     refused = [(title, scope, fact) for (title, scope), fact in facts.items() if isinstance(fact, str)]
     towers = [(title, scope, report) for (title, scope), (report, _) in converted.items()

@@ -126,12 +126,15 @@ def _narrower_base(traced: Traced, stage: Stage) -> str:
     """Why a stage whose width lives in its own layers (``Stage.inner``: plain, aggregation)
     cannot take a base narrower than they work at, or "": its bypass would carry the base's
     own channels (the colour channels of the model's input image) instead of features at the
-    stage's width. A residual or dense stage's width is its base's by definition."""
+    stage's width. A residual or dense stage's width is its base's by definition, and so is
+    that of a stage whose output has its base's width (a bottleneck stack, 256 -> 512 -> 256),
+    unless the base is the model's input."""
     widths = [dims[stage.channel_axis] for n in stage.inner if (dims := shape(traced.nodes[n])) is not None]
     width = max(widths, default=0)
-    if stage.channels >= width:
-        return ""
     base = traced.nodes[stage.base]
+    output = shape(traced.nodes[stage.output])
+    if stage.channels >= width or (base.op != "placeholder" and output and output[stage.channel_axis] == stage.channels):
+        return ""
     where = "the model's input" if base.op == "placeholder" else f"its base '{base.target if base.op == 'call_module' else base.name}'"
     return (f"{where} has {stage.channels} channels, fewer than the {width} its layers work at: "
             "a bypass would carry those channels, not the stage's features")

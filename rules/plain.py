@@ -1,17 +1,20 @@
-"""Plain stages: maximal chains of conv layers of one width and one resolution, with no
-shortcut: a VGG stage, the conv stack of a detector's head, an FPN's output convs.
+"""Plain stages: runs of conv layers at one resolution with no shortcut, whose output has
+the shape of their input: a VGG stage, the conv stack of a detector's head, an FPN's
+output convs, YOLOv3's five-conv sets (1x1 and 3x3 convs alternating between two widths).
 
 A unit is a conv followed by the norm, activation and identity-like ops (a dropout) that
 are each its single user. Units chain when a unit's output feeds only the next unit's
-conv. A plain stage is a chain of at least two units whose outputs all have one shape,
-the same resolution as the chain's input (so the bypass can join the output); the first
-conv may change the resolution or the width. The base is the first conv's input, or, where
-the first conv changes either, its output (a bypass carries features at the stage's width).
+conv and the two outputs differ at most along one axis (the width: a strided conv, which
+changes the resolution, ends a chain). A plain stage is a run of at least two units of a
+chain whose last output has the shape of its base: the first unit's input, or the output of
+the unit before the run (so a first conv that changes the width or the resolution makes the
+base, and the bypass carries features at the stage's width). A chain holds as many stages
+as fit one after another, longest first from its start.
 
-Its width lives in its convs, not in its base: every conv of the chain is in
-``Stage.inner``, so the partial stage runs at ``1 - gamma`` of the chain's width, as
-YOLOv5's C3 with ``shortcut=False`` and Scaled-YOLOv4's CSP-ized PAN run their plain conv
-stacks on half the channels.
+Its width lives in its convs, not in its base: every conv of the run is in ``Stage.inner``,
+so the partial stage runs at ``1 - gamma`` of each conv's width, as YOLOv5's C3 with
+``shortcut=False`` and Scaled-YOLOv4's CSP-ized PAN run their plain conv stacks on half the
+channels.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _unit_at(traced: Traced, conv) -> Unit | None:
     return Unit(inputs[0].name, conv.name, tuple(members), node.name)
 
 
-@register("plain", "conv chains of one width", priority=2)
+@register("plain", "conv chains at one resolution whose output has their input's shape", priority=2)
 def find(traced: Traced) -> list[Stage]:
     gm, nodes = traced.gm, traced.nodes
     units = {
@@ -61,10 +64,10 @@ def find(traced: Traced) -> list[Stage]:
     }
 
     def next_of(unit: Unit) -> Unit | None:
-        """The unit whose conv alone reads this unit's output, where its output keeps the shape."""
+        """The unit whose conv alone reads this unit's output, at the same resolution."""
         users = nodes[unit.output].users
         nxt = units.get(next(iter(users)).name) if len(users) == 1 else None
-        return nxt if nxt is not None and shape(nodes[nxt.output]) == shape(nodes[unit.output]) else None
+        return nxt if nxt is not None and _one_axis_apart(shape(nodes[nxt.output]), shape(nodes[unit.output])) else None
 
     followed = {nxt.conv for unit in units.values() if (nxt := next_of(unit)) is not None}
     stages = []
@@ -74,10 +77,27 @@ def find(traced: Traced) -> list[Stage]:
         chain = [start]
         while (nxt := next_of(chain[-1])) is not None:
             chain.append(nxt)
-        stage = _stage(traced, chain)
-        if stage is not None:
-            stages.append(stage)
+        stages += [stage for run in _runs(traced, chain) if (stage := _stage(traced, run)) is not None]
     return stages
+
+
+def _one_axis_apart(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 1
+
+
+def _runs(traced: Traced, chain: list[Unit]) -> list[list[Unit]]:
+    """The runs of at least two units whose last output has the shape of the run's base (the
+    input of its first unit): from the chain's start, the longest, then the longest after it."""
+    nodes, runs, first = traced.nodes, [], 0
+    while first < len(chain) - 1:
+        base = shape(nodes[chain[first].input])
+        last = next((i for i in range(len(chain) - 1, first, -1) if shape(nodes[chain[i].output]) == base), None)
+        if last is None:
+            first += 1  # this unit's output is the next candidate base
+            continue
+        runs.append(chain[first : last + 1])
+        first = last + 1
+    return runs
 
 
 def _axis(traced: Traced, chain: list[Unit]) -> tuple[int | None, str]:
@@ -89,36 +109,21 @@ def _width(node, axis: int) -> int | None:
     return dims[axis] if dims is not None and axis < len(dims) else None
 
 
-def _stage(traced: Traced, chain: list[Unit]) -> Stage | None:
-    """The chain as a plain stage (None below two units). Where the first conv changes the
-    resolution (a strided conv), the bypass could not join the output; where it changes the
-    width (a VGG's first conv, reading the 3 channels of the input image), the bypass would
-    carry the base's own channels, not features at the stage's width: in both cases the
-    chain starts after it, with its output as the base."""
+def _stage(traced: Traced, run: list[Unit]) -> Stage | None:
+    """The run as a plain stage (None where its channel axis is not that of its width)."""
     nodes = traced.nodes
-    first = chain[0]
-    if shape(nodes[first.input]) is None or len(shape(nodes[first.input])) != len(shape(nodes[first.output])):
-        chain = chain[1:]
-    elif any(a != b for a, b in list(zip(shape(nodes[first.input]), shape(nodes[first.output])))[2:]):
-        chain = chain[1:]  # spatial axes differ (channels-first layout: convs read axis 1)
-    if len(chain) < 2:
+    axis, problem = _axis(traced, run)
+    base = nodes[run[0].input]
+    if axis is not None and _width(base, axis) is None:
         return None
-    axis, problem = _axis(traced, chain)
-    if axis is not None and len(chain) > 1 and _width(nodes[chain[0].input], axis) != _width(nodes[chain[0].output], axis):
-        chain = chain[1:]  # the first conv makes the stage's width: its output is the base
-        axis, problem = _axis(traced, chain)
-    if len(chain) < 2:
-        return None
-    base = nodes[chain[0].input]
-    blocks = [unit.nodes for unit in chain]
     return Stage(
         name="",
         kind="plain",
         base=base.name,
-        blocks=tuple(blocks),
-        output=chain[-1].output,
+        blocks=tuple(unit.nodes for unit in run),
+        output=run[-1].output,
         channels=shape(base)[axis] if axis is not None else 0,
         channel_axis=axis,
         axis_problem=problem,
-        inner=tuple(unit.conv for unit in chain),
+        inner=tuple(unit.conv for unit in run),
     )

@@ -254,6 +254,49 @@ def test_a_plain_cnn_has_a_plain_stage_only():
         cspify.convert(model, X, kinds=("residual", "dense"))
 
 
+class FiveConvNeck(nn.Module):
+    """YOLOv3's five-conv set after a pyramid concat: 1x1 and 3x3 convs alternating between
+    two widths (80 -> 16, 32, 16, 32, 16), its output read twice (a head conv, the next level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.up = cbr(3, 32, 3), cbr(32, 48, 3)
+        self.five = nn.Sequential(cbr(80, 16, 1), cbr(16, 32, 3), cbr(32, 16, 1), cbr(16, 32, 3), cbr(32, 16, 1))
+        self.head, self.lateral = cbr(16, 32, 3), cbr(16, 8, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.five(torch.cat([s, self.up(s)], 1))
+        return self.head(y), self.lateral(y)
+
+
+def test_a_five_conv_set_of_two_widths_is_a_plain_stage_after_its_first_conv():
+    model = seeded(FiveConvNeck)
+    stage, = stages_of(model)
+    # the first 1x1 conv makes the width (80 -> 16): its output is the base; the run ends at
+    # the last output of the base's shape; every conv of it narrows, the wide 3x3s included
+    assert (stage.name, stage.kind, stage.base, stage.channels, len(stage.blocks)) == ("five", "plain", "five_0_2", 16, 4)
+    assert stage.inner == ("five_1_0", "five_2_0", "five_3_0", "five_4_0")
+    csp = cspify.convert(model, X)
+    (s,) = cspify.conversion_of(csp).converted
+    assert (s.bypass_channels, s.through_channels) == (8, 8)
+    widths = {name: m.out_channels for name, m in csp.named_modules() if isinstance(m, nn.Conv2d)}
+    assert [widths[f"five.{i}.0"] for i in range(5)] == [16, 16, 8, 16, 8]  # the base's conv kept, the run halved
+    assert widths["head.0"] == 32 and widths["lateral.0"] == 8
+    out, ref = csp(X), model(X)
+    assert [o.shape for o in out] == [r.shape for r in ref]
+
+
+def test_a_bottleneck_stack_reading_the_image_is_refused():
+    """A run whose base is the model's input (3 channels) would send image channels round the
+    stage: refused with the reason, as before."""
+    model = seeded(lambda: nn.Sequential(cbr(3, 8, 3), cbr(8, 3, 3), cbr(3, 8, 3), cbr(8, 3, 3)))
+    stages = stages_of(model)
+    assert [s.base for s in stages] == ["input_1"]
+    record = cspify.conversion_of(cspify.convert(model, X, refuse_none=False))
+    assert "fewer than the 8 its layers work at" in record.stages[0].reason
+
+
 # --------------------------------------------------------------------------- dense
 
 

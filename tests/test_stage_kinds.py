@@ -216,7 +216,8 @@ def test_a_part_from_outside_the_block_stays_whole():
 
 
 def test_parallel_branches_are_no_aggregation():
-    assert kinds(seeded(Parallel)) == []
+    # branch c alone (8 -> 4 -> 8, the base's shape again) is a plain stage, as Inception's branches are
+    assert kinds(seeded(Parallel)) == [("c", "plain", 2)]
 
 
 # --------------------------------------------------------------------------- kinds and priority
