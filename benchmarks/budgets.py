@@ -4,7 +4,7 @@ all at 0.7x the original's flops; writes BUDGETS.md.
     python benchmarks/budgets.py                  # 3 models x 3 seeds, one process per model: 42 min on 2 shared cores
     python benchmarks/budgets.py --quick          # a smoke run (numbers meaningless)
 
-Per model and seed, from accuracy.py's cached original (run accuracy.py first):
+Per model and seed, from the cached original of accuracy.py --ablations (20,000 images; run it first):
 
     flops     convert(target_flops=0.7): each stage's gamma and inner width chosen by flops
               alone (the cut spread evenly)
@@ -94,7 +94,7 @@ def note(results: dict, args, elapsed: float) -> str:
              f"`python benchmarks/budgets.py{' --quick' if args.quick else ''}` ({elapsed / 60:.1f} min, "
              f"{A.library_state()}). Fashion-MNIST, {args.train_subset or 60000} training images, "
              f"{next(iter(next(iter(results.values())).values()))['test_images']} test images; "
-             f"the originals are accuracy.py's (trained {args.epochs} epochs, cached). Top-1 %, mean ± std over the "
+             f"the originals are those of accuracy.py --ablations (trained {args.epochs} epochs, cached). Top-1 %, mean ± std over the "
              "seeds. Each stage's options searched: gamma " + "/".join(f"{g:g}" for g in SEARCH.gammas)
              + ", hidden keep/scale. The pruned model gets at most the flops the accuracy-aware budget landed at.", ""]
     for kind, runs in results.items():

@@ -1,7 +1,7 @@
 """cspify on detectors as they come, next to the CSPNet paper's detection statements, written
 to the "## Detectors" section of BENCHMARKS.md (the rest of the file is left as it is).
 
-    python benchmarks/detectors.py                    # about 3 minutes on 2 CPU cores
+    python benchmarks/detectors.py                    # about 6 minutes on 2 CPU cores
     python benchmarks/detectors.py --out -            # print the section instead
     python benchmarks/detectors.py --size 256
 
@@ -9,7 +9,9 @@ Models, random weights, nothing downloaded, gamma 0.5 and every other option at 
 
 - ultralytics' YOLOv3 (``ultralytics:yolov3.yaml``: Darknet-53 backbone, YOLOv3's neck,
   ultralytics' Detect head) at 1x3xSxS, converted whole (the Detect head is kept whole by
-  tracing);
+  tracing, its conv towers converted on their own), with the defaults, with
+  ``pyramid="maxout"``, and at gamma 0.75; YOLOv8n as it comes (its C2f blocks are CSP
+  already);
 - torchvision's Faster R-CNN and RetinaNet (ResNet-50 FPN), one 3xSxS image resized to S
   (``min_size=max_size=S``), converted with ``scope="backbone"`` (ResNet body and FPN), and
   RetinaNet's ``scope="head"`` (and its shared conv tower alone) as well.
@@ -56,18 +58,23 @@ PAPER_PYRAMID = "memory cost of the feature pyramid reduced by 75% (with its Exa
 # ------------------------------------------------------------------ the models
 
 
-def yolov3(size: int):
-    torch.manual_seed(0)
-    model = load_model("ultralytics:yolov3.yaml").model
-    backbone, last = len(model.yaml["backbone"]), len(model.model) - 1
+def ultralytics_model(name: str, backbone_name: str):
+    def build(size: int):
+        torch.manual_seed(0)
+        model = load_model(f"ultralytics:{name}").model
+        backbone, last = len(model.yaml["backbone"]), len(model.model) - 1
 
-    def part(path: str) -> str:
-        index = int(path.split(".")[1]) if path.startswith("model.") else 0
-        if index < backbone:
-            return f"backbone (Darknet-53, model.0-{backbone - 1})"
-        return f"neck (model.{backbone}-{last - 1})" if index < last else f"Detect head (model.{last})"
+        def part(path: str) -> str:
+            index = int(path.split(".")[1]) if path.startswith("model.") else 0
+            if index < backbone:
+                return f"backbone ({backbone_name}, model.0-{backbone - 1})"
+            return f"neck (model.{backbone}-{last - 1})" if index < last else f"Detect head (model.{last})"
 
-    return model, torch.randn(1, 3, size, size), part
+        return model, torch.randn(1, 3, size, size), part
+    return build
+
+
+yolov3 = ultralytics_model("yolov3.yaml", "Darknet-53")
 
 
 def torchvision_detector(name: str):
@@ -92,12 +99,15 @@ def tower_part(path: str) -> str:
 
 
 # (title, builder, [(scope, parts of the measured module)])
+# (title, builder, [(scope, part of a module path)], convert's options)
 MODELS = [
-    ("YOLOv3 (ultralytics:yolov3.yaml)", yolov3, [(None, None)]),
+    ("YOLOv3 (ultralytics:yolov3.yaml)", yolov3, [(None, None)], {}),
+    ("YOLOv3 with --pyramid maxout (ultralytics:yolov3.yaml)", yolov3, [(None, None)], {"pyramid": "maxout"}),
+    ("YOLOv8n (ultralytics:yolov8n.yaml)", ultralytics_model("yolov8n.yaml", "CSPDarknet with C2f"), [(None, None)], {}),
     ("Faster R-CNN (torchvision fasterrcnn_resnet50_fpn)", torchvision_detector("fasterrcnn_resnet50_fpn"),
-     [("backbone", body_or_fpn)]),
+     [("backbone", body_or_fpn)], {}),
     ("RetinaNet (torchvision retinanet_resnet50_fpn)", torchvision_detector("retinanet_resnet50_fpn"),
-     [("backbone", body_or_fpn), ("head", head_part), ("head.classification_head.conv", tower_part)]),
+     [("backbone", body_or_fpn), ("head", head_part), ("head.classification_head.conv", tower_part)], {}),
 ]
 
 
@@ -220,7 +230,7 @@ def run(size: int) -> tuple[list[str], dict, dict]:
     message where it converts nothing, else (report, parts); and (title, scope) -> what
     tracing kept whole where nothing was converted."""
     out, facts, kept = [], {}, {}
-    for title, builder, scopes in MODELS:
+    for title, builder, scopes, options in MODELS:
         print(f"{title} ...", file=sys.stderr, flush=True)
         model, x, whole_part = builder(size)
         out += [f"### {title}", ""]
@@ -229,7 +239,7 @@ def run(size: int) -> tuple[list[str], dict, dict]:
             what = f"`scope={scope!r}`" if scope else "Converted whole"
             start = time.perf_counter()
             try:
-                csp = cspify.convert(model, x, gamma=GAMMA, scope=scope)
+                csp = cspify.convert(model, x, gamma=GAMMA, scope=scope, **options)
             except CspifyError as error:
                 out += [f"{what}: **not converted**. cspify says: \"{error.message}\" (hint: {error.hint})", ""]
                 facts[(title, scope)] = error.message
@@ -324,9 +334,9 @@ def summary(facts: dict, kept: dict) -> list[str]:
                "near it only layer by layer inside a converted stage. " if not moved else "")
             + "The paper reports its figure from its detection experiments, where the CSP backbone comes with its "
             "EFM neck. cspify converts a neck's conv stacks (YOLOv3's five-conv sets) as plain stages, CSP over "
-            "them as in Scaled-YOLOv4's CSP-PAN; a largest layer inside a module that tracing keeps whole "
-            "(ultralytics' Detect head) or in an FPN's single conv per level stays as it is: the traceable parts "
-            "of a kept-whole module are not converted yet."
+            "them as in Scaled-YOLOv4's CSP-PAN, and the conv towers of a head that tracing keeps whole on "
+            "their own (cspify.parts). A conv that makes a stage's base (the first of a five-conv set, reading "
+            "the pyramid's concat) and an FPN's single conv per level stay as they are."
         )
         necks = [(title.split(" (")[0], *find(parts, "neck", "FPN")) for (title, _), (_, parts) in converted.items()]
         necks = [(m, label.split(" (")[0], fig) for m, label, fig in necks if label]
@@ -342,16 +352,18 @@ def summary(facts: dict, kept: dict) -> list[str]:
             + "; ".join(f"{m} {label.split(' (')[0]}: {pct(f[0].memory_bytes, f[1].memory_bytes)}"
                         for m, label, f in backbones if label)
             + ". The paper's -75% is EFM's doing: it compresses the pyramid's feature maps (cross-channel pooling, "
-            "Maxout) and fuses, for each output scale, the levels that fit its anchors; cspify does not compress "
-            "the pyramid yet."
+            "Maxout) and fuses, for each output scale, the levels that fit its anchors; `pyramid='maxout'` "
+            "compresses each concat of pyramid levels that one conv reads (Maxout over pairs of channels), which "
+            "halves that conv's input: its row above."
         )
     refused = [(title, scope, fact) for (title, scope), fact in facts.items() if isinstance(fact, str)]
     towers = [(title, scope, report) for (title, scope), (report, _) in converted.items()
               if scope and scope.startswith("head.")]
     if refused or towers:
         prose.append(
-            "**Heads.** " + " ".join(
-                f"{title.split(' (')[0]} with `scope={scope!r}` is not converted: cspify says \"{message.rstrip('.')}\""
+            "**Refusals and heads.** " + " ".join(
+                f"{title.split(' (')[0]}{f' with `scope={scope!r}`' if scope else ', converted whole,'} is not "
+                f"converted: cspify says \"{message.rstrip('.')}\""
                 + (f" (tracing keeps {whole} whole)"
                    if (whole := kept.get((title, scope))) and "kept whole" not in message else "") + "."
                 for title, scope, message in refused)
@@ -364,9 +376,21 @@ def summary(facts: dict, kept: dict) -> list[str]:
     return [table, "", *(p + "\n" for p in prose)]
 
 
+def wider_gamma(size: int, gamma: float = 0.75) -> list[str]:
+    """YOLOv3 converted whole at a second gamma: the totals the bottleneck goal reads."""
+    print(f"YOLOv3 at gamma {gamma} ...", file=sys.stderr, flush=True)
+    model, x, _ = yolov3(size)
+    report = cspify.compare(model, cspify.convert(model, x, gamma=gamma), x)
+    o, c = report.original, report.converted
+    return [f"At gamma {gamma}, YOLOv3 converted whole: largest layer {pct(o.max_layer_flops, c.max_layer_flops)} "
+            f"({human(o.max_layer_flops)} -> {human(c.max_layer_flops)}), flops {pct(o.flops, c.flops)}, memory traffic "
+            f"{pct(o.memory_bytes, c.memory_bytes)}, CIO {pct(o.cio_bytes, c.cio_bytes)}.", ""]
+
+
 def section(size: int) -> str:
     start = time.perf_counter()
     subsections, facts, kept = run(size)
+    wider = wider_gamma(size)
     seconds = time.perf_counter() - start
     import ultralytics
 
@@ -388,7 +412,8 @@ def section(size: int) -> str:
         "fed what it receives inside the whole model; changes are after over before (negative: smaller).",
         "",
         f"Models, random weights: ultralytics' `yolov3.yaml` (Darknet-53 backbone and YOLOv3's neck, with "
-        f"ultralytics' decoupled Detect head) at 1x3x{size}x{size}, converted whole; torchvision's "
+        f"ultralytics' decoupled Detect head) at 1x3x{size}x{size}, converted whole (with the defaults, with "
+        f"`pyramid='maxout'`, and at gamma 0.75), and `yolov8n.yaml` as it comes; torchvision's "
         f"`fasterrcnn_resnet50_fpn` and `retinanet_resnet50_fpn` (`weights=None, weights_backbone=None, "
         f"min_size=max_size={size}`) on one 3x{size}x{size} image, converted with `scope=`.",
         "",
@@ -396,6 +421,7 @@ def section(size: int) -> str:
         "detection figures) next to what cspify's mechanical conversion measures:",
         "",
         *summary(facts, kept),
+        *wider,
         *subsections,
         END,
     ]

@@ -1,7 +1,8 @@
-"""The gamma ablation as a Pareto picture: ``cspify sweep --data`` on accuracy.py's cached
-ResNet-like original (seed 0); writes SWEEP.png and SWEEP.md beside ACCURACY.md.
+"""The gamma ablation as a Pareto picture: ``cspify sweep --data`` on the cached ResNet-like
+original of ``accuracy.py --ablations`` (seed 0, 20,000 training images); writes SWEEP.png and
+SWEEP.md beside ACCURACY-ablations.md.
 
-    python benchmarks/sweep_picture.py        # about 2 minutes on 2 cores, after accuracy.py
+    python benchmarks/sweep_picture.py        # about 2 minutes on 2 cores, after accuracy.py --ablations
 
 Each point is calibrated on Fashion-MNIST's training images and scored on its 10,000 test
 images; flops, and single-thread batch-1 latency, beside top-1.
@@ -21,12 +22,12 @@ from accuracy_models import build  # noqa: E402
 
 
 def main() -> None:
-    args = A.parse([])
+    args = A.parse(["--ablations"])
     data = A.open_benchmark_data(args.data, args.train_subset, None)
     model = build("resnet", channels=data.channels, num_classes=data.num_classes)
     weights = A.cache_path(model, "resnet", "original", 0, args.epochs, args.batch_size, data)
     if not weights.exists():
-        sys.exit(f"sweep_picture.py: no cached original at {weights}: run python benchmarks/accuracy.py first")
+        sys.exit(f"sweep_picture.py: no cached original at {weights}: run python benchmarks/accuracy.py --ablations first")
     command = ["cspify", "sweep", f"{HERE / 'accuracy_models.py'}:ResNet", "--weights", str(weights),
                "--data", args.data, "--mean", "data", "--gammas", "0.25,0.5,0.75", "--hidden", "keep,scale",
                "--latency", "--threads", "1", "--min-run-time", "0.3", "--force",

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from cspify import budget, rules
+from cspify import budget, pyramid, rules
 from cspify.channels import stream_axis
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, CspifyError, NoStageError, TraceError
@@ -28,10 +28,11 @@ from cspify.importance import Importance
 from cspify.inplace import restore_inplace_adds
 from cspify.measure import measure
 from cspify.modes import trace_in_mode
+from cspify.parts import convert_parts
 from cspify.plan import plan_stage, stage_flops
 from cspify.reasons import brief, grouped, module_names, readable
 from cspify.record import Conversion, StageRecord, attach, conversion_of
-from cspify.report import Report, build_report
+from cspify.report import Report, StageRow, build_report
 from cspify.rewrite import rewrite
 from cspify.stage import KINDS, Stage, StagePlan
 from cspify.trace import (
@@ -68,6 +69,7 @@ def convert(
     kinds: Iterable[str] | str | None = None,
     round_to: int = 1,
     split: str = "last",
+    pyramid: str = "none",
     scope: str | None = None,
     leaf_modules: Iterable[str] = (),
     seed: int = 0,
@@ -78,6 +80,7 @@ def convert(
     target_latency: float | None = None,
     search: budget.Search | None = None,
     refuse_none: bool = True,
+    parts: bool = True,
 ) -> nn.Module:
     """The CSP version of ``model`` as a new GraphModule; ``model`` itself is not touched.
 
@@ -103,7 +106,14 @@ def convert(
     options that lose least in sum land on the budget; the record's notes say what each
     choice measured.
 
-    ``config`` (a CSPConfig) replaces the eight conversion options; giving both is refused.
+    A submodule torch.fx cannot trace is kept whole; its traceable parts (a detector's head
+    towers) are converted on their own, as ``scope`` would convert them (``cspify.parts``;
+    ``parts=False`` leaves them, as a stage filter or a goal does).
+
+    ``pyramid="maxout"`` also compresses every concat that fuses pyramid levels, where one
+    conv reads it, by Maxout over pairs of channels (the paper's EFM; ``cspify.pyramid``).
+
+    ``config`` (a CSPConfig) replaces the nine conversion options; giving both is refused.
 
     ``objective="latency"`` converts only the stages that make the model faster on the
     target device (each timed in the converted model, with it and without it, then the
@@ -117,7 +127,7 @@ def convert(
     back unchanged instead, its record saying why each stage found was left (a goal
     still refuses).
     """
-    config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to, split)
+    config = _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to, split, pyramid)
     raw = data is not None and not isinstance(data, Importance)
     importance = Importance(data, seed=seed) if raw and config.split == "importance" else (None if raw else data)
     goal = budget.Goal(objective, target_flops, target_latency)
@@ -128,7 +138,7 @@ def convert(
     inputs = as_inputs(example_inputs)
     model = ready_to_trace(model, inputs)  # lazy modules initialised, on a copy
     if scope:
-        return _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none, importance)
+        return _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none, importance, parts)
     _check_leaves(model, leaf_modules)
     traced = trace_in_mode(model, inputs, leaf_modules)
     found = rules.find_stages(traced, config.kinds)
@@ -157,11 +167,32 @@ def convert(
                 f"the converted model fails a check ({problems[0]}), which is a bug in cspify.",
                 "please report it with the model; convert fewer stages with --stage meanwhile",
             )
+    fusions = _compressed(gm, inputs) if config.pyramid == "maxout" else ()
     kept = tuple(traced.kept_whole.items())  # submodules torch.fx cannot trace, kept whole as leaves
     record = _record(config, plans, added, seed, tuple(leaf_modules) + tuple(m for m, _ in kept), kept)
-    attach(gm, replace(record, images=importance.images if scores else 0))
+    record = replace(record, fusions=fusions, notes=record.notes + tuple(f.note for f in fusions))
+    converted_parts, notes = ((), ())
+    if parts and kept and config.stages is None:  # their traceable parts, each converted on its own
+        converted_parts, notes = convert_parts(model, inputs, gm, [m for m, _ in kept], config, seed, convert)
+    attach(gm, replace(record, images=importance.images if scores else 0, parts=converted_parts,
+                       notes=record.notes + notes))
     keep_host_attributes(model, gm)  # what a host framework reads on the model (ultralytics' names, stride)
     return gm
+
+
+def _compressed(gm: fx.GraphModule, inputs: tuple) -> tuple:
+    """``pyramid.compress`` on the converted graph, its outputs checked to keep their shapes."""
+    expected = _output_shapes(gm)
+    fusions = pyramid.compress(gm)
+    try:
+        propagate_shapes(gm, inputs)
+    except TraceError as error:
+        raise CspifyError(f"the model does not run with its pyramid compressed ({error.message}), which is a bug in "
+                          "cspify.", "please report it with the model; convert without --pyramid meanwhile") from None
+    if _output_shapes(gm) != expected:
+        raise CspifyError(f"compressing the pyramid changed the outputs from {expected} to {_output_shapes(gm)}, "
+                          "which is a bug in cspify.", "please report it with the model; convert without --pyramid meanwhile")
+    return fusions
 
 
 def _convert_by_goal(model, example_inputs, config, goal, search, scope, leaf_modules, seed, importance,
@@ -191,10 +222,10 @@ class _Pipeline:
         if self.scope:  # the scoped part with the images as it receives them, measured once
             part, inputs = self.part()
             converted = convert(part, inputs, config=config, leaf_modules=self.leaf_modules, seed=self.seed,
-                                data=self.importance)
+                                data=self.importance, parts=False)
             return _scoped_back(self.model, self.inputs, self.scope, part, converted)
         return convert(self.model, self.inputs, config=config, leaf_modules=self.leaf_modules, seed=self.seed,
-                       data=self.importance)
+                       data=self.importance, parts=False)
 
     def part(self) -> tuple[nn.Module, tuple]:
         if self._part is None:
@@ -387,7 +418,13 @@ def compare(
         converted = converted.get_submodule(scope)
     before = measure(original, inputs, leaf_modules)
     after = measure(converted, inputs, leaf_modules)
-    return build_report(before, after, _named(conversion_of(converted), converted, original))
+    record = conversion_of(converted)
+    report = build_report(before, after, _named(record, converted, original))
+    for path in record.parts if record else ():  # each measured where it runs, fed what it receives there
+        part = compare(original, converted, inputs, scope=path)
+        report.stages += [StageRow(replace(row.record, name=f"{path}:{row.name}"), row.before, row.after)
+                          for row in part.stages]
+    return report
 
 
 def _named(record: Conversion | None, converted: nn.Module, original: nn.Module) -> Conversion | None:
@@ -407,11 +444,11 @@ def _named(record: Conversion | None, converted: nn.Module, original: nn.Module)
 
 
 def _convert_scope(model, inputs, scope, config, leaf_modules, seed, refuse_none: bool = True,
-                   importance: Importance | None = None) -> nn.Module:
+                   importance: Importance | None = None, parts: bool = True) -> nn.Module:
     """Convert the submodule at ``scope`` and put it back into a copy of the whole model."""
     part, part_inputs = capture_inputs(model, inputs, scope)
     converted_part = convert(part, part_inputs, config=config, leaf_modules=leaf_modules, seed=seed,
-                             refuse_none=refuse_none,
+                             refuse_none=refuse_none, parts=parts,
                              data=importance.within(model, scope) if importance is not None else None)
     return _scoped_back(model, inputs, scope, part, converted_part)
 
@@ -475,16 +512,16 @@ def _output_shapes(gm: fx.GraphModule) -> list:
     return [(shape(n), n.meta.get("tensor_meta").dtype if shape(n) else None) for n in _output_node(gm).all_input_nodes]
 
 
-def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to, split) -> CSPConfig:
+def _config(config, gamma, fusion, hidden, stages, allow_costlier, kinds, round_to, split, pyramid) -> CSPConfig:
     """One validated CSPConfig from either the record or the separate options, never both."""
     separate = CSPConfig(gamma, fusion, hidden, tuple(stages) if stages is not None else None, allow_costlier, kinds,
-                         round_to=round_to, split=split)
+                         round_to=round_to, split=split, pyramid=pyramid)
     if config is None:
         return separate
     if separate != CSPConfig():
         raise ConfigError(
             "convert() got both config= and separate conversion options (gamma, fusion, hidden, stages, allow_costlier, "
-            "kinds, round_to, split).",
+            "kinds, round_to, split, pyramid).",
             "put every option in the CSPConfig, or pass them separately without config=",
         )
     return config

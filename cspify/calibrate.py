@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -58,10 +58,10 @@ from cspify.errors import ConfigError
 from cspify.graph import cat_args, uncast
 from cspify.lstsq import LeastSquares, features_of, fits, groups_of, outputs_of, rows_of, sample_rows, set_layer, targets_of
 from cspify.ops import role_of
-from cspify.record import CALIBRATE_KEY, Conversion, StageRecord, find_conversion, leave_step_record
+from cspify.record import CALIBRATE_KEY, Conversion, StageRecord, find_conversions, leave_step_record
 from cspify.replay import Replay
 from cspify.taps import Taps, module_nodes, node_named
-from cspify.trace import device_of, eval_mode, traced_original
+from cspify.trace import device_of, eval_mode, traced_originals
 
 __all__ = ["calibrate", "Calibration", "Fit", "stabilise_norms"]
 
@@ -134,21 +134,54 @@ def calibrate(
     ``meta["cspify.calibrate"]`` of the converted GraphModule (the scoped one with a scope).
     """
     start = time.perf_counter()
-    scope, record = find_conversion(converted)
-    part = converted.get_submodule(scope) if scope else converted
     device = device_of(converted)
     batches = [b.to(device) for b in image_batches(images, max_images, batch_size, seed)]
-    teacher, traced = traced_original(original, batches[0][:1], record.leaf_modules, scope, device)
-    teacher_part = traced.gm
     result = Calibration(images=sum(len(b) for b in batches), seconds=0.0)
-    job = _Job(converted, part, teacher, teacher_part, batches, ridge, result)
+    # the conversion, then each part converted inside a module tracing kept whole (cspify.parts)
+    conversions = find_conversions(converted)
+    teacher, graphs = traced_originals(original, batches[0][:1], conversions, device)
+    jobs = [_planned(_Job(converted, converted.get_submodule(scope) if scope else converted, teacher, graph, batches,
+                          ridge, result), record, transitions, inner, norms, readers, reader_depth,
+                     f"{scope}:" if i else "")
+            for i, ((scope, record), graph) in enumerate(zip(conversions, graphs))]
+    for job, work in jobs:  # before anything is fitted: refused whole, or done
+        fitted = [n for _, found, layers, _, reading in work
+                  for n in ([found.conv] if found is not None else []) + [layer.node for layer in (*layers, *reading)]]
+        _check_enough(job.part, fitted, result.images)
+    with eval_mode(converted):
+        for index, (job, work) in enumerate(jobs):
+            fits, skipped = len(result.fits), len(result.skipped)
+            for stage, found, layers, names, reading in _bar(work, progress):
+                job.start(stage)
+                _fit_layers(job, stage, layers, names)
+                if found is not None:
+                    _fit_transition(job, stage, found)
+                _fit_layers(job, stage, reading)
+            if index:  # a part's fits, named by where it lies in the model (cspify.parts)
+                where = conversions[index][0]
+                result.fits[fits:] = [replace(f, stage=f"{where}:{f.stage}", layer=f"{where}.{f.layer}")
+                                      for f in result.fits[fits:]]
+                result.skipped[skipped:] = [f"{where}:{line}" for line in result.skipped[skipped:]]
+        if stable:
+            result.stabilised = stabilise_norms(converted, jobs[0][0].part, batches)  # the parts lie inside it
+    result.seconds = round(time.perf_counter() - start, 3)
+    leave_step_record(converted, CALIBRATE_KEY, result)
+    return converted
+
+
+def _planned(job: _Job, record: Conversion, transitions: bool, inner: bool, norms: bool, readers: bool,
+             reader_depth: int, prefix: str) -> tuple[_Job, list]:
+    """One conversion's job and, per stage in graph order, its work: (stage, its transition,
+    its layers, its norms, the layers reading it), found before anything is fitted. A stage
+    skipped is noted with ``prefix`` (a part's path) before its name."""
+    part, teacher_part, result = job.part, job.teacher_part, job.result
     stages = sorted(record.converted, key=_position(part))
     elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
-    work = []  # per stage: (stage, its transition, its layers, its norms, the layers reading it), found first
+    work = []
     for stage in stages:
         found = _transition_of(part, stage, record) if transitions else None
         if isinstance(found, str):
-            result.skipped.append(f"{stage.name}: {found}")
+            result.skipped.append(f"{prefix}{stage.name}: {found}")
             found = None
         layers = _inner_layers(part, teacher_part, stage) if inner else []
         layers = [layer for layer in layers if found is None or layer.node is not found.conv]
@@ -157,21 +190,14 @@ def calibrate(
         reading = _readers(part, teacher_part, stage.converted_output, reader_depth,
                            elsewhere - set(stage.nodes) - set(stage.added)) if readers else []
         work.append((stage, found, layers, names, reading))
-    fitted = [n for _, found, layers, _, reading in work
-              for n in ([found.conv] if found is not None else []) + [layer.node for layer in (*layers, *reading)]]
-    _check_enough(part, fitted, result.images)  # before anything is fitted: refused whole, or done
-    with eval_mode(converted):
-        for stage, found, layers, names, reading in _bar(work, progress):
-            job.start(stage)
-            _fit_layers(job, stage, layers, names)
-            if found is not None:
-                _fit_transition(job, stage, found)
-            _fit_layers(job, stage, reading)
-        if stable:
-            result.stabilised = stabilise_norms(converted, part, batches)
-    result.seconds = round(time.perf_counter() - start, 3)
-    leave_step_record(converted, CALIBRATE_KEY, result)
-    return converted
+    theirs = module_nodes(teacher_part)
+    for fusion in record.fusions:  # each Maxout-compressed pyramid conv, refitted to the original's (cspify.pyramid)
+        where = StageRecord(name=f"pyramid {fusion.module}", kind="pyramid", channels=fusion.channels, converted=True,
+                            base=fusion.cat, converted_output=fusion.conv)
+        layer = _Layer(node_named(part, fusion.conv), theirs[fusion.module][0].name, None, "pyramid")
+        work.append((where, None, [layer], [], []))
+    position = _position(part)
+    return job, sorted(work, key=lambda item: position(item[0]))
 
 
 def _check_enough(gm: fx.GraphModule, nodes: list[fx.Node], images: int) -> None:

@@ -10,6 +10,7 @@ from cspify.stage import KINDS
 FUSIONS = ("last", "first")
 HIDDEN = ("keep", "scale")
 SPLITS = ("importance", "last")
+PYRAMIDS = ("none", "maxout")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,13 @@ class CSPConfig:
             ``1 - gamma`` of them. ``importance``: those the stage works on most, measured
             on the images ``convert`` is given (``data``; ``cspify.importance``), each output
             channel kept in its place where the output's channels are the base's; without
-            images, the last ones. (ACCURACY.md: importance calibrates better on the
+            images, the last ones. (ACCURACY-ablations.md: importance calibrates better on the
             residual models, and ends 0.07-0.12 points lower after an epoch of distillation.)
+    pyramid: ``none`` (the default) leaves a detector's feature pyramid as it is;
+            ``maxout`` compresses every concat that fuses pyramid levels, where one conv
+            reads it, by Maxout over pairs of channels, as the paper's Exact Fusion Model
+            does, the conv reading half the channels (``cspify.pyramid``; ``calibrate``
+            fits it).
     """
 
     gamma: float = 0.5
@@ -54,6 +60,7 @@ class CSPConfig:
     stage_hidden: tuple[tuple[str, str], ...] = ()
     round_to: int = 1
     split: str = "last"
+    pyramid: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", _gamma(self.gamma))
@@ -74,6 +81,11 @@ class CSPConfig:
             raise ConfigError(
                 f"split must be one of {', '.join(SPLITS)}, got {self.split!r}.",
                 "'importance' lets the images choose the channels that run through, 'last' takes the last ones",
+            )
+        if self.pyramid not in PYRAMIDS:
+            raise ConfigError(
+                f"pyramid must be one of {', '.join(PYRAMIDS)}, got {self.pyramid!r}.",
+                "'maxout' compresses the concats that fuse a detector's pyramid levels, 'none' leaves them",
             )
 
     def for_stage(self, name: str) -> CSPConfig:

@@ -62,9 +62,9 @@ from cspify import checkpoints
 from cspify.batches import batch_source, split_batch
 from cspify.errors import ConfigError
 from cspify.graph import cat_args, uncast
-from cspify.record import FINETUNE_KEY, find_conversion, leave_step_record
+from cspify.record import FINETUNE_KEY, find_conversions, leave_step_record
 from cspify.taps import tapping
-from cspify.trace import device_of, eval_mode, traced_original
+from cspify.trace import device_of, eval_mode, traced_originals
 
 __all__ = ["finetune", "evaluate", "FinetuneRun", "EpochRecord", "Recipe", "DEFAULT_RECIPE", "init_distributed"]
 
@@ -77,7 +77,7 @@ class Recipe:
     with the global batch ("linear": ``lr x global batch / lr_batch``, or "sqrt") is what
     destroyed calibrated models at 2 processes or batch 512 (on Fashion-MNIST a calibrated
     ResNet-like at 87.2% fell to 14.1% at a global batch of 1,024 with the linear rule, where the
-    unscaled rate ends at 87.7%: ACCURACY.md, "batch and processes"). The schedule is a
+    unscaled rate ends at 87.7%: ACCURACY-ablations.md, "batch and processes"). The schedule is a
     linear warm-up over ``warmup`` of the steps, then a cosine to zero; ``clip`` caps the
     gradients' total norm per step.
     Norms and biases get no weight decay. ``norms`` is "train" (BatchNorm normalises by the
@@ -203,28 +203,29 @@ def finetune(
     device = _device(device)
     init_distributed(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    try:
-        scope, record = find_conversion(converted)
+    try:  # the conversion, then the parts converted inside modules tracing kept whole (cspify.parts)
+        conversions = find_conversions(converted)
     except ConfigError:  # a model cspify did not make: cross-entropy and logit distillation only
-        scope, record = None, None
-    part = converted.get_submodule(scope) if scope else converted
+        conversions = []
+    record = conversions[0][1] if conversions else None
     converted.to(device)
     source = batch_source(train_data, batch_size, num_workers)
     loader = _loader(source, seed, rank, world)
     first = split_batch(next(iter(loader)))[0]
-    teacher_model = teacher_part = None
+    teacher_model, teacher_parts = None, []
     if teacher is not None and record is not None:
-        teacher_model, traced = traced_original(teacher, first[:1].to(device_of(teacher)), record.leaf_modules, scope, device)
-        teacher_part = traced.gm
+        teacher_model, teacher_parts = traced_originals(teacher, first[:1].to(device_of(teacher)), conversions, device)
     elif teacher is not None:
         teacher_model = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
-    distil_features = teacher_part is not None and feature_weight > 0
-    stages = [s for s in record.converted if s.converted_output and s.output] if distil_features else []
-    # Fusion last: the bypass channels carry x0' by construction, where the original has
-    # its stage output; distilling them would pull the base layer away from what the
-    # through part needs. The through channels are the partial transition's to match.
+    # Each converted stage's output, in the graph that holds it: (name, student graph, teacher
+    # graph, stage). Fusion last: the bypass channels carry x0' by construction, where the
+    # original has its stage output; distilling them would pull the base layer away from what
+    # the through part needs. The through channels are the partial transition's to match.
+    distilled = [(f"{scope}:{s.name}" if i else s.name, converted.get_submodule(scope) if scope else converted, t, s)
+                 for i, ((scope, rec), t) in enumerate(zip(conversions, teacher_parts)) if feature_weight > 0
+                 for s in rec.converted if s.converted_output and s.output]
     through_only = recipe.features == "through" and record is not None and record.config.fusion == "last"
-    starts = [_through_part(part, s) if through_only else None for s in stages]
+    starts = [_through_part(mine, s) if through_only else None for _, mine, _, s in distilled]
 
     steps_per_epoch = _length(loader)
     global_batch = source.batch_size * world
@@ -239,7 +240,7 @@ def finetune(
         settings=dict(epochs=epochs, batch_size=batch_size, global_batch=global_batch, ce_weight=ce_weight,
                       kd_weight=kd_weight if teacher is not None else 0.0,
                       feature_weight=feature_weight if teacher is not None else 0.0, temperature=temperature,
-                      use_labels=use_labels, bf16=bf16, seed=seed, stages=[s.name for s in stages]),
+                      use_labels=use_labels, bf16=bf16, seed=seed, stages=[name for name, *_ in distilled]),
         world_size=world, device=str(device),
     )
     start_epoch = 0
@@ -263,9 +264,14 @@ def finetune(
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     try:
         with ExitStack() as stack:
-            student_values = stack.enter_context(tapping(part, [s.converted_output for s in stages])) if stages else {}
-            teacher_values = (stack.enter_context(tapping(teacher_part, [s.output for s in stages], detach=True))
-                              if stages else {})
+            graphs = {id(g): g for _, mine, theirs, _ in distilled for g in (mine, theirs)}
+            wanted = {key: [] for key in graphs}
+            for _, mine, theirs, s in distilled:
+                wanted[id(mine)].append(s.converted_output)
+                wanted[id(theirs)].append(s.output)
+            students = {id(mine) for _, mine, _, _ in distilled}
+            values = {key: stack.enter_context(tapping(graphs[key], names, detach=key not in students))
+                      for key, names in wanted.items()}
             steps = 0  # this call's optimiser steps, against max_steps
             for epoch in range(start_epoch, epochs):
                 if max_steps is not None and steps >= max_steps:
@@ -290,16 +296,16 @@ def finetune(
                         losses = {}
                         if y is not None and ce_weight > 0 and logits is not None:
                             losses["ce"] = F.cross_entropy(logits.float(), y)
-                        if teacher_model is not None and (kd_weight > 0 or stages):
+                        if teacher_model is not None and (kd_weight > 0 or distilled):
                             with torch.no_grad():
                                 target = teacher_model(x)
                             if kd_weight > 0 and logits is not None and isinstance(target, torch.Tensor):
                                 losses["kd"] = _kd_loss(logits.float(), target.float(), temperature)
-                            if stages:
+                            if distilled:
                                 losses["feature"] = sum(
-                                    _feature_loss(student_values[s.converted_output], teacher_values[s.output], start)
-                                    for s, start in zip(stages, starts)
-                                ) / len(stages)
+                                    _feature_loss(values[id(mine)][s.converted_output], values[id(theirs)][s.output], start)
+                                    for (_, mine, theirs, s), start in zip(distilled, starts)
+                                ) / len(distilled)
                     if not losses:
                         raise ConfigError(
                             "there is nothing to train on: no labels and no teacher.",

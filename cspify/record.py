@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError
+from cspify.pyramid import Fusion
 from cspify.stage import Narrowing
 
 # Where each step leaves its record: GraphModule.meta[KEY] of the converted GraphModule (the
@@ -77,6 +78,9 @@ class Conversion:
     targets: tuple[tuple[str, float], ...] = ()   # (("flops", 0.7),): the budget asked for
     notes: tuple[str, ...] = ()                   # what the choice measured and chose, one sentence each
     images: int = 0                               # the images the split by importance measured (0: none)
+    parts: tuple[str, ...] = ()                   # submodules of kept-whole modules converted on their own
+                                                  # (each a GraphModule with its own record)
+    fusions: tuple[Fusion, ...] = ()              # pyramid concats compressed by Maxout (cspify.pyramid)
 
     @property
     def converted(self) -> tuple[StageRecord, ...]:
@@ -115,6 +119,17 @@ def find_conversion(model: nn.Module) -> tuple[str | None, Conversion]:
         f"{type(model).__name__} was not made by cspify.convert, so there is no conversion to calibrate or distil.",
         "pass the model cspify.convert returned (a torch.fx GraphModule that carries its conversion record)",
     )
+
+
+def find_conversions(model: nn.Module) -> list[tuple[str | None, Conversion]]:
+    """Every conversion record in ``model``, outermost first: (path or None, record). Beside
+    the conversion itself, the parts of modules that tracing kept whole, each converted on
+    its own (``Conversion.parts``). A model cspify did not make is an error."""
+    found = [(name or None, record) for name, module in model.named_modules()
+             if (record := conversion_of(module)) is not None]
+    if not found:
+        find_conversion(model)  # raises the error
+    return found
 
 
 def attach(gm: nn.Module, record: Conversion) -> None:

@@ -44,6 +44,7 @@ from cspify.ops import is_leaf
 __all__ = [
     "Traced", "Tracer", "trace", "symbolic_trace", "propagate_shapes", "networkx_view",
     "as_inputs", "eval_mode", "capture_inputs", "shape", "ready_to_trace", "kept_whole", "device_of", "traced_original",
+    "traced_originals",
 ]
 
 KEPT_WHOLE_KEY = "cspify_kept_whole"  # GraphModule.meta entry: the submodules tracing kept whole, and why
@@ -411,6 +412,26 @@ def _first_sentence(exc: BaseException) -> str:
 
 def _shape_of(x) -> str:
     return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def traced_originals(original: torch.nn.Module, x: torch.Tensor, conversions: list, device
+                     ) -> tuple[torch.nn.Module, list[fx.GraphModule]]:
+    """``traced_original`` for every conversion ``cspify.record.find_conversions`` lists, in
+    one whole model: (the whole model to run, the traced graph of each conversion, in order).
+    The parts (converted inside modules tracing keeps whole) are traced where they lie, each
+    fed what the whole model hands it on ``x``."""
+    (scope, record), parts = conversions[0], conversions[1:]
+    whole, traced = traced_original(original, x, record.leaf_modules, scope, device)
+    if not parts:
+        return whole, [traced.gm]
+    graphs = [traced.gm]  # tracing copies the modules it keeps whole: the parts go into the copies
+    for path, part_record in parts:
+        part, inputs = capture_inputs(original, (x.to(device_of(original)),), path)
+        gm = trace(part, inputs, part_record.leaf_modules).gm.to(device).eval().requires_grad_(False)
+        parent, _, name = path.rpartition(".")
+        setattr(whole.get_submodule(parent) if parent else whole, name, gm)
+        graphs.append(gm)
+    return whole, graphs
 
 
 def traced_original(original: torch.nn.Module, x: torch.Tensor, leaf_modules: Iterable[str], scope: str | None,

@@ -176,3 +176,25 @@ def test_importing_ultralytics_leaves_pil_and_torch_as_they_were():
     from PIL import Image
 
     assert Image.open.__module__ == "PIL.Image" and torch.save.__module__ == "torch.serialization"
+
+
+def test_yolov3_converts_its_neck_and_head_and_distils_without_labels_or_logits():
+    """YOLOv3's five-conv sets are plain stages (the neck), and the conv towers of the Detect
+    head, which tracing keeps whole, convert on their own (cspify.parts); a detector has no
+    classifier logits, so fine-tuning on images alone distils every converted stage's output
+    and nothing else, and the outputs keep their shapes."""
+    model = build("yolov3.yaml")
+    csp = cspify.convert(model, X)
+    record = conversion_of(csp)
+    kinds = {s.name: s.kind for s in record.converted}
+    assert [n for n, k in kinds.items() if k == "residual"] == ["model.2", "model.4", "model.6", "model.8", "model.10"]
+    assert [n for n, k in kinds.items() if k == "plain"] == ["model.11-13", "model.19-21", "model.26-27"]
+    assert record.parts == ("model.28.cv2.0", "model.28.cv2.1", "model.28.cv2.2", "model.28.cv3.0")
+    with torch.no_grad():
+        shapes = [t.shape for t in torch.utils._pytree.tree_leaves(model(X))]
+    tuned = cspify.finetune(csp, torch.rand(8, 3, 64, 64), teacher=model, batch_size=4, max_steps=1, progress=False)
+    (epoch,) = tuned.meta["cspify.finetune"].epochs
+    assert epoch.ce is None and epoch.kd is None and epoch.feature is not None and np.isfinite(epoch.feature)
+    assert tuned.meta["cspify.finetune"].settings["stages"] == list(kinds) + [f"{p}:stage1" for p in record.parts]
+    with torch.no_grad():
+        assert [t.shape for t in torch.utils._pytree.tree_leaves(tuned.eval()(X))] == shapes

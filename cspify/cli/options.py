@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from cspify.budget import OBJECTIVES, Goal
-from cspify.config import FUSIONS, HIDDEN, SPLITS, CSPConfig
+from cspify.config import FUSIONS, HIDDEN, PYRAMIDS, SPLITS, CSPConfig
 from cspify.errors import ConfigError, DataError, OutputError
 from cspify.load import check_weights_file, parse_shape
 from cspify.rules import KINDS
@@ -87,6 +87,9 @@ _POINT = (
     click.option("--split", type=click.Choice(SPLITS), default="last", show_default=True,
                  help="Which channels run through each stage: the last ones, or those it works on most, measured on "
                       "the images (importance: convert --calibrate DATA, finetune's DATA; without images the last ones)."),
+    click.option("--pyramid", type=click.Choice(PYRAMIDS), default="none", show_default=True,
+                 help="maxout: compress every concat that fuses a detector's pyramid levels, where one conv reads it, "
+                      "by Maxout over pairs of channels (the paper's EFM; calibration fits that conv)."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seed of the new layers' initialisation (same seed, same model)."),
 )
@@ -129,7 +132,7 @@ def data_options(default_normalisation: str, required: bool = True, what: str = 
 
 
 def point_options(fn):
-    """One conversion's choices: --gamma, --fusion, --hidden, --round-to, --split, --seed."""
+    """One conversion's choices: --gamma, --fusion, --hidden, --round-to, --split, --pyramid, --seed."""
     return _apply(fn, _POINT)
 
 
@@ -160,7 +163,7 @@ def config_from(options: dict) -> CSPConfig:
     """The conversion options as one validated record."""
     return CSPConfig(options["gamma"], options["fusion"], options["hidden"], options["stages"] or None,
                      options["allow_costlier"], options["kinds"], round_to=options["round_to"],
-                     split=options["split"])
+                     split=options["split"], pyramid=options.get("pyramid", "none"))
 
 
 def goal_from(options: dict) -> Goal:
