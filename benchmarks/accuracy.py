@@ -1,7 +1,8 @@
 """Does a converted model recover the original's accuracy? Fashion-MNIST, three small models,
 several seeds; writes ACCURACY.md.
 
-    python benchmarks/accuracy.py                       # the full run: 24 minutes alone on 2 cores (41 with budgets.py beside it)
+    python benchmarks/accuracy.py                       # all 60,000 images, rows 1-3, 5, 8, 9b, 5@3, 9b@3: 94 min on 2 shared cores, teachers included
+    python benchmarks/accuracy.py --ablations           # every row on 20,000 images: 24 minutes alone on 2 cores
     python benchmarks/accuracy.py --quick               # a smoke run in about a minute (numbers meaningless)
     python benchmarks/accuracy.py --models resnet --seeds 0,1 --epochs 3 --train-subset 20000
 
@@ -21,9 +22,14 @@ Per model and seed, each row from the same trained original (the teacher):
        logit distillation from the original, as row 5; --no-pruned-kd skips it)
     3s, 6s  rows 3 and 6 with split "importance" (the calibration images choose the channels
        that run through each stage), the same images and seed
+    5@3, 9b@3  rows 5 and 9b with 3 epochs of fine-tuning (--long-rows, --long-epochs), from
+       the same calibrated and pruned models, after every seed's 1-epoch rows
 
 and row 6 again under ``torchrun --nproc_per_node 2`` (gloo, CPU) at the same global batch,
-for the models and seeds that ``--ddp-models`` and ``--ddp-seeds`` name. All fine-tunes run
+for the models and seeds that ``--ddp-models`` and ``--ddp-seeds`` name. The default run is
+the comparison on every training image (rows 1-3, 5, 8, 9b and the 3-epoch rows: ACCURACY.md);
+``--ablations`` runs every row on a 20,000-image subset, with the DDP rows
+(ACCURACY-ablations.md). All fine-tunes run
 cspify.finetune's defaults; only the loss switches differ from row to row. Accuracy is top-1
 on the full 10k test set. Flops are fvcore's (one multiply-add is one flop), as in
 ``cspify.compare``. A row that fails writes its reason into the table; the run goes on.
