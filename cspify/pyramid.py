@@ -2,8 +2,8 @@
 fuses feature maps of different pyramid levels and one conv reads it, Maxout over pairs of
 neighbouring channels halves what that conv reads (``pyramid="maxout"``, ``--pyramid maxout``).
 
-    csp = cspify.convert(yolo, x, pyramid="maxout")
-    conversion_of(csp).fusions      # (Fusion(cat='cat_1', conv='model_18_cv1_conv', channels=768, ...),)
+    csp = cspify.convert(fpn, x, pyramid="maxout")      # tests/test_pyramid.py's FPN
+    conversion_of(csp).fusions      # (Fusion(cat='cat', conv='fuse_0', module='fuse.0', channels=32, groups=2),)
 
 A concat fuses levels when its inputs come from different resolutions: one was resized on
 its way (an upsample, a strided conv or pool) from a resolution the others were not. The
