@@ -30,7 +30,7 @@ from cspify.measure import measure
 from cspify.modes import trace_in_mode
 from cspify.parts import convert_parts
 from cspify.plan import plan_stage, stage_flops
-from cspify.reasons import brief, grouped, module_names, readable
+from cspify.reasons import brief, grouped, joined, module_names, readable
 from cspify.record import Conversion, StageRecord, attach, conversion_of
 from cspify.report import Report, StageRow, build_report
 from cspify.rewrite import rewrite
@@ -269,7 +269,7 @@ def _none_found(model: nn.Module, traced: Traced, config: CSPConfig) -> NoStageE
     return NoStageError(
         f"{type(model).__name__} has no {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}{kinds[-1]} stage"
         + (f" outside the submodules kept whole ({'; '.join(kept)})." if kept else "."),
-        "cspify converts " + _and([f"{rules.DESCRIPTIONS[kind]} ({kind})" for kind in KINDS])
+        "cspify converts " + joined([f"{rules.DESCRIPTIONS[kind]} ({kind})" for kind in KINDS])
         + ("; without --kind it looks for every kind" if config.kinds else "")
         + "; run `cspify analyze` to see what it finds",
     )
@@ -473,11 +473,6 @@ def _scoped_back(model, inputs, scope, part, converted_part) -> nn.Module:
             "please report it with the model; try a smaller scope meanwhile",
         ) from exc
     return whole
-
-
-def _and(items: list[str]) -> str:
-    """``a, b and c``."""
-    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
 
 
 def _check_leaves(model: nn.Module, leaf_modules: Iterable[str]) -> None:

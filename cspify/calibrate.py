@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.fx as fx
@@ -141,27 +141,20 @@ def calibrate(
     conversions = find_conversions(converted)
     teacher, graphs = traced_originals(original, batches[0][:1], conversions, device)
     jobs = [_planned(_Job(converted, converted.get_submodule(scope) if scope else converted, teacher, graph, batches,
-                          ridge, result), record, transitions, inner, norms, readers, reader_depth,
-                     f"{scope}:" if i else "")
+                          ridge, result, scope if i else ""), record, transitions, inner, norms, readers, reader_depth)
             for i, ((scope, record), graph) in enumerate(zip(conversions, graphs))]
     for job, work in jobs:  # before anything is fitted: refused whole, or done
         fitted = [n for _, found, layers, _, reading in work
                   for n in ([found.conv] if found is not None else []) + [layer.node for layer in (*layers, *reading)]]
         _check_enough(job.part, fitted, result.images)
     with eval_mode(converted):
-        for index, (job, work) in enumerate(jobs):
-            fits, skipped = len(result.fits), len(result.skipped)
+        for job, work in jobs:
             for stage, found, layers, names, reading in _bar(work, progress):
                 job.start(stage)
                 _fit_layers(job, stage, layers, names)
                 if found is not None:
                     _fit_transition(job, stage, found)
                 _fit_layers(job, stage, reading)
-            if index:  # a part's fits, named by where it lies in the model (cspify.parts)
-                where = conversions[index][0]
-                result.fits[fits:] = [replace(f, stage=f"{where}:{f.stage}", layer=f"{where}.{f.layer}")
-                                      for f in result.fits[fits:]]
-                result.skipped[skipped:] = [f"{where}:{line}" for line in result.skipped[skipped:]]
         if stable:
             result.stabilised = stabilise_norms(converted, jobs[0][0].part, batches)  # the parts lie inside it
     result.seconds = round(time.perf_counter() - start, 3)
@@ -170,10 +163,9 @@ def calibrate(
 
 
 def _planned(job: _Job, record: Conversion, transitions: bool, inner: bool, norms: bool, readers: bool,
-             reader_depth: int, prefix: str) -> tuple[_Job, list]:
+             reader_depth: int) -> tuple[_Job, list]:
     """One conversion's job and, per stage in graph order, its work: (stage, its transition,
-    its layers, its norms, the layers reading it), found before anything is fitted. A stage
-    skipped is noted with ``prefix`` (a part's path) before its name."""
+    its layers, its norms, the layers reading it), found before anything is fitted."""
     part, teacher_part, result = job.part, job.teacher_part, job.result
     stages = sorted(record.converted, key=_position(part))
     elsewhere = {n for s in stages for n in (*s.nodes, *s.added)}
@@ -181,7 +173,7 @@ def _planned(job: _Job, record: Conversion, transitions: bool, inner: bool, norm
     for stage in stages:
         found = _transition_of(part, stage, record) if transitions else None
         if isinstance(found, str):
-            result.skipped.append(f"{prefix}{stage.name}: {found}")
+            result.skipped.append(f"{job.stage_name(stage)}: {found}")
             found = None
         layers = _inner_layers(part, teacher_part, stage) if inner else []
         layers = [layer for layer in layers if found is None or layer.node is not found.conv]
@@ -237,10 +229,17 @@ class _Job:
     batches: list[torch.Tensor]
     ridge: float
     result: Calibration
+    where: str = ""  # a part's path in the whole model (cspify.parts): its stages and layers are named with it
 
     def __post_init__(self) -> None:
         self.mine = Replay(self.student, self.part, Taps(self.part))
         self.theirs = Replay(self.teacher, self.teacher_part, Taps(self.teacher_part))
+
+    def stage_name(self, stage: StageRecord) -> str:
+        return f"{self.where}:{stage.name}" if self.where else stage.name
+
+    def layer_name(self, node: fx.Node) -> str:
+        return f"{self.where}.{node.target}" if self.where else node.target
 
     def start(self, stage: StageRecord) -> None:
         """Each model's values up to the stage's base, read once: the stage's passes start there."""
@@ -419,8 +418,8 @@ def _fit_transition(job: _Job, stage: StageRecord, found: _Transition) -> None:
         norm.bias.copy_((mean + bias).to(norm.bias.dtype))
     else:
         set_layer(conv, weight, bias)
-    job.result.fits.append(Fit(stage.name, conv_node.target, "partial transition", solver.rows, solver.features,
-                               round(solver.error(weight, bias), 5)))
+    job.result.fits.append(Fit(job.stage_name(stage), job.layer_name(conv_node), "partial transition", solver.rows,
+                               solver.features, round(solver.error(weight, bias), 5)))
 
 
 # ---------------------------------------------------------------- layers refitted to the original's outputs
@@ -545,7 +544,7 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
     finally:
         for m, (momentum, training) in zip(estimating, saved):
             m.momentum, m.training = momentum, training
-    result.norms += [node_named(gm, n).target for n in norms]
+    result.norms += [job.layer_name(node_named(gm, n)) for n in norms]
     for a in wave:
         module, solver, norm = modules[a.node.name], solvers[a.node.name], follow[a.node.name]
         current = module.weight.reshape(module.weight.shape[0], -1).double()
@@ -553,7 +552,8 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
         weight, bias = solver.solve(job.ridge, prior=current)
         after = solver.error(weight, bias)
         if not after < before:  # the fit would only lose: keep the layer as it is
-            result.skipped.append(f"{stage.name}: refitting {a.node.target} would not lower its error ({before:.4f})")
+            result.skipped.append(f"{job.stage_name(stage)}: refitting {job.layer_name(a.node)} would not lower its "
+                                  f"error ({before:.4f})")
             continue
         if module.bias is not None:
             set_layer(module, weight, bias)
@@ -561,8 +561,8 @@ def _fit_wave(job: _Job, stage: StageRecord, wave: list[_Layer], norms: list[str
             set_layer(module, weight, None)
             if bias is not None:  # y + b through BatchNorm(y) = BatchNorm with its mean moved by -b
                 norm.running_mean.sub_(bias.to(norm.running_mean.dtype))
-        result.fits.append(Fit(stage.name, a.node.target, a.role, solver.rows, solver.features, round(after, 5),
-                               round(before, 5)))
+        result.fits.append(Fit(job.stage_name(stage), job.layer_name(a.node), a.role, solver.rows, solver.features,
+                               round(after, 5), round(before, 5)))
 
 
 def _norm_after(gm: fx.GraphModule, node: fx.Node):

@@ -19,14 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-import torch
 import torch.nn as nn
 
 from cspify.config import CSPConfig
 from cspify.errors import CspifyError
 from cspify.host import keep_host_attributes
 from cspify.record import attach, conversion_of
-from cspify.trace import capture_inputs, eval_mode
+from cspify.reasons import joined
+from cspify.trace import captured_inputs, eval_mode
+from cspify.verify import outputs
 
 
 def convert_parts(model: nn.Module, inputs: tuple, converted: nn.Module, kept: list[str], config: CSPConfig,
@@ -64,34 +65,41 @@ def convert_parts(model: nn.Module, inputs: tuple, converted: nn.Module, kept: l
 def _parts_of(model: nn.Module, inputs: tuple, path: str, config: CSPConfig, seed: int,
               convert: Callable) -> list[tuple[str, nn.Module]]:
     """(path, converted part) for the children of the module at ``path`` that convert; a
-    child that is never called or does not trace is looked into in turn."""
-    found = []
-    for name, child in model.get_submodule(path).named_children():
-        where = f"{path}.{name}"
-        try:
-            part, part_inputs = capture_inputs(model, inputs, where)
-            csp = convert(part, part_inputs, config=config, seed=seed, refuse_none=False)
-        except CspifyError:  # never called (a container), called with keywords, or not traceable
-            found += _parts_of(model, inputs, where, config, seed, convert)
-            continue
-        record = conversion_of(csp)
-        if record is not None and record.converted:
-            attach(csp, replace(record, scope=where))
-            keep_host_attributes(child, csp)
-            found.append((where, csp))
-    return found
+    child that is never called or does not trace is looked into in turn. What every module
+    inside receives is captured in one run of the model."""
+    inside = [f"{path}.{name}" for name, _ in model.get_submodule(path).named_modules() if name]
+    received = captured_inputs(model, inputs, inside)
+
+    def look_into(where: str) -> list[tuple[str, nn.Module]]:
+        found = []
+        for name, child in model.get_submodule(where).named_children():
+            child_path = f"{where}.{name}"
+            csp = None
+            if received[child_path] is not None:  # called, with positional inputs
+                try:
+                    csp = convert(child, received[child_path], config=config, seed=seed, refuse_none=False)
+                except CspifyError:  # it does not trace
+                    pass
+            record = conversion_of(csp) if csp is not None else None
+            if record is None:
+                found += look_into(child_path)
+            elif record.converted:
+                attach(csp, replace(record, scope=child_path))
+                keep_host_attributes(child, csp)
+                found.append((child_path, csp))
+        return found
+
+    return look_into(path)
 
 
 def _output_shapes(model: nn.Module, inputs: tuple) -> list | None:
     """The shapes of every tensor the model returns (None: it failed to run)."""
     try:
-        with eval_mode(model), torch.no_grad():
-            out = model(*inputs)
+        with eval_mode(model):
+            return [tuple(t.shape) for t in outputs(model(*inputs))]
     except Exception:
         return None
-    return [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _quoted(names: list[str]) -> str:
-    quoted = [f"'{n}'" for n in names]
-    return ", ".join(quoted[:-1]) + (" and " if len(quoted) > 1 else "") + quoted[-1]
+    return joined([f"'{n}'" for n in names])

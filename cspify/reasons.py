@@ -106,6 +106,11 @@ def grouped(reasons: list[tuple[str, str]], groups: int = 3, names: int = 4) -> 
     return "; ".join(clauses)
 
 
+def joined(items: list[str]) -> str:
+    """``a, b and c``."""
+    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
+
+
 def _named(stages: list[str], most: int) -> str:
     if len(stages) <= most:
         return ", ".join(stages)

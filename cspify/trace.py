@@ -44,7 +44,7 @@ from cspify.ops import is_leaf
 __all__ = [
     "Traced", "Tracer", "trace", "symbolic_trace", "propagate_shapes", "networkx_view",
     "as_inputs", "eval_mode", "capture_inputs", "shape", "ready_to_trace", "kept_whole", "device_of", "traced_original",
-    "traced_originals",
+    "traced_originals", "captured_inputs",
 ]
 
 KEPT_WHOLE_KEY = "cspify_kept_whole"  # GraphModule.meta entry: the submodules tracing kept whole, and why
@@ -290,11 +290,36 @@ def capture_inputs(model: torch.nn.Module, example_inputs, scope: str) -> tuple[
     except AttributeError:
         children = ", ".join(name for name, _ in model.named_children())
         raise ConfigError(f"the model has no submodule {scope!r}.", f"its top-level submodules are: {children}") from None
+    calls = _first_calls(model, example_inputs, [scope])[scope]
+    if calls is None:
+        raise ConfigError(f"submodule {scope!r} is never called in a forward pass.", "choose a submodule the model uses")
+    args, kwargs = calls
+    if kwargs:
+        raise TraceError(
+            f"submodule {scope!r} is called with keyword arguments ({', '.join(kwargs)}), which cspify cannot trace.",
+            "choose a submodule that takes its inputs as positional tensors",
+        )
+    return part, args
+
+
+def captured_inputs(model: torch.nn.Module, example_inputs, scopes: list[str]) -> dict[str, tuple | None]:
+    """``capture_inputs`` for many submodules in one run of the model: per scope, the inputs
+    its first call receives, or None where it is never called or takes keyword arguments."""
+    return {scope: (calls[0] if calls is not None and not calls[1] else None)
+            for scope, calls in _first_calls(model, example_inputs, scopes).items()}
+
+
+def _first_calls(model: torch.nn.Module, example_inputs, scopes: list[str]) -> dict[str, tuple | None]:
+    """(args, kwargs) of each scope's first call in one eval-mode run of a deep copy of the model."""
     runner = clone_module(model)
-    calls = []
-    handle = runner.get_submodule(scope).register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
-    )
+    calls = {}
+
+    def hook(scope):
+        def record(module, args, kwargs):
+            calls.setdefault(scope, (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+        return record
+
+    handles = [runner.get_submodule(scope).register_forward_pre_hook(hook(scope), with_kwargs=True) for scope in scopes]
     try:
         with eval_mode(runner):
             runner(*as_inputs(example_inputs))
@@ -305,16 +330,9 @@ def capture_inputs(model: torch.nn.Module, example_inputs, scope: str) -> tuple[
             "give the shape the model expects with --input-shape",
         ) from exc
     finally:
-        handle.remove()
-    if not calls:
-        raise ConfigError(f"submodule {scope!r} is never called in a forward pass.", "choose a submodule the model uses")
-    args, kwargs = calls[0]
-    if kwargs:
-        raise TraceError(
-            f"submodule {scope!r} is called with keyword arguments ({', '.join(kwargs)}), which cspify cannot trace.",
-            "choose a submodule that takes its inputs as positional tensors",
-        )
-    return part, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        for handle in handles:
+            handle.remove()
+    return {scope: calls.get(scope) for scope in scopes}
 
 
 def ready_to_trace(model: torch.nn.Module, example_inputs) -> torch.nn.Module:
@@ -422,12 +440,11 @@ def traced_originals(original: torch.nn.Module, x: torch.Tensor, conversions: li
     fed what the whole model hands it on ``x``."""
     (scope, record), parts = conversions[0], conversions[1:]
     whole, traced = traced_original(original, x, record.leaf_modules, scope, device)
-    if not parts:
-        return whole, [traced.gm]
     graphs = [traced.gm]  # tracing copies the modules it keeps whole: the parts go into the copies
+    inputs = captured_inputs(original, (x.to(device_of(original)),), [path for path, _ in parts]) if parts else {}
     for path, part_record in parts:
-        part, inputs = capture_inputs(original, (x.to(device_of(original)),), path)
-        gm = trace(part, inputs, part_record.leaf_modules).gm.to(device).eval().requires_grad_(False)
+        gm = trace(original.get_submodule(path), inputs[path], part_record.leaf_modules).gm
+        gm = gm.to(device).eval().requires_grad_(False)
         parent, _, name = path.rpartition(".")
         setattr(whole.get_submodule(parent) if parent else whole, name, gm)
         graphs.append(gm)
