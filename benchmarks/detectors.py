@@ -44,6 +44,7 @@ import cspify
 from cspify.errors import CspifyError
 from cspify.load import load_model
 from cspify.measure import Measurement, measure
+from cspify.regions import largest_layer, nodes_by_part
 from cspify.report import Report, human
 from cspify.trace import as_inputs, capture_inputs, ready_to_trace, trace
 
@@ -130,27 +131,6 @@ def measured(model, converted, x, scope) -> tuple[Measurement, Measurement]:
     return measure(original, inputs), measure(converted, inputs)
 
 
-def parts_of(m: Measurement, part) -> dict[str, list[str]]:
-    """Node names per part, in graph order (``node_bytes`` holds every node, in order): a
-    node that calls a module goes with the module's part, any other (an add, a cat cspify
-    added, an interpolate) with the module node before it."""
-    groups: dict[str, list[str]] = {}
-    first = next((part(t) for t in m.node_targets.values()), "")
-    current = first
-    for name in m.node_bytes:
-        if name in m.node_targets:
-            current = part(m.node_targets[name])
-        groups.setdefault(current, []).append(name)
-    return groups
-
-
-def largest_layer(m: Measurement, part, label: str) -> tuple[str, int]:
-    """The conv or linear with the most flops in one part (inside a module kept whole too)."""
-    layers = {name: flops for name, flops in m.layer_flops.items() if part(name) == label}
-    name = max(layers, key=layers.get, default="")
-    return name, layers.get(name, 0)
-
-
 def kept_whole(model, x, scope) -> str:
     """The submodules torch.fx keeps whole when tracing the module at ``scope``, with why."""
     try:
@@ -198,7 +178,7 @@ def stages_table(report: Report) -> str:
 
 def split(before: Measurement, after: Measurement, part) -> dict[str, tuple]:
     """Per part: (figures before, figures after, (largest layer, flops) before, after)."""
-    groups_before, groups_after = parts_of(before, part), parts_of(after, part)
+    groups_before, groups_after = nodes_by_part(before, part), nodes_by_part(after, part)
     return {
         label: (before.stage(groups_before[label]), after.stage(groups_after.get(label, [])),
                 largest_layer(before, part, label), largest_layer(after, part, label))

@@ -31,6 +31,7 @@ from cspify.modes import trace_in_mode
 from cspify.parts import convert_parts
 from cspify.plan import plan_stage, stage_flops
 from cspify.reasons import brief, grouped, joined, module_names, readable
+from cspify.regions import part_of, regions
 from cspify.record import Conversion, StageRecord, attach, conversion_of
 from cspify.report import Report, StageRow, build_report
 from cspify.rewrite import rewrite
@@ -412,6 +413,7 @@ def compare(
     With ``scope``, both models are measured at that submodule (the part ``convert`` changed).
     """
     inputs = as_inputs(example_inputs)
+    whole = original
     original = ready_to_trace(original, inputs)
     if scope:
         original, inputs = capture_inputs(original, inputs, scope)
@@ -420,6 +422,9 @@ def compare(
     after = measure(converted, inputs, leaf_modules)
     record = conversion_of(converted)
     report = build_report(before, after, _named(record, converted, original))
+    part = part_of(whole, scope)
+    found = regions(before, after, part) if part is not None else []
+    report.regions = found if len(found) > 1 else []
     for path in record.parts if record else ():  # each measured where it runs, fed what it receives there
         part = compare(original, converted, inputs, scope=path)
         report.stages += [StageRow(replace(row.record, name=f"{path}:{row.name}"), row.before, row.after)

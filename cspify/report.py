@@ -33,6 +33,7 @@ KEYS = ("flops", "params", "activations", "memory_bytes")
 RECORD_FIELDS = ("name", "kind", "channels", "bypass_channels", "converted", "reason")
 RECORD_FIELDS_AFTER = ("notes", "gamma", "hidden", "time_before_ms", "time_after_ms")
 FIGURE_NOTE = "; ".join(f.note for f in FIGURES if f.note)
+REGION_FIGURES = ("flops", "memory_bytes", "cio_bytes", "peak_bytes")  # the per-part table, then its largest layer
 REASON_WIDTH = 72  # the text table's reason column wraps at this many characters
 
 
@@ -70,6 +71,7 @@ class Report:
     flop_note: str = FLOP_NOTE
     kept_whole: dict[str, str] = field(default_factory=dict)  # submodules tracing kept whole, and why
     notes: list[str] = field(default_factory=list)  # what a budget or objective measured and chose
+    regions: list = field(default_factory=list)  # a detector's parts (cspify.regions.Region), where its layout is known
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +87,7 @@ class Report:
             "flop_note": self.flop_note,
             "kept_whole": dict(self.kept_whole),
             "notes": list(self.notes),
+            "regions": [region.to_dict() for region in self.regions],
         }
 
     def _tables(self, fmt: str) -> tuple[str, str, str, list[str]]:
@@ -128,6 +131,16 @@ class Report:
         notes += self.notes
         return total_table, stage_table, left, notes
 
+    def _regions_table(self, fmt: str) -> str:
+        """Per part of a detector (backbone, neck, head): its figures and its largest layer."""
+        columns = [f for f in FIGURES if f.key in REGION_FIGURES]
+        rows = [[r.name, *(cell for f in columns for cell in cells(f, r.before, r.after, f.saved)),
+                 human(r.largest_before[1]), human(r.largest_after[1]), percent(r.largest_before[1], r.largest_after[1]),
+                 r.largest_after[0] or "-"] for r in self.regions]
+        headers = ["part", *headings(columns), "largest layer", "->", "saved", "which, after"]
+        return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True,
+                        colalign=("left", *["right"] * (len(headers) - 2), "left"))
+
     def _memory_table(self, fmt: str) -> str:
         """Per converted stage: CIO, peak activations, and the computational bottleneck."""
         columns = [f for f in FIGURES if f.table == "memory"]
@@ -142,6 +155,8 @@ class Report:
         parts = [self._title(), "", totals]
         if stages:
             parts += ["", stages]
+        if self.regions:
+            parts += ["", "per part:"] + [f"  {line}" for line in self._regions_table("simple").splitlines()]
         if left:
             parts += ["", "not converted:"] + [f"  {line}" for line in left.splitlines()]
         if notes:
@@ -159,6 +174,8 @@ class Report:
             parts += ["### Converted stages", ""]
             for row, diagram in zip([r for r in self.stages if r.converted], diagrams):
                 parts += [f"**{row.name}** ({row.kind})", "", diagram, ""]
+        if self.regions:
+            parts += ["### Per part", "", self._regions_table("github"), ""]
         if left:
             parts += ["### Not converted", "", left, ""]
         if notes:

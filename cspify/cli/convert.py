@@ -32,6 +32,7 @@ KINDS_HELP = ", ".join(_KINDS[:-1]) + (" and " if len(_KINDS) > 1 else "") + _KI
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save the converted model (torch.save of the whole module; it loads without cspify, with torch and the packages its layers come from: torch.load(PATH, weights_only=False), which runs pickled code, so only load files you trust). A layer or function defined in MODEL's own file is pickled under a name only that cspify run had, so the file will not load elsewhere: import it from a module of its own, or use --onnx.")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None, metavar="DIR", help="Write the converted model as readable Python (DIR/model.py) plus weights (DIR/weights.pt) that load with torch alone.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="PATH", help="Export the converted model to ONNX (torch.onnx.export with the example inputs; the batch axis is dynamic).")
+@click.option("--yolo", "yolo_path", type=click.Path(dir_okay=False), default=None, metavar="PATH", help="Save a converted ultralytics detector as an ultralytics checkpoint that YOLO(PATH) loads as the converted architecture, to train with ultralytics' trainer: YOLO(PATH).train(..., trainer=cspify.integrations.ultralytics.Trainer) (it needs cspify to load).")
 @click.option("--onnx-static", is_flag=True, help="With --onnx: keep the example inputs' batch size fixed in the ONNX graph.")
 @plot_option("Draw per-stage flops and memory traffic, before and after, in the format the suffix names "
              "(.png, .jpg, .pdf, .svg, ...).")
@@ -39,9 +40,9 @@ KINDS_HELP = ", ".join(_KINDS[:-1]) + (" and " if len(_KINDS) > 1 else "") + _KI
 @click.option("--mean", default=None, metavar="M[,M,M]|none|data", help="With --calibrate: normalise DATA's images by this mean per channel ('none': leave them in [0, 1]; 'data': DATA's own mean and std) [default: what a zoo model's weights say, else none].")
 @click.option("--std", default=None, metavar="S[,S,S]|none|data", help="With --calibrate: the std that goes with --mean.")
 @click.option("--inference", is_flag=True, help="Save and export the converted model for inference: in eval mode, each norm that follows a conv folded into it (checked against the unfused model on the example inputs; after --calibrate). With --objective latency or --target-latency, stages are timed folded too.")
-def convert(output, export_dir, onnx_path, calibrate_path, inference, **options) -> None:
+def convert(output, export_dir, onnx_path, yolo_path, calibrate_path, inference, **options) -> None:
     with guard(options["debug"]):
-        _convert(options, output, export_dir, onnx_path, calibrate_path, inference)
+        _convert(options, output, export_dir, onnx_path, calibrate_path, inference, yolo_path=yolo_path)
 
 
 @click.command(help=f"Show the stages found in MODEL, what converting each would save, and why any is left as it "
@@ -55,10 +56,14 @@ def analyze(**options) -> None:
 
 def _convert(options: dict, output: str | None = None, export_dir: str | None = None,
              onnx_path: str | None = None, calibrate_path: str | None = None, inference: bool = False,
-             refuse_none: bool = True) -> None:
+             refuse_none: bool = True, yolo_path: str | None = None) -> None:
     if options.get("onnx_static") and not onnx_path:
         raise ConfigError("--onnx-static applies to an ONNX export, and there is none.", "add --onnx PATH, or drop --onnx-static")
-    check_options(options, ("-o", output), ("--export-dir", export_dir), ("--onnx", onnx_path), data=calibrate_path)
+    if yolo_path and inference:
+        raise ConfigError("--yolo saves a model to train, with its norms, and --inference folds them into the convs.",
+                          "drop one of --yolo and --inference")
+    check_options(options, ("-o", output), ("--export-dir", export_dir), ("--onnx", onnx_path), ("--yolo", yolo_path),
+                  data=calibrate_path)
     if calibrate_path:
         parse_normalisation(options["mean"], options["std"])  # a bad --mean/--std fails before any work
     elif options.get("mean") is not None or options.get("std") is not None:
@@ -85,11 +90,16 @@ def _convert(options: dict, output: str | None = None, export_dir: str | None = 
             with progress(f"exporting {onnx_path}"):
                 out.path(onnx_path, lambda tmp: write_onnx(csp, done.inputs, tmp, dynamic_batch=not options.get("onnx_static")),
                          suffix=".onnx")
+        if yolo_path:
+            from cspify.integrations import ultralytics as csp_yolo
+
+            out.path(yolo_path, lambda tmp: csp_yolo.save(csp, tmp), suffix=".pt")
         stage_reports(out, options, done.report, plot=lambda report, f: _plot(report, f, options["plot_path"]))
     click.echo(str(done.report))  # after the files: an error never follows a report
     if folded is not None:
         click.echo(f"\nfor inference: {folded.summary()}")
     echo_saved([(output, "the converted model"), (export_dir, "its source and weights"), (onnx_path, "its ONNX export"),
+                (yolo_path, "the ultralytics checkpoint (train it with trainer=cspify.integrations.ultralytics.Trainer)"),
                 *report_files(options, plot="the plot of its stages")])
     needs = model_file_needs(csp) if output else []
     if needs:
