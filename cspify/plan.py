@@ -81,12 +81,23 @@ def plan_stage(traced: Traced, stage: Stage, config: CSPConfig, scores=None) -> 
             raise _Skip(NOT_SELECTED)
         if stage.cross_stage and config.stages is None:
             raise _Skip(f"{stage.cross_stage}; name it with --stage to nest a second CSP in it")
+        if config.pyramid == "maxout" and stage.past_concat is not None:
+            notes.append(f"the pyramid compression takes its concat '{stage.base}', so the stage starts past "
+                         "its first conv")
+            stage = replace(stage.past_concat, name=stage.name)
         if config.split == "importance" and scores is not None:
             try:
                 return _plan(traced, stage, config, [], scores)
             except _Skip as skip:
                 notes.append(f"the split by importance does not fit it ({skip}): the last channels run through")
-        return _plan(traced, stage, config, notes)
+        try:
+            return _plan(traced, stage, config, notes)
+        except _NarrowOutput as narrow:
+            if config.fusion != "last" or stage.transition:
+                raise
+            notes.append(f"fusion first: its output ({narrow.output} channels) is not wider than its bypass "
+                         f"({narrow.bypass}), so the parts are joined before a new transition to its width")
+            return _plan(traced, stage, replace(config, fusion="first"), notes)
     except _Skip as skip:
         reason = str(skip) + (_scale_hint(traced, stage, config) if isinstance(skip, _Costlier) else "")
         return StagePlan(
@@ -96,6 +107,15 @@ def plan_stage(traced: Traced, stage: Stage, config: CSPConfig, scores=None) -> 
 
 class _Skip(Exception):
     """Why a stage stays as it is."""
+
+
+class _NarrowOutput(_Skip):
+    """Fusion last cannot join the parts: the output is not wider than the bypass."""
+
+    def __init__(self, output: int, bypass: int) -> None:
+        super().__init__(f"its output ({output} channels) is not wider than its bypass ({bypass} channels), "
+                         "so no partial transition is left to join it")
+        self.output, self.bypass = output, bypass
 
 
 class _Costlier(_Skip):
@@ -187,10 +207,7 @@ def _plan(traced: Traced, stage: Stage, config: CSPConfig, notes: list[str], sco
     through_output_channels = len(out_keep) if out_keep is not None else output_channels
     new_transition = _new_transition(stage, config.fusion, bypass, through_output_channels, output_channels)
     if new_transition and new_transition[1] < 1:
-        raise _Skip(
-            f"its output ({output_channels} channels) is not wider than its bypass ({bypass} channels), "
-            "so no partial transition is left to join it"
-        )
+        raise _NarrowOutput(output_channels, bypass)
     rank = len(shape(traced.nodes[through_output]))
     if new_transition and not can_mix(rank, stage.channel_axis):
         raise _Skip(

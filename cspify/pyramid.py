@@ -70,20 +70,26 @@ def compress(gm: fx.GraphModule) -> tuple[Fusion, ...]:
 def _reader(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The conv that alone reads ``node``, where ``node`` is a channel concat of pyramid
     levels that Maxout can compress; else None."""
-    if node.op != "call_function" or node.target is not torch.cat or len(node.users) != 1:
-        return None
-    parts, dim = cat_args(node)
-    dims = shape(node)
-    if dims is None or len(dims) != 4 or dim not in (1, -3) or not isinstance(parts, (list, tuple)) \
-            or any(not isinstance(p, fx.Node) or shape(p) is None for p in parts):
-        return None
-    if any(shape(p)[1] % GROUPS for p in parts) or len({_source(p) for p in parts}) < 2:
+    if not fuses_levels(node) or len(node.users) != 1 or any(shape(p)[1] % GROUPS for p in cat_args(node)[0]):
         return None
     conv = next(iter(node.users))
     if conv.op != "call_module" or role_of(conv, gm) != "conv" or conv.args[:1] != (node,):
         return None
     module = gm.get_submodule(conv.target)
     return conv if type(module) is nn.Conv2d and module.groups == 1 else None
+
+
+def fuses_levels(node: fx.Node) -> bool:
+    """Whether ``node`` is a channel concat of 4-d feature maps (shapes propagated) that come
+    from more than one resolution: pyramid levels joined."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return False
+    parts, dim = cat_args(node)
+    dims = shape(node)
+    if dims is None or len(dims) != 4 or dim not in (1, -3) or not isinstance(parts, (list, tuple)) \
+            or any(not isinstance(p, fx.Node) or shape(p) is None for p in parts):
+        return False
+    return len({_source(p) for p in parts}) >= 2
 
 
 def _source(node: fx.Node) -> tuple:

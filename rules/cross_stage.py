@@ -10,8 +10,9 @@ part that bypassed it, coming from the same split:
 - **a channel split**: the other part is a piece of a ``chunk``/``split`` (or a channel
   slice) whose input the stage's base is computed from (C2f, CrossStage, ShuffleNet v2);
 - **two convs of one input**: the stage's base and the other part are each a 1x1 conv's
-  output (with its norm and activation) reading the same tensor, and a 1x1 conv fuses the
-  concat (C3, BottleneckCSP).
+  output (with its norm and activation) reading the same tensor, or the other part is a
+  1x1 conv of the base itself (a stage that starts at the split conv), and a 1x1 conv fuses
+  the concat (C3, BottleneckCSP).
 
     mark(traced, stages)   # each such stage with ``Stage.cross_stage`` saying where it lies
 
@@ -56,6 +57,10 @@ def _marked(traced: Traced, stage: Stage) -> Stage:
             return replace(stage, cross_stage=f"it is already the through part of a cross stage partial block "
                                               f"(its output joins '{part.name}', split from '{source.name}', in '{cat.name}')")
         x = _pointwise_input(traced, part)
+        if x is not None and x is base and _fused(traced, cat):
+            return replace(stage, cross_stage=f"it is already the through part of a cross stage partial block "
+                                              f"(its output joins '{part.name}', a 1x1 conv of its base "
+                                              f"'{x.name}', in '{cat.name}')")
         if x is not None and x is _pointwise_input(traced, base) and _fused(traced, cat):
             return replace(stage, cross_stage=f"it is already the through part of a cross stage partial block "
                                               f"(its output joins '{part.name}', a 1x1 conv of its base's input "

@@ -8,8 +8,13 @@ conv and the two outputs differ at most along one axis (the width: a strided con
 changes the resolution, ends a chain). A plain stage is a run of at least two units of a
 chain whose last output has the shape of its base: the first unit's input, or the output of
 the unit before the run (so a first conv that changes the width or the resolution makes the
-base, and the bypass carries features at the stage's width). A chain holds as many stages
-as fit one after another, longest first from its start.
+base, and the bypass carries features at the stage's width). Where that first conv narrows a
+concat of pyramid levels (the first conv of a YOLOv3 five-conv set, often the largest layer
+of the model), the stage starts at the concat instead: the conv runs on the through part
+too, and the parts join by fusion first where the output is not wider than the bypass.
+With ``pyramid="maxout"`` the Maxout compresses that concat, and the stage past the conv
+converts (``Stage.past_concat``). A chain holds as many stages as fit one after another,
+longest first from its start.
 
 Its width lives in its convs, not in its base: every conv of the run is in ``Stage.inner``,
 so the partial stage runs at ``1 - gamma`` of each conv's width, as YOLOv5's C3 with
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from cspify.channels import stream_axis
 from cspify.graph import shape
 from cspify.ops import role_of
+from cspify.pyramid import fuses_levels
 from cspify.rules.registry import register
 from cspify.stage import Stage
 from cspify.trace import Traced
@@ -77,7 +83,7 @@ def find(traced: Traced) -> list[Stage]:
         chain = [start]
         while (nxt := next_of(chain[-1])) is not None:
             chain.append(nxt)
-        stages += [stage for run in _runs(traced, chain) if (stage := _stage(traced, run)) is not None]
+        stages += [stage for run, past in _runs(traced, chain) if (stage := _stage(traced, run, past)) is not None]
     return stages
 
 
@@ -85,19 +91,39 @@ def _one_axis_apart(a, b) -> bool:
     return a is not None and b is not None and len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 1
 
 
-def _runs(traced: Traced, chain: list[Unit]) -> list[list[Unit]]:
+def _runs(traced: Traced, chain: list[Unit]) -> list[tuple[list[Unit], list[Unit] | None]]:
     """The runs of at least two units whose last output has the shape of the run's base (the
-    input of its first unit): from the chain's start, the longest, then the longest after it."""
+    input of its first unit): from the chain's start, the longest, then the longest after it.
+    Where such a run starts past a conv that narrows a concat of pyramid levels, the run
+    starts at that conv instead and goes on to the last output narrower than the concat;
+    each run comes with the run past its first conv there (else None)."""
     nodes, runs, first = traced.nodes, [], 0
+
+    def end(start: int) -> int | None:
+        base = shape(nodes[chain[start].input])
+        return next((i for i in range(len(chain) - 1, start, -1) if shape(nodes[chain[i].output]) == base), None)
+
     while first < len(chain) - 1:
-        base = shape(nodes[chain[first].input])
-        last = next((i for i in range(len(chain) - 1, first, -1) if shape(nodes[chain[i].output]) == base), None)
+        last = end(first)
         if last is None:
+            past = end(first + 1) if first + 2 < len(chain) else None
+            wide = shape(nodes[chain[first].input])
+            longest = None if past is None or not fuses_levels(nodes[chain[first].input]) else next(
+                (i for i in range(len(chain) - 1, past - 1, -1) if _narrower(shape(nodes[chain[i].output]), wide)), None)
+            if longest is not None:  # to the last output narrower than the concat
+                runs.append((chain[first : longest + 1], chain[first + 1 : past + 1]))
+                first = longest + 1
+                continue
             first += 1  # this unit's output is the next candidate base
             continue
-        runs.append(chain[first : last + 1])
+        runs.append((chain[first : last + 1], None))
         first = last + 1
     return runs
+
+
+def _narrower(output, base) -> bool:
+    """As large as ``base`` but along one axis (the width), where it is smaller."""
+    return _one_axis_apart(output, base) and output != base and all(o <= b for o, b in zip(output, base))
 
 
 def _axis(traced: Traced, chain: list[Unit]) -> tuple[int | None, str]:
@@ -109,8 +135,9 @@ def _width(node, axis: int) -> int | None:
     return dims[axis] if dims is not None and axis < len(dims) else None
 
 
-def _stage(traced: Traced, run: list[Unit]) -> Stage | None:
-    """The run as a plain stage (None where its channel axis is not that of its width)."""
+def _stage(traced: Traced, run: list[Unit], past: list[Unit] | None = None) -> Stage | None:
+    """The run as a plain stage (None where its channel axis is not that of its width), with
+    the stage ``past`` its first conv where it starts at a pyramid concat."""
     nodes = traced.nodes
     axis, problem = _axis(traced, run)
     base = nodes[run[0].input]
@@ -126,4 +153,5 @@ def _stage(traced: Traced, run: list[Unit]) -> Stage | None:
         channel_axis=axis,
         axis_problem=problem,
         inner=tuple(unit.conv for unit in run),
+        past_concat=_stage(traced, past) if past else None,
     )

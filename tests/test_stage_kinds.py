@@ -187,6 +187,48 @@ def test_a_plain_chain_starts_after_a_first_conv_that_narrows_it():
     assert drop_in_problems(model, cspify.convert(model, X), X) == []
 
 
+class FiveConvNeck(nn.Module):
+    """YOLOv3's neck in small: the coarse level upsampled and concatenated with the fine one
+    (16 + 32 channels), then a 3x3 conv that narrows the concat (48 -> 16) and convs between
+    16 and 32 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = cbr(3, 32, 3), cbr(3, 16, 3, stride=2)
+        self.up = nn.Upsample(scale_factor=2)
+        self.neck = nn.Sequential(cbr(48, 16, 3), cbr(16, 32, 3), cbr(32, 16, 1), cbr(16, 32, 3), cbr(32, 16, 1))
+
+    def forward(self, x):
+        return self.neck(torch.cat([self.up(self.coarse(x)), self.fine(x)], 1))
+
+
+def test_a_plain_stage_starts_at_the_pyramid_concat_its_first_conv_narrows():
+    """The first conv, the largest layer, runs on the through part too; the 16-channel
+    output is not wider than the 24-channel bypass, so the parts join by fusion first."""
+    model = seeded(FiveConvNeck)
+    [stage] = cspify.find_stages(model, X)
+    assert (stage.kind, stage.base, stage.channels, len(stage.blocks)) == ("plain", "cat", 48, 5)
+    assert (stage.past_concat.base, stage.past_concat.channels, len(stage.past_concat.blocks)) == ("neck_0_2", 16, 4)
+    csp = cspify.convert(model, X)
+    assert drop_in_problems(model, csp, X) == []
+    assert csp.get_submodule("neck.0.0").in_channels == 24  # the through half of the concat
+    (record,) = cspify.conversion_of(csp).converted
+    assert record.notes[0].startswith("fusion first: its output (16 channels) is not wider than its bypass (24)")
+    report = cspify.compare(model, csp, X)
+    assert report.converted.max_layer_flops < report.original.max_layer_flops
+
+
+def test_with_the_pyramid_compressed_the_stage_starts_past_the_first_conv():
+    model = seeded(FiveConvNeck)
+    csp = cspify.convert(model, X, pyramid="maxout")
+    (record,) = cspify.conversion_of(csp).converted
+    assert (record.channels, record.notes[0]) == (
+        16, "the pyramid compression takes its concat 'cat', so the stage starts past its first conv")
+    (fusion,) = cspify.conversion_of(csp).fusions
+    assert (fusion.module, fusion.channels) == ("neck.0.0", 48) and csp.get_submodule("neck.0.0").in_channels == 24
+    assert drop_in_problems(model, csp, X) == []
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
