@@ -312,14 +312,14 @@ def trained(kind: str, what: str, seed: int, width: float, args, data: Data) -> 
 
 
 def run_finetune(model: nn.Module, data: Data, teacher: nn.Module | None, switches: dict, seed: int,
-                 batch_size: int = 128, recipe: Recipe = Recipe(), epochs: int = 1) -> nn.Module:
+                 batch_size: int = 128, recipe: Recipe = Recipe(), epochs: int = 1, lr: float | None = None) -> nn.Module:
     """cspify.finetune for ``epochs`` (1: rows 4-7 and 9) with its defaults; only the loss
     switches change (and the seed of the data order, and ``batch_size`` per process under DDP:
-    128 // processes)."""
+    128 // processes; ``lr`` where finetune_rate.py tries another rate)."""
     kwargs = {k: v for k, v in switches.items() if k != "teacher"}
     torch.manual_seed(seed)
     return finetune(model, data.train_set(), teacher=teacher if switches.get("teacher") else None, epochs=epochs,
-                    batch_size=batch_size, seed=seed, progress=False, recipe=recipe, **kwargs)
+                    batch_size=batch_size, seed=seed, progress=False, recipe=recipe, lr=lr, **kwargs)
 
 
 def as_finetunable(model: nn.Module) -> nn.Module:
