@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # before anything imports ultralytic
 import torch
 import torchvision
 from common import pct as signed
+from common import write_section
 from tabulate import tabulate
 
 import cspify
@@ -411,21 +411,6 @@ def section(size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(path: str, text: str) -> None:
-    """Replace the marked section (or a "## Detectors" section up to the next "## " heading),
-    or append it."""
-    old = Path(path).read_text() if Path(path).exists() else ""
-    marked = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
-    heading = re.compile(r"^## Detectors\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if marked.search(old):
-        new = marked.sub(lambda _: text, old, count=1)
-    elif heading.search(old):
-        new = heading.sub(lambda match: text + ("\n" if match.end() < len(old) else ""), old, count=1)
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old.strip() else "") + text
-    Path(path).write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="input side S: 1x3xSxS [320]")
@@ -435,7 +420,7 @@ def main() -> None:
     if args.out == "-":
         print(text, end="")
     else:
-        write(args.out, text)
+        write_section(args.out, text, BEGIN, END, heading="## Detectors")
         print(f"wrote the Detectors section of {args.out}", file=sys.stderr)
 
 

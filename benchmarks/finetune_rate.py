@@ -6,8 +6,8 @@ Fashion-MNIST) and a pruned model far from it (35-75%), so one rate may suit one
 than the other. This script fine-tunes both, 1 epoch of CE + logit distillation, at several
 rates, and reports each method at each rate and at its own best rate:
 
-    python benchmarks/finetune_rate.py                  # ACCURACY-rate.md, about 40 min
-    python benchmarks/finetune_rate.py --models resnet --seeds 0 --rates 0.02 --out /tmp/r.md
+    python benchmarks/finetune_rate.py                  # ACCURACY-rate.md
+    python benchmarks/finetune_rate.py --models resnet --seeds 0 --seeds 0,1 --out /tmp/r.md   # 3 min
 
 The originals are accuracy.py --ablations' (20,000 training images, 3 epochs, cached in
 benchmarks/.cache); the converted model (gamma 0.5, the paper's stage kinds) is calibrated on
@@ -45,7 +45,7 @@ def starts(kind: str, seed: int, args, data) -> tuple[torch.nn.Module, dict]:
     example = data.example()
     csp = cspify.convert(teacher, example, gamma=GAMMA, seed=seed, kinds=PAPER_KINDS)
     calibrate(teacher, csp, data.calibration_images(seed), max_images=CALIBRATION_IMAGES, progress=False)
-    pruned, _, cost = prune_to(teacher, data, flops(csp, example))
+    pruned, _, _ = prune_to(teacher, data, flops(csp, example))
     return teacher, {"cspify": csp, "Torch-Pruning": as_finetunable(pruned)}
 
 

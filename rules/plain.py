@@ -106,7 +106,7 @@ def _runs(traced: Traced, chain: list[Unit]) -> list[tuple[list[Unit], list[Unit
     while first < len(chain) - 1:
         last = end(first)
         if last is None:
-            past = end(first + 1) if first + 2 < len(chain) else None
+            past = end(first + 1)
             wide = shape(nodes[chain[first].input])
             longest = None if past is None or not fuses_levels(nodes[chain[first].input]) else next(
                 (i for i in range(len(chain) - 1, past - 1, -1) if _narrower(shape(nodes[chain[i].output]), wide)), None)
