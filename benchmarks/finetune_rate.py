@@ -7,7 +7,7 @@ than the other. This script fine-tunes both, 1 epoch of CE + logit distillation,
 rates, and reports each method at each rate and at its own best rate:
 
     python benchmarks/finetune_rate.py                  # ACCURACY-rate.md
-    python benchmarks/finetune_rate.py --models resnet --seeds 0 --seeds 0,1 --out /tmp/r.md   # 3 min
+    python benchmarks/finetune_rate.py --models resnet --seeds 0,1 --out /tmp/r.md   # 3 min
 
 The originals are accuracy.py --ablations' (20,000 training images, 3 epochs, cached in
 benchmarks/.cache); the converted model (gamma 0.5, the paper's stage kinds) is calibrated on
