@@ -317,8 +317,8 @@ def summary(facts: dict, kept: dict) -> list[str]:
             "them as in Scaled-YOLOv4's CSP-PAN, and the conv towers of a head that tracing keeps whole on "
             "their own (cspify.parts). Where the first conv of a five-conv set narrows the pyramid's concat (the "
             "largest layer of YOLOv3's neck), the stage starts at the concat, so that conv runs on the through "
-            "part too; with `pyramid='maxout'` the Maxout compresses that concat instead and the stage starts past "
-            "the conv. An FPN's single conv per level stays as it is."
+            "part too; with `pyramid='maxout'` the Maxout compresses each part of that split, before the conv and "
+            "before the transition that reads the bypass. An FPN's single conv per level stays as it is."
         )
         necks = [(title.split(" (")[0], *find(parts, "neck", "FPN")) for (title, _), (_, parts) in converted.items()]
         necks = [(m, label.split(" (")[0], fig) for m, label, fig in necks if label]
@@ -335,9 +335,10 @@ def summary(facts: dict, kept: dict) -> list[str]:
                         for m, label, f in backbones if label)
             + ". The paper's -75% is EFM's doing: it compresses the pyramid's feature maps (cross-channel pooling, "
             "Maxout) and fuses, for each output scale, the levels that fit its anchors; `pyramid='maxout'` "
-            "compresses each concat of pyramid levels that one conv reads (Maxout over pairs of channels), which "
-            "halves that conv's input (its row above), where by default the CSP split of that concat takes "
-            "half of it away from the conv and its stage."
+            "compresses what convs read of each concat of pyramid levels (Maxout over pairs of channels): the "
+            "concat a lone conv reads, or each part of the CSP split of a concat a stage starts at, which halves "
+            "those convs' inputs again (the CIO rows above). Each Maxout is one more read of what it compresses, "
+            "so it saves less memory traffic than CIO."
         )
     refused = [(title, scope, fact) for (title, scope), fact in facts.items() if isinstance(fact, str)]
     towers = [(title, scope, report) for (title, scope), (report, _) in converted.items()

@@ -540,6 +540,6 @@ def _record(config: CSPConfig, plans: list[StagePlan], added: dict[str, tuple[st
             converted_output=new[-1] if p.converted and new else "", notes=tuple(p.notes), through_index=p.through_index,
             output_index=p.output_index,
             narrowings=p.narrowings,
-            gamma=config.for_stage(p.name).gamma, hidden=config.for_stage(p.name).hidden,
+            gamma=config.for_stage(p.name).gamma, hidden=config.for_stage(p.name).hidden, fusion=p.fusion,
         ))
     return Conversion(config, tuple(stages), seed=seed, leaf_modules=leaf_modules, kept_whole=kept_whole)

@@ -184,6 +184,8 @@ def _planned(job: _Job, record: Conversion, transitions: bool, inner: bool, norm
         work.append((stage, found, layers, names, reading))
     theirs = module_nodes(teacher_part)
     for fusion in record.fusions:  # each Maxout-compressed pyramid conv, refitted to the original's (cspify.pyramid)
+        if fusion.conv in elsewhere:
+            continue  # a stage's layer (its first conv, its transition): fitted with its stage
         where = StageRecord(name=f"pyramid {fusion.module}", kind="pyramid", channels=fusion.channels, converted=True,
                             base=fusion.cat, converted_output=fusion.conv)
         layer = _Layer(node_named(part, fusion.conv), theirs[fusion.module][0].name, None, "pyramid")
@@ -346,7 +348,7 @@ def _transition_of(gm: fx.GraphModule, stage: StageRecord, record: Conversion) -
     out = uncast(node_named(gm, stage.converted_output))
     rank = len(out.meta["tensor_meta"].shape)
     concat = out.op == "call_function" and out.target is torch.cat
-    if record.config.fusion == "last":
+    if (stage.fusion or record.config.fusion) == "last":
         if not concat:
             return "its output is not a concat"
         parts, dim = cat_args(out)

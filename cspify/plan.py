@@ -81,10 +81,6 @@ def plan_stage(traced: Traced, stage: Stage, config: CSPConfig, scores=None) -> 
             raise _Skip(NOT_SELECTED)
         if stage.cross_stage and config.stages is None:
             raise _Skip(f"{stage.cross_stage}; name it with --stage to nest a second CSP in it")
-        if config.pyramid == "maxout" and stage.past_concat is not None:
-            notes.append(f"the pyramid compression takes its concat '{stage.base}', so the stage starts past "
-                         "its first conv")
-            stage = replace(stage.past_concat, name=stage.name)
         if config.split == "importance" and scores is not None:
             try:
                 return _plan(traced, stage, config, [], scores)

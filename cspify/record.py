@@ -52,6 +52,7 @@ class StageRecord:
     notes: tuple[str, ...] = ()
     gamma: float | None = None          # the options this stage was planned with (CSPConfig.for_stage)
     hidden: str = ""
+    fusion: str = ""                    # how its parts join: "last", or "first" where planning chose it for the stage
     time_before_ms: float | None = None  # with objective latency: the whole model's median ms on the target
     time_after_ms: float | None = None   # device without this stage and with it (the other chosen stages converted)
     through_index: tuple[int, ...] | None = None  # the base channels of the through part, where not the last ones

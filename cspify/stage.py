@@ -42,9 +42,6 @@ class Stage:
     transition: for a dense stage, the existing transition layer after it (norm, act,
                 1x1 conv, ...) that fusion last turns into the partial transition; the
                 concat then goes after its last node. Empty when there is none.
-    past_concat: for a plain stage whose base is a concat of pyramid levels that its first
-                conv narrows, the stage the same chain holds past that conv: what converts
-                where ``pyramid="maxout"`` compresses the concat instead.
     """
 
     name: str
@@ -58,7 +55,6 @@ class Stage:
     axis_problem: str = ""
     inner: tuple[str, ...] = ()
     cross_stage: str = ""
-    past_concat: Stage | None = None
 
     @property
     def body(self) -> tuple[str, ...]:

@@ -11,10 +11,9 @@ the unit before the run (so a first conv that changes the width or the resolutio
 base, and the bypass carries features at the stage's width). Where that first conv narrows a
 concat of pyramid levels (the first conv of a YOLOv3 five-conv set, often the largest layer
 of the model), the stage starts at the concat instead: the conv runs on the through part
-too, and the parts join by fusion first where the output is not wider than the bypass.
-With ``pyramid="maxout"`` the Maxout compresses that concat, and the stage past the conv
-converts (``Stage.past_concat``). A chain holds as many stages as fit one after another,
-longest first from its start.
+too, and the parts join by fusion first where the output is not wider than the bypass
+(with ``pyramid="maxout"``, each part of the split is compressed: ``cspify.pyramid``). A
+chain holds as many stages as fit one after another, longest first from its start.
 
 Its width lives in its convs, not in its base: every conv of the run is in ``Stage.inner``,
 so the partial stage runs at ``1 - gamma`` of each conv's width, as YOLOv5's C3 with
@@ -83,7 +82,7 @@ def find(traced: Traced) -> list[Stage]:
         chain = [start]
         while (nxt := next_of(chain[-1])) is not None:
             chain.append(nxt)
-        stages += [stage for run, past in _runs(traced, chain) if (stage := _stage(traced, run, past)) is not None]
+        stages += [stage for run in _runs(traced, chain) if (stage := _stage(traced, run)) is not None]
     return stages
 
 
@@ -91,12 +90,11 @@ def _one_axis_apart(a, b) -> bool:
     return a is not None and b is not None and len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 1
 
 
-def _runs(traced: Traced, chain: list[Unit]) -> list[tuple[list[Unit], list[Unit] | None]]:
+def _runs(traced: Traced, chain: list[Unit]) -> list[list[Unit]]:
     """The runs of at least two units whose last output has the shape of the run's base (the
     input of its first unit): from the chain's start, the longest, then the longest after it.
     Where such a run starts past a conv that narrows a concat of pyramid levels, the run
-    starts at that conv instead and goes on to the last output narrower than the concat;
-    each run comes with the run past its first conv there (else None)."""
+    starts at that conv instead and goes on to the last output narrower than the concat."""
     nodes, runs, first = traced.nodes, [], 0
 
     def end(start: int) -> int | None:
@@ -111,12 +109,12 @@ def _runs(traced: Traced, chain: list[Unit]) -> list[tuple[list[Unit], list[Unit
             longest = None if past is None or not fuses_levels(nodes[chain[first].input]) else next(
                 (i for i in range(len(chain) - 1, past - 1, -1) if _narrower(shape(nodes[chain[i].output]), wide)), None)
             if longest is not None:  # to the last output narrower than the concat
-                runs.append((chain[first : longest + 1], chain[first + 1 : past + 1]))
+                runs.append(chain[first : longest + 1])
                 first = longest + 1
                 continue
             first += 1  # this unit's output is the next candidate base
             continue
-        runs.append((chain[first : last + 1], None))
+        runs.append(chain[first : last + 1])
         first = last + 1
     return runs
 
@@ -135,9 +133,8 @@ def _width(node, axis: int) -> int | None:
     return dims[axis] if dims is not None and axis < len(dims) else None
 
 
-def _stage(traced: Traced, run: list[Unit], past: list[Unit] | None = None) -> Stage | None:
-    """The run as a plain stage (None where its channel axis is not that of its width), with
-    the stage ``past`` its first conv where it starts at a pyramid concat."""
+def _stage(traced: Traced, run: list[Unit]) -> Stage | None:
+    """The run as a plain stage (None where its channel axis is not that of its width)."""
     nodes = traced.nodes
     axis, problem = _axis(traced, run)
     base = nodes[run[0].input]
@@ -153,5 +150,4 @@ def _stage(traced: Traced, run: list[Unit], past: list[Unit] | None = None) -> S
         channel_axis=axis,
         axis_problem=problem,
         inner=tuple(unit.conv for unit in run),
-        past_concat=_stage(traced, past) if past else None,
     )

@@ -52,6 +52,22 @@ def test_without_the_option_and_off_the_pyramid_nothing_is_compressed():
         cspify.convert(model, X, pyramid="efm")
 
 
+class SharedFuse(FPN):
+    """The conv reading the pyramid concat is called again on a concat of one level."""
+
+    def forward(self, x):
+        p3 = self.c3(self.stem(x))
+        p4 = self.c4(self.down(p3))
+        return self.fuse(torch.cat([self.up(self.lateral(p4)), p3], 1)), self.fuse(torch.cat([p3, p3], 1))
+
+
+def test_a_conv_the_model_calls_twice_is_not_narrowed_for_one_of_its_calls():
+    model = seeded(SharedFuse)
+    csp = cspify.convert(model, X, pyramid="maxout")
+    assert cspify.conversion_of(csp).fusions == () and csp.get_submodule("fuse.0").in_channels == 32
+    assert [o.shape for o in csp(X)] == [o.shape for o in model(X)]
+
+
 def test_a_dense_concat_of_one_resolution_is_no_pyramid():
     from tiny_models import TinyDenseNet
 

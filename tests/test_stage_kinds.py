@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import cspify
+from cspify.calibrate import calibrate
 from cspify.config import CSPConfig
 from cspify.errors import ConfigError, NoStageError
 from cspify.record import conversion_of
@@ -208,7 +209,6 @@ def test_a_plain_stage_starts_at_the_pyramid_concat_its_first_conv_narrows():
     model = seeded(FiveConvNeck)
     [stage] = cspify.find_stages(model, X)
     assert (stage.kind, stage.base, stage.channels, len(stage.blocks)) == ("plain", "cat", 48, 5)
-    assert (stage.past_concat.base, stage.past_concat.channels, len(stage.past_concat.blocks)) == ("neck_0_2", 16, 4)
     csp = cspify.convert(model, X)
     assert drop_in_problems(model, csp, X) == []
     assert csp.get_submodule("neck.0.0").in_channels == 24  # the through half of the concat
@@ -216,17 +216,41 @@ def test_a_plain_stage_starts_at_the_pyramid_concat_its_first_conv_narrows():
     assert record.notes[0].startswith("fusion first: its output (16 channels) is not wider than its bypass (24)")
     report = cspify.compare(model, csp, X)
     assert report.converted.max_layer_flops < report.original.max_layer_flops
+    # the stage chose fusion first itself (the conversion's option is fusion last): calibration
+    # still fits the new transition after the concat, to all of the original's output
+    images = torch.randn(256, 3, 16, 16)
+    calibrate(model, csp, images)
+    assert ("neck.csp_transition.conv", "partial transition") in {
+        (f.layer, f.role) for f in csp.meta["cspify.calibrate"].fits}
+    with torch.no_grad():
+        assert float((csp(images) - model(images)).pow(2).mean() / model(images).pow(2).mean()) < 0.5
 
 
-def test_with_the_pyramid_compressed_the_stage_starts_past_the_first_conv():
+def test_with_the_pyramid_compressed_each_part_of_the_split_is_compressed():
+    """The stage still starts at the concat; the through half (24 channels) reaches the
+    first conv as 12, the bypass half reaches the new transition as 12; calibration fits
+    both with the stage."""
     model = seeded(FiveConvNeck)
     csp = cspify.convert(model, X, pyramid="maxout")
     (record,) = cspify.conversion_of(csp).converted
-    assert (record.channels, record.notes[0]) == (
-        16, "the pyramid compression takes its concat 'cat', so the stage starts past its first conv")
-    (fusion,) = cspify.conversion_of(csp).fusions
-    assert (fusion.module, fusion.channels) == ("neck.0.0", 48) and csp.get_submodule("neck.0.0").in_channels == 24
+    assert (record.base, record.channels) == ("cat", 48)
+    through, bypass = sorted(cspify.conversion_of(csp).fusions, key=lambda f: -f.start)
+    assert (through.module, through.start, through.channels) == ("neck.0.0", 24, 24)
+    assert csp.get_submodule("neck.0.0").in_channels == 12
+    assert (bypass.start, bypass.channels) == (0, 24) and bypass.conv in record.added
+    assert through.note.endswith("reads channels 24:48 of the pyramid concat 'cat' compressed by Maxout over 2 channels "
+                                 "(24 -> 12)")
     assert drop_in_problems(model, csp, X) == []
+    plain = cspify.compare(model, cspify.convert(model, X), X).converted
+    assert cspify.compare(model, csp, X).converted.cio_bytes < plain.cio_bytes
+    images = torch.randn(256, 3, 16, 16)
+    calibrate(model, csp, images)
+    fitted = {(f.layer, f.role) for f in csp.meta["cspify.calibrate"].fits}
+    assert {("neck.0.0", "inner"), ("neck.csp_transition.conv", "partial transition")} <= fitted
+    assert not any(role == "pyramid" for _, role in fitted)
+    with torch.no_grad():
+        error = float((csp(images) - model(images)).pow(2).mean() / model(images).pow(2).mean())
+    assert error < 0.5
 
 
 # --------------------------------------------------------------------------- aggregation
