@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import cspify  # noqa: E402
 from accuracy import (CALIBRATION_IMAGES, DEFAULT_DATA, FINETUNE_ROWS, GAMMA, ROOT, as_finetunable,  # noqa: E402
-                      flops, open_benchmark_data, prune_to, run_finetune, top1, trained)
+                      flops, mean_std, open_benchmark_data, prune_to, run_finetune, top1, trained)
 from common import PAPER_KINDS  # noqa: E402
 from cspify.calibrate import calibrate  # noqa: E402
 
@@ -67,17 +67,12 @@ def main() -> None:
             teacher, models = starts(kind, seed, args, data)
             for method, start in models.items():
                 for rate in args.rates:
-                    torch.manual_seed(seed)
                     tuned = run_finetune(copy.deepcopy(start), data, teacher, FINETUNE_ROWS["kd_logits"], seed,
                                          lr=rate)
                     score = top1(tuned, data.val_x, data.val_y)
                     results.setdefault((kind, method, rate), []).append(score)
                     print(f"{kind} seed {seed} {method} lr {rate}: {score:.2f}", flush=True)
     write(Path(args.out), results, args, time.perf_counter() - began)
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def write(path: Path, results: dict, args, seconds: float) -> None:
@@ -87,14 +82,14 @@ def write(path: Path, results: dict, args, seconds: float) -> None:
              f"{','.join(map(str, args.seeds))} --rates {','.join(map(str, args.rates))}` ({seconds / 60:.0f} min). "
              f"Fashion-MNIST, {TRAIN_IMAGES:,} training images, all 10,000 test images; the originals of "
              "accuracy.py --ablations; 1 epoch of `cspify.finetune`, CE + logit distillation, its defaults but "
-             "the rate. cspify: gamma 0.5, calibrated on 2,048 images; Torch-Pruning: L1, uniform, at most the "
-             "converted model's flops. Top-1 %, mean ± std over the seeds.", ""]
+             f"the rate. cspify: gamma {GAMMA:g}, calibrated on {CALIBRATION_IMAGES:,} images; Torch-Pruning: L1, "
+             "uniform, at most the converted model's flops. Top-1 %, mean ± std over the seeds.", ""]
     for kind in args.models:
         lines += [f"## {kind}", "", "| lr | " + " | ".join(methods) + " | cspify minus pruning |", "|---|---|---|---|"]
         for rate in args.rates:
             got = [results[(kind, m, rate)] for m in methods]
             gap = statistics.mean(got[0]) - statistics.mean(got[1])
-            lines.append(f"| {rate:g} | {spread(got[0])} | {spread(got[1])} | {gap:+.2f} |")
+            lines.append(f"| {rate:g} | {mean_std(got[0])} | {mean_std(got[1])} | {gap:+.2f} |")
         best = {m: max(args.rates, key=lambda r: statistics.mean(results[(kind, m, r)])) for m in methods}
         means = {m: statistics.mean(results[(kind, m, best[m])]) for m in methods}
         lines += ["", f"Each at its best rate: cspify {means['cspify']:.2f} (lr {best['cspify']:g}), Torch-Pruning "
